@@ -1,0 +1,195 @@
+"""The pipeline's one config tree (pydantic), loaded from YAML with ``--set dotted.key=value`` overrides.
+
+Every section forbids unknown keys, so a misspelt key fails with its dotted path instead of being ignored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the field's dotted path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: str = Field(description="A data file, a folder with train/test (and optional validation/dev) files, "
+                                  "or a Hugging Face Hub dataset id.")
+    format: Literal["auto", "alpaca", "chat", "prompt_completion", "classification"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict,
+                                    description="Rename map {source column: canonical column}, applied to the "
+                                                "columns a source has, e.g. {category: label}.")
+    column_names: list[str] | None = Field(None, description="Column names for header-less csv/tsv files.")
+    label_names: dict[str, str] = Field(default_factory=dict,
+                                        description="Map from raw label values to label text, e.g. {'-1': negative}.")
+    system_prompt: str | None = Field(None, description="System message prepended to every example; None keeps "
+                                                        "the chat template's default.")
+    prompt_template: str = Field("{text}", description="User turn of a classification example; {text} is the input.")
+
+
+class SplitConfig(_Section):
+    seed: int = 42
+    test_size: float = Field(0.1, gt=0, lt=1, description="Fraction held out for test when no test file is given.")
+    validation_size: float = Field(0.05, gt=0, lt=1, description="Fraction of train held out for eval loss "
+                                                                  "when no validation file is given.")
+    max_train_examples: int | None = Field(None, gt=0, description="Stratified subsample of train (CPU sizing).")
+    max_validation_examples: int | None = Field(None, gt=0)
+    max_test_examples: int | None = Field(None, gt=0)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(EMBEDDED_MODEL, description="Hub id, local folder, or the embedded SmolLM2 model.")
+    trust_remote_code: bool = False
+    cache_dir: str = Field("~/.cache/finetune-flow/models",
+                           description="Where converted base models (e.g. the embedded GGUF) are kept.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(2e-4, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="Overrides epochs when > 0.")
+    per_device_train_batch_size: int = Field(8, gt=0)
+    per_device_eval_batch_size: int = Field(32, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_seq_length: int = Field(512, gt=0)
+    bf16: Literal["auto"] | bool = Field("auto", description="bf16 autocast; auto = where the CPU/GPU supports it.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="Eval-loss interval in steps; None = once per epoch.")
+    save_steps: int = Field(200, gt=0, description="Checkpoint interval in steps.")
+    save_total_limit: int = Field(2, gt=0)
+    seed: int = 42
+
+
+class EvalConfig(_Section):
+    task: Literal["auto", "classification", "generation"] = "auto"
+    batch_size: int = Field(64, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="None = longest label + 2 tokens for "
+                                                              "classification, 256 for generation.")
+    evaluate_base: bool = True
+    bf16: Literal["auto"] | bool = Field("auto", description="bf16 autocast for generation and eval loss; "
+                                                             "auto = where the CPU/GPU supports it.")
+
+
+class MergeConfig(_Section):
+    logit_atol: float = Field(1e-3, gt=0, description="Max abs difference allowed between merged and "
+                                                      "base+adapter logits.")
+    n_check_prompts: int = Field(4, gt=0)
+
+
+class ExportConfig(_Section):
+    enabled: bool = True
+    n_check_prompts: int = Field(5, gt=0)
+    max_new_tokens: int = Field(16, gt=0)
+    min_greedy_agreement: float = Field(0.8, ge=0, le=1, description="Fraction of check prompts whose ONNX "
+                                                                      "and PyTorch greedy outputs must match.")
+
+
+class OutputConfig(_Section):
+    dir: str = "outputs"
+    run_name: str | None = Field(None, description="Folder name of this run; None = <name>-<UTC timestamp>.")
+
+
+class FinetuneConfig(_Section):
+    """The whole pipeline's configuration: one section per stage."""
+
+    name: str = "finetune"
+    data: DataConfig
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    merge: MergeConfig = MergeConfig()
+    export: ExportConfig = ExportConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check_eval_steps(self) -> "FinetuneConfig":
+        if self.train.eval_steps is not None and self.train.save_steps % self.train.eval_steps:
+            raise ValueError("train.save_steps must be a multiple of train.eval_steps")
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        parts.append(f"{where}: {e['msg']}{got}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``"a.b.c=value"`` into ``(["a", "b", "c"], value)``; the value is parsed as YAML (numbers, lists...).
+
+    Raises:
+        ConfigError: if there is no ``=`` or the key is empty.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``tree`` with each ``dotted.key=value`` override set (creating sections as needed)."""
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = tree
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
+    """Load a YAML config (default ``configs/banking77.yaml``) and apply ``--set`` overrides.
+
+    Relative ``data.path`` values in the file stay relative to the current directory (as typed by the user).
+
+    Raises:
+        ConfigError: the file is missing or not a YAML mapping, or a key is unknown or a value invalid; the
+            message names the file and the field's dotted path, e.g. ``train.learning_rate``.
+    """
+    path = Path(path) if path else CONFIG_DIR / "banking77.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return FinetuneConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(path))) from None

@@ -1,0 +1,8 @@
+"""Prefect flows: the pipeline's DAGs, composed from the plain functions in tasks/."""
+import os
+
+# Defaults set before Prefect is imported (a user's environment wins):
+# - the temporary local Prefect server otherwise tries to send usage telemetry (and logs errors offline);
+# - the stages' own loggers (tasks.*) go to the Prefect run logs and the terminal.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")

@@ -1,0 +1,1 @@
+"""Pipeline stages as plain functions: each works and tests without Prefect (flows/ wraps them as tasks)."""

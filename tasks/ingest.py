@@ -1,0 +1,270 @@
+"""ingest: read a local file/folder or a Hub dataset, normalise every record to chat messages, drop duplicates.
+
+Normalised record (one JSON line): ``{"messages": [{"role": ..., "content": ...}, ...], "label": str | None}``.
+The last message is always the assistant's answer (the completion); ``label`` is set for classification.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import datasets
+
+from configs.schema import DataConfig
+from tasks.files import write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+FORMAT_KEYS = {  # detection order matters: the first format whose columns are all present wins
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "classification": ("text", "label"),
+}
+ROLES = {"system", "user", "assistant"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the 1-based row and the field."""
+
+
+def ingest(cfg: DataConfig, out_dir: str | Path) -> dict:
+    """Load ``cfg.path``, normalise it and write ``<out_dir>/<split>.jsonl`` for each split the source gives.
+
+    A folder's ``train``/``validation`` (or ``dev``)/``test`` files are read as given splits; a single file
+    (or a folder with one data file) is written as ``train``. Exact duplicates within a split are dropped.
+
+    Returns:
+        ``{"files": {split: path}, "counts": {split: {"rows", "duplicates_dropped", "kept"}}, "format": str,
+        "task": "classification" | "generation", "labels": sorted label list or []}``.
+
+    Raises:
+        DataError: a missing path, an unreadable file, an unknown format or a bad record (file, row, field).
+    """
+    sources = _read_sources(cfg)
+    out_dir = Path(out_dir)
+    files, counts, fmt, labels = {}, {}, None, set()
+    for split, (origin, rows) in sources.items():
+        fmt_here = cfg.format if cfg.format != "auto" else _detect_format(origin, rows.column_names)
+        if fmt is not None and fmt_here != fmt:
+            raise DataError(f"{origin}: format {fmt_here!r} differs from the other splits' format {fmt!r}")
+        fmt = fmt_here
+        records = [normalise(r, fmt, cfg, origin, i + 1) for i, r in enumerate(rows)]
+        kept = dedupe(records)
+        if not kept:
+            raise DataError(f"{origin}: no records")
+        labels |= {r["label"] for r in kept if r["label"] is not None}
+        files[split] = str(write_jsonl(out_dir / f"{split}.jsonl", kept))
+        counts[split] = {"rows": len(records), "duplicates_dropped": len(records) - len(kept), "kept": len(kept)}
+        log.info("ingest %s: %d rows, %d duplicates dropped (%s)", split, len(records), len(records) - len(kept),
+                 origin)
+    result = {"files": files, "counts": counts, "format": fmt,
+              "task": "classification" if fmt == "classification" else "generation", "labels": sorted(labels)}
+    write_json(out_dir / "ingest.json", result)
+    return result
+
+
+def _read_sources(cfg: DataConfig) -> dict[str, tuple[str, datasets.Dataset]]:
+    """Map split name -> (origin for messages, rows) for a file, a folder or a Hub id."""
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        return {"train": (str(path), _rename(read_table(path, cfg.column_names), cfg))}
+    if path.is_dir():
+        found = _split_files(path)
+        return {split: (str(f), _rename(read_table(f, cfg.column_names), cfg)) for split, f in found.items()}
+    if _looks_local(cfg.path):
+        raise DataError(f"data.path: {cfg.path}: no such file or folder")
+    return _read_hub(cfg)
+
+
+def _looks_local(path: str) -> bool:
+    """A path that cannot be a Hub id: starts with ., / or ~, or ends with a data file extension."""
+    return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in READERS
+
+
+def _split_files(folder: Path) -> dict[str, Path]:
+    data_files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in READERS)
+    found = {}
+    for split, names in SPLIT_NAMES.items():
+        matches = [f for f in data_files if f.stem.lower() in names]
+        if len(matches) > 1:
+            raise DataError(f"{folder}: several {split} files: {', '.join(m.name for m in matches)}")
+        if matches:
+            found[split] = matches[0]
+    if "train" not in found:
+        if len(data_files) != 1:
+            raise DataError(f"{folder}: expected a train.* file (or exactly one data file) with one of the "
+                            f"extensions {', '.join(READERS)}; found {[f.name for f in data_files]}")
+        found = {"train": data_files[0]}
+    return found
+
+
+def read_table(file: Path, column_names: list[str] | None = None) -> datasets.Dataset:
+    """Read one jsonl/json/csv/tsv/parquet file through ``datasets`` (tsv: tab-separated, no quoting).
+
+    Raises:
+        DataError: unsupported extension, an empty file, or a parse error (with the line for JSON lines).
+    """
+    reader = READERS.get(file.suffix.lower())
+    if reader is None:
+        raise DataError(f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(READERS)}")
+    if file.stat().st_size == 0:
+        raise DataError(f"{file}: empty file")
+    kwargs: dict = {}
+    if reader == "csv":
+        kwargs["column_names"] = column_names
+        if file.suffix.lower() == ".tsv":
+            kwargs.update(sep="\t", quoting=csv.QUOTE_NONE)
+    try:
+        return datasets.load_dataset(reader, data_files=str(file), split="train", **kwargs)
+    except Exception as e:  # datasets wraps parser errors; find the bad line ourselves where we can
+        if reader == "json":
+            _raise_json_error(file)
+        raise DataError(f"{file}: cannot read as {file.suffix}: {e.__cause__ or e}") from None
+
+
+def _raise_json_error(file: Path) -> None:
+    text = file.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError:
+        pass
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file}: row {lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+
+
+def _read_hub(cfg: DataConfig) -> dict[str, tuple[str, datasets.Dataset]]:
+    try:
+        dd = datasets.load_dataset(cfg.path)
+    except Exception as e:
+        raise DataError(f"data.path: cannot load Hub dataset {cfg.path!r} ({type(e).__name__}: {e}). Without "
+                        f"Hub access, point data.path at a local file or folder, e.g. "
+                        f"--set data.path=../shared/data/banking77") from None
+    out = {}
+    for name, rows in dd.items():
+        split = next((s for s, names in SPLIT_NAMES.items() if name.lower() in names), None)
+        if split is None:
+            continue
+        for col, feature in rows.features.items():  # ClassLabel ints -> label names
+            if isinstance(feature, datasets.ClassLabel):
+                rows = rows.cast_column(col, datasets.Value("string")).map(
+                    lambda r, c=col, f=feature: {c: f.int2str(int(r[c]))})
+        out[split] = (f"{cfg.path}[{name}]", _rename(rows, cfg))
+    if "train" not in out:
+        raise DataError(f"data.path: Hub dataset {cfg.path!r} has no train split (splits: {list(dd)})")
+    return out
+
+
+def _rename(rows: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
+    mapping = {src: dst for src, dst in cfg.columns.items() if src in rows.column_names}
+    return rows.rename_columns(mapping) if mapping else rows
+
+
+def _detect_format(origin: str, columns: Iterable[str]) -> str:
+    columns = set(columns)
+    for fmt, keys in FORMAT_KEYS.items():
+        if set(keys) <= columns:
+            return fmt
+    raise DataError(f"{origin}: cannot tell the record format from columns {sorted(columns)}; expected one of "
+                    + "; ".join(f"{f}: {'+'.join(k)}" for f, k in FORMAT_KEYS.items())
+                    + " (rename columns with data.columns, or set data.format)")
+
+
+def _text(row: dict, field: str, origin: str, rowno: int, required: bool = True) -> str:
+    value = row.get(field)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        got = "missing" if value is None else f"{type(value).__name__} {value!r}"[:80]
+        raise DataError(f"{origin}: row {rowno}: field {field!r}: expected a non-empty string, got {got}")
+    return value
+
+
+def normalise(row: dict, fmt: str, cfg: DataConfig, origin: str, rowno: int) -> dict:
+    """Turn one raw record into ``{"messages": [...], "label": ...}`` (see module doc).
+
+    Raises:
+        DataError: a missing/empty/mistyped field, naming ``origin``, ``rowno`` (1-based) and the field.
+    """
+    label = None
+    if fmt == "chat":
+        messages = _chat_messages(row, origin, rowno)
+    elif fmt == "alpaca":
+        instruction = _text(row, "instruction", origin, rowno)
+        extra = _text(row, "input", origin, rowno, required=False).strip()
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        messages = [{"role": "user", "content": user},
+                    {"role": "assistant", "content": _text(row, "output", origin, rowno)}]
+    elif fmt == "prompt_completion":
+        messages = [{"role": "user", "content": _text(row, "prompt", origin, rowno)},
+                    {"role": "assistant", "content": _text(row, "completion", origin, rowno)}]
+    else:
+        label = _label(row, cfg, origin, rowno)
+        text = _text(row, "text", origin, rowno).strip()
+        messages = [{"role": "user", "content": cfg.prompt_template.format(text=text)},
+                    {"role": "assistant", "content": label}]
+    if cfg.system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return {"messages": messages, "label": label}
+
+
+def _label(row: dict, cfg: DataConfig, origin: str, rowno: int) -> str:
+    raw = row.get("label")
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)) or (isinstance(raw, str) and not raw.strip()):
+        got = "missing" if raw is None else f"{type(raw).__name__} {raw!r}"[:80]
+        raise DataError(f"{origin}: row {rowno}: field 'label': expected a string or integer label, got {got}")
+    raw = str(raw).strip()
+    if cfg.label_names:
+        if raw not in cfg.label_names:
+            raise DataError(f"{origin}: row {rowno}: field 'label': value {raw!r} is not in data.label_names "
+                            f"{sorted(cfg.label_names)}")
+        return cfg.label_names[raw]
+    return raw
+
+
+def _chat_messages(row: dict, origin: str, rowno: int) -> list[dict]:
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{origin}: row {rowno}: field 'messages': expected a non-empty list of messages")
+    out = []
+    for j, m in enumerate(messages):
+        where = f"{origin}: row {rowno}: field 'messages[{j}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise DataError(f"{where}.role': expected one of {sorted(ROLES)}")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise DataError(f"{where}.content': expected a non-empty string")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "assistant":
+        raise DataError(f"{origin}: row {rowno}: field 'messages': the last message must be the assistant's")
+    return out
+
+
+def record_key(record: dict) -> str:
+    """Canonical JSON of a record, for exact-duplicate detection."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def prompt_key(record: dict) -> str:
+    """Canonical JSON of a record's prompt (every message but the answer), for cross-split leakage checks."""
+    return json.dumps(record["messages"][:-1], sort_keys=True, ensure_ascii=False)
+
+
+def dedupe(records: list[dict]) -> list[dict]:
+    """Drop exact duplicates, keeping the first occurrence and the order."""
+    seen, kept = set(), []
+    for r in records:
+        k = record_key(r)
+        if k not in seen:
+            seen.add(k)
+            kept.append(r)
+    return kept

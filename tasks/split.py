@@ -1,0 +1,99 @@
+"""split: seeded, deterministic train/validation/test splits, stratified by label, with no prompt in two splits."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+from sklearn.model_selection import train_test_split
+
+from configs.schema import SplitConfig
+from tasks.files import read_jsonl, write_json, write_jsonl
+from tasks.ingest import prompt_key
+
+log = logging.getLogger(__name__)
+
+
+def split(ingested: dict, cfg: SplitConfig, out_dir: str | Path) -> dict:
+    """Write ``<out_dir>/{train,validation,test}.jsonl`` from the ingest result.
+
+    Given test/validation files are used as they are; otherwise ``cfg.test_size`` / ``cfg.validation_size``
+    fractions are carved from train (stratified by label where every label has two or more examples).
+    Training/validation examples whose prompt also appears in test (or training ones also in validation) are
+    dropped and counted, so no normalised prompt is in two splits. ``max_*_examples`` then subsample each
+    split (stratified).
+
+    Returns:
+        ``{"files": {split: path}, "counts": {split: n}, "leaked_dropped": {split: n}}``.
+
+    Raises:
+        ValueError: a split ends up empty.
+    """
+    files = ingested["files"]
+    train = read_jsonl(files["train"])
+    test = read_jsonl(files["test"]) if "test" in files else None
+    validation = read_jsonl(files["validation"]) if "validation" in files else None
+    if test is None:
+        train, test = _split_off(train, cfg.test_size, cfg.seed)
+    if validation is None:
+        train, validation = _split_off(train, cfg.validation_size, cfg.seed)
+
+    leaked = {}
+    test_keys = {prompt_key(r) for r in test}
+    validation, leaked["validation"] = _drop_keys(validation, test_keys)
+    train, leaked["train"] = _drop_keys(train, test_keys | {prompt_key(r) for r in validation})
+
+    splits = {
+        "train": _subsample(train, cfg.max_train_examples, cfg.seed),
+        "validation": _subsample(validation, cfg.max_validation_examples, cfg.seed),
+        "test": _subsample(test, cfg.max_test_examples, cfg.seed),
+    }
+    check_disjoint(splits)
+    out_dir = Path(out_dir)
+    result = {"files": {}, "counts": {}, "leaked_dropped": leaked}
+    for name, records in splits.items():
+        if not records:
+            raise ValueError(f"split: the {name} split is empty")
+        result["files"][name] = str(write_jsonl(out_dir / f"{name}.jsonl", records))
+        result["counts"][name] = len(records)
+    write_json(out_dir / "split.json", result)
+    log.info("split: %s (dropped for leakage: %s)", result["counts"], leaked)
+    return result
+
+
+def _labels(records: list[dict]) -> list[str] | None:
+    labels = [r["label"] for r in records]
+    if any(label is None for label in labels) or min(Counter(labels).values()) < 2:
+        return None
+    return labels
+
+
+def _split_off(records: list[dict], size: float | int, seed: int) -> tuple[list[dict], list[dict]]:
+    labels = _labels(records)
+    try:
+        return train_test_split(records, test_size=size, random_state=seed, stratify=labels)
+    except ValueError:  # a held-out part smaller than the number of classes: split without stratifying
+        return train_test_split(records, test_size=size, random_state=seed)
+
+
+def _subsample(records: list[dict], n: int | None, seed: int) -> list[dict]:
+    if n is None or n >= len(records):
+        return records
+    return _split_off(records, n, seed)[1]
+
+
+def _drop_keys(records: list[dict], keys: set[str]) -> tuple[list[dict], int]:
+    kept = [r for r in records if prompt_key(r) not in keys]
+    return kept, len(records) - len(kept)
+
+
+def check_disjoint(splits: dict[str, list[dict]]) -> None:
+    """Raise ``ValueError`` if any prompt appears in two splits."""
+    names = list(splits)
+    keys = {n: {prompt_key(r) for r in splits[n]} for n in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = keys[a] & keys[b]
+            if shared:
+                raise ValueError(f"split: {len(shared)} prompt(s) appear in both {a} and {b}, "
+                                 f"e.g. {next(iter(shared))[:120]}")

@@ -1,0 +1,126 @@
+"""Shared fixtures: a tiny llama model with a tiny byte-level BPE tokenizer, built here (no hub), and data."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+FRUITS = ["apple", "banana", "cherry", "mango", "peach", "plum", "grape", "lemon"]
+TOOLS = ["hammer", "wrench", "saw", "drill", "chisel", "pliers", "ruler", "level"]
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``: skipped where absent (a user's clone), a failure under CI (``CI=true``)."""
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{SHARED_DATA} is missing under CI")
+        pytest.skip(f"{SHARED_DATA} not present (only in the project's workspace)")
+    return SHARED_DATA
+
+
+def classification_rows(n_per_label: int = 12, seed: int = 0) -> list[dict]:
+    """A small, learnable intent-style dataset: the label is the category of the object named in the text."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for label, words in (("fruit", FRUITS), ("tool", TOOLS), ("colour", COLOURS)):
+        for i in range(n_per_label):
+            word = words[i % len(words)]
+            rows.append({"text": f"I want the {word} number {rng.randint(0, 999)}", "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 2-layer llama (hidden 64) with a 512-token byte-level BPE tokenizer and a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    import torch
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [r["text"] + " " + r["label"] for r in classification_rows(40)] + ["system user assistant helpful"]
+    bpe.train_from_iterator(corpus * 5, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token="<|im_start|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    return str(out)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def classification_dir(tmp_path) -> Path:
+    """A folder with train.jsonl (36 rows) and test.jsonl (12 rows) of the tiny classification task."""
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", classification_rows(16, seed=1))
+    write_jsonl(folder / "test.jsonl", classification_rows(4, seed=2))
+    return folder
+
+
+def tiny_config(data_path, output_dir, model_dir: str, **sections):
+    """A FinetuneConfig for the tiny model, sized to run in seconds; ``sections`` override whole fields."""
+    from configs.schema import FinetuneConfig
+
+    tree = {
+        "name": "tiny",
+        "data": {"path": str(data_path)},
+        "split": {"validation_size": 0.2},
+        "model": {"name_or_path": model_dir},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "train": {"learning_rate": 1e-2, "num_train_epochs": 3, "per_device_train_batch_size": 8,
+                  "max_seq_length": 64, "logging_steps": 1, "save_steps": 4, "bf16": False},
+        "eval": {"batch_size": 8, "bf16": False},
+        "export": {"n_check_prompts": 3, "max_new_tokens": 6},
+        "output": {"dir": str(output_dir), "run_name": "run"},
+    }
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value}
+    return FinetuneConfig.model_validate(tree)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory, tiny_model_dir) -> dict:
+    """Ingest, split and train the tiny model once (3 epochs of 36 rows); returns paths and results."""
+    from tests.conftest import classification_rows as rows
+    from tasks.ingest import ingest
+    from tasks.split import split
+    from tasks.train import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    data = root / "cls"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", rows(16, seed=1))
+    write_jsonl(data / "test.jsonl", rows(4, seed=2))
+    cfg = tiny_config(data, root / "out", tiny_model_dir)
+    run = root / "out" / "run"
+    ingested = ingest(cfg.data, run / "data" / "ingested")
+    splits = split(ingested, cfg.split, run / "data")
+    trained = train(tiny_model_dir, splits, cfg.model, cfg.lora, cfg.train, run)
+    return {"cfg": cfg, "run": run, "ingested": ingested, "splits": splits, "trained": trained,
+            "base": tiny_model_dir}

