@@ -7,6 +7,7 @@ JSON-able dicts, never models or tensors.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from datetime import datetime, timezone
@@ -16,6 +17,8 @@ from prefect import flow, task
 
 from configs.schema import ConfigError, FinetuneConfig, load_config
 from tasks import base_model, evaluate, export, ingest, merge, report, split, train
+
+logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
 
 prepare_base_model_task = task(base_model.prepare_base_model, name="prepare-base-model")
 ingest_task = task(ingest.ingest, name="ingest")

@@ -1,6 +1,7 @@
 """report: the run's ``metrics.json`` (the output contract) and a human-readable ``report.md``."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tasks.files import write_json, write_text_atomic
@@ -79,7 +80,7 @@ Base model: `{cfg['model']['name_or_path']}` · data: `{cfg['data']['path']}` ·
 {stages}
 
 ## Data
-```
-{metrics['data']}
+```json
+{json.dumps(metrics['data'], indent=2)}
 ```
 """
