@@ -84,6 +84,17 @@ def summary(run: Path, metrics: dict, paths: dict) -> str:
     ])
 
 
+class _DropTraceback(logging.Filter):
+    """For the terminal only: keep a failure's one-line message, drop its traceback (``--debug`` keeps it).
+
+    Installed on the root (console) handler, which sees a record after Prefect's API handler has sent it
+    to the run logs with its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m flows.finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (default: configs/banking77.yaml)")
@@ -96,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit 0 on success, 1 with a one-line reason on failure (``--debug`` for traceback)."""
     args = parse_args(argv)
+    if not args.debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_DropTraceback())
     try:
         cfg = load_config(args.config, args.overrides)
         finetune(cfg)
