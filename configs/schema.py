@@ -105,6 +105,12 @@ class ExportConfig(_Section):
                                                                       "and PyTorch greedy outputs must match.")
 
 
+class RetryConfig(_Section):
+    retries: int = Field(2, ge=0, description="Retries per task for transient failures (out of memory, I/O); "
+                                              "bad input and failed checks are never retried.")
+    delay_seconds: float = Field(10, ge=0, description="First retry delay; doubles on each retry.")
+
+
 class OutputConfig(_Section):
     dir: str = "outputs"
     run_name: str | None = Field(None, description="Folder name of this run; None = <name>-<UTC timestamp>.")
@@ -122,6 +128,7 @@ class FinetuneConfig(_Section):
     eval: EvalConfig = EvalConfig()
     merge: MergeConfig = MergeConfig()
     export: ExportConfig = ExportConfig()
+    retry: RetryConfig = RetryConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from pathlib import Path
 from prefect import flow, task
 
 from configs.schema import ConfigError, FinetuneConfig, load_config
+from flows.retries import with_retries
 from tasks import base_model, evaluate, export, ingest, merge, report, split, train
 
 logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
@@ -28,6 +29,7 @@ evaluate_task = task(evaluate.evaluate, name="evaluate")
 merge_task = task(merge.merge, name="merge")
 export_task = task(export.export_onnx, name="export-onnx")
 report_task = task(report.write_report, name="report")
+publish_task = task(report.update_latest, name="publish-latest")
 
 
 def run_dir_for(cfg: FinetuneConfig) -> Path:
@@ -42,9 +44,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     run = run_dir_for(cfg)
     stages: dict[str, float] = {}
 
-    def timed(name, fn, *args, **kwargs):
+    def timed(name, stage_task, *args):
         start = time.perf_counter()
-        out = fn(*args, **kwargs)
+        out = with_retries(stage_task, cfg.retry)(*args)
         stages[name] = time.perf_counter() - start
         return out
 
@@ -66,6 +68,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         {"ingest": data["counts"], "split": splits["counts"], "leaked_dropped": splits["leaked_dropped"],
          "labels": len(data["labels"])}, stages)
     paths = report_task(run, metrics)
+    publish_task(cfg.output.dir, run)
     print(summary(run, metrics, paths))
     return metrics | {"run_dir": str(run)}
 

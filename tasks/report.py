@@ -34,6 +34,19 @@ def write_report(run_dir: str | Path, metrics: dict) -> dict:
     return {"metrics": str(run_dir / "metrics.json"), "report": str(run_dir / "report.md")}
 
 
+def update_latest(output_dir: str | Path, run_dir: str | Path) -> str:
+    """Point ``<output_dir>/latest.json`` at ``run_dir`` (atomic replace); call only after every check passed.
+
+    The file names the run folder and its ``merged/``, ``onnx/`` and ``metrics.json`` (absolute paths), so
+    consumers always find the last good model, never a run that failed half-way.
+    """
+    run_dir = Path(run_dir).resolve()
+    onnx = run_dir / "onnx"
+    pointer = {"run_dir": str(run_dir), "merged": str(run_dir / "merged"),
+               "onnx": str(onnx) if onnx.is_dir() else None, "metrics": str(run_dir / "metrics.json")}
+    return str(write_json(Path(output_dir) / "latest.json", pointer))
+
+
 def _fmt(value) -> str:
     return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 

@@ -1,0 +1,64 @@
+"""Retries through Prefect: transient failures are retried, bad input and failed checks are not."""
+import pytest
+import torch
+from prefect import flow, task
+from prefect.testing.utilities import prefect_test_harness
+
+from configs.schema import RetryConfig
+from flows.retries import is_transient, with_retries
+from tasks.export import ExportCheckError
+from tasks.ingest import DataError
+from tasks.merge import MergeCheckError
+
+
+@pytest.mark.parametrize("exc, transient", [
+    (MemoryError(), True),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), True),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes ... out of memory"), True),
+    (OSError(28, "No space left on device"), True),
+    (TimeoutError(), True),
+    (ConnectionResetError(), True),
+    (FileNotFoundError("x"), False),
+    (DataError("f.csv: row 2: field 'text'"), False),
+    (ValueError("bad"), False),
+    (MergeCheckError("logits differ"), False),
+    (ExportCheckError("agreement"), False),
+    (RuntimeError("shape mismatch"), False),
+])
+def test_is_transient(exc, transient):
+    assert is_transient(exc) is transient
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness():
+        yield
+
+
+def _attempts_of(exc: BaseException) -> int:
+    attempts = []
+
+    @task
+    def flaky():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise exc
+        return "ok"
+
+    @flow
+    def run():
+        return with_retries(flaky, RetryConfig(retries=2, delay_seconds=0))()
+
+    try:
+        assert run() == "ok"
+    except type(exc):
+        pass
+    return len(attempts)
+
+
+def test_a_transient_failure_is_retried_and_the_task_completes():
+    assert _attempts_of(OSError(5, "Input/output error")) == 2
+
+
+def test_bad_input_is_not_retried():
+    assert _attempts_of(DataError("data.csv: row 3: field 'label': missing")) == 1
