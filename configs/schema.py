@@ -113,7 +113,10 @@ class RetryConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = "outputs"
-    run_name: str | None = Field(None, description="Folder name of this run; None = <name>-<UTC timestamp>.")
+    run_name: str | None = Field(None, description="Folder name of this run; None = <name>-<UTC timestamp>-<4 hex>.")
+    result_storage: str | None = Field(None, description="Prefect result/cache store: a folder, or "
+                                                         "block:<type>/<name> for a saved storage block; "
+                                                         "None = <output.dir>/.prefect-results.")
 
 
 class FinetuneConfig(_Section):

@@ -3,6 +3,6 @@ import os
 
 # Defaults set before Prefect is imported (a user's environment wins):
 # - the temporary local Prefect server otherwise tries to send usage telemetry (and logs errors offline);
-# - the stages' own loggers (tasks.*) go to the Prefect run logs and the terminal.
+# - the stages' own loggers (tasks.*) and the Hugging Face libraries' go to the Prefect run logs too.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,transformers,peft,trl,datasets,optimum")

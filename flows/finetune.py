@@ -1,13 +1,15 @@
 """The fine-tuning DAG: prepare base model → ingest → split → evaluate base → train → merge → evaluate tuned →
-export → report. Run it with ``python -m flows.finetune [--config PATH] [--set dotted.key=value ...]``.
+export → report → publish. Run it with ``python -m flows.finetune [--config PATH] [--set dotted.key=value ...]``.
 
-Each stage is a plain function in ``tasks/``; here they become Prefect tasks. Tasks pass paths and small
+Each stage is a plain function in ``tasks/``; here they become Prefect tasks, cached by content
+(``flows/caching.py``) and retried on transient failures (``flows/retries.py``). Tasks pass paths and small
 JSON-able dicts, never models or tensors.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import sys
 import time
 from datetime import datetime, timezone
@@ -16,12 +18,14 @@ from pathlib import Path
 from prefect import flow, task
 
 from configs.schema import ConfigError, FinetuneConfig, load_config
+from flows import artifacts
+from flows.caching import cached, fingerprint, stage_key
 from flows.retries import with_retries
 from tasks import base_model, evaluate, export, ingest, merge, report, split, train
 
 logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
 
-prepare_base_model_task = task(base_model.prepare_base_model, name="prepare-base-model")
+convert_task = task(base_model.convert_gguf, name="prepare-base-model")
 ingest_task = task(ingest.ingest, name="ingest")
 split_task = task(split.split, name="split")
 train_task = task(train.train, name="train")
@@ -33,58 +37,89 @@ publish_task = task(report.update_latest, name="publish-latest")
 
 
 def run_dir_for(cfg: FinetuneConfig) -> Path:
-    """``<output.dir>/<run_name>``; the default run name is ``<name>-<UTC timestamp>``."""
-    name = cfg.output.run_name or f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    """``<output.dir>/<run_name>``; the default run name is ``<name>-<UTC timestamp>-<4 hex>``."""
+    name = cfg.output.run_name or f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     return Path(cfg.output.dir) / name
 
 
 @flow(name="finetune")
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Run the whole pipeline for ``cfg``; return ``metrics.json``'s content (its path is under ``run_dir``)."""
-    run = run_dir_for(cfg)
-    stages: dict[str, float] = {}
+    """Run the whole pipeline for ``cfg``; return ``metrics.json``'s content plus ``run_dir``."""
+    stages: dict[str, dict] = {}
+    store = Path(cfg.output.dir) / "stages"
 
-    def timed(name, stage_task, *args):
+    def out(stage_task, *key_parts) -> str:
+        return str(store / stage_task.name / stage_key(stage_task, *key_parts))
+
+    def run(name: str, stage_task, out_dir: str | Path, *args):
         start = time.perf_counter()
-        out = with_retries(stage_task, cfg.retry)(*args)
-        stages[name] = time.perf_counter() - start
-        return out
+        state = with_retries(cached(stage_task, cfg, out_dir), cfg.retry)(*args, return_state=True)
+        stages[name] = {"seconds": time.perf_counter() - start, "state": state.name}
+        return state.result()
 
     trc = cfg.model.trust_remote_code
-    base = timed("prepare_base_model", prepare_base_model_task, cfg.model)
-    data = timed("ingest", ingest_task, cfg.data, run / "data" / "ingested")
-    splits = timed("split", split_task, data, cfg.split, run / "data")
+    if base_model.is_embedded(cfg.model):
+        gguf = str(base_model.embedded_gguf())
+        base_key = stage_key(convert_task, fingerprint(gguf))
+        base_dir = Path(cfg.model.cache_dir).expanduser() / f"SmolLM2-135M-Instruct-{base_key}"
+        base = run("prepare_base_model", convert_task, base_dir, gguf, str(base_dir))
+    else:
+        base, base_key = cfg.model.name_or_path, fingerprint(cfg.model.name_or_path)
+
+    data_fingerprint = fingerprint(cfg.data.path)
+    ingest_dir = out(ingest_task, cfg.data, data_fingerprint)
+    data = run("ingest", ingest_task, ingest_dir, cfg.data, ingest_dir)
+    split_dir = out(split_task, ingest_dir, cfg.split)
+    splits = run("split", split_task, split_dir, data, cfg.split, split_dir)
     test_file = splits["files"]["test"]
-    base_metrics = (timed("evaluate_base", evaluate_task, base, test_file, data["task"], cfg.eval,
-                          run / "eval" / "base", trc) if cfg.eval.evaluate_base else None)
-    trained = timed("train", train_task, base, splits, cfg.model, cfg.lora, cfg.train, run)
-    merged = timed("merge", merge_task, base, trained["adapter"], test_file, cfg.merge, run / "merged", trc)
-    tuned_metrics = timed("evaluate_finetuned", evaluate_task, merged["merged"], test_file, data["task"],
-                          cfg.eval, run / "eval" / "finetuned", trc)
-    onnx = (timed("export", export_task, merged["merged"], test_file, cfg.export, run / "onnx")
-            if cfg.export.enabled else None)
+
+    base_metrics = None
+    if cfg.eval.evaluate_base:
+        base_eval_dir = out(evaluate_task, base_key, split_dir, data["task"], cfg.eval, trc)
+        base_metrics = run("evaluate_base", evaluate_task, base_eval_dir, base, test_file, data["task"], cfg.eval,
+                           base_eval_dir, trc)
+
+    adapter_dir = out(train_task, base_key, split_dir, cfg.model, cfg.lora, cfg.train)
+    trained = run("train", train_task, adapter_dir, base, splits, cfg.model, cfg.lora, cfg.train, adapter_dir,
+                  adapter_dir + ".checkpoints", [artifacts.TrainingProgress()])
+    merged_dir = out(merge_task, base_key, adapter_dir, cfg.merge, trc)
+    merged = run("merge", merge_task, merged_dir, base, adapter_dir, test_file, cfg.merge, merged_dir, trc)
+    tuned_eval_dir = out(evaluate_task, merged_dir, split_dir, data["task"], cfg.eval, trc)
+    tuned_metrics = run("evaluate_finetuned", evaluate_task, tuned_eval_dir, merged_dir, test_file, data["task"],
+                        cfg.eval, tuned_eval_dir, trc)
+    onnx = None
+    if cfg.export.enabled:
+        onnx_dir = out(export_task, merged_dir, split_dir, cfg.export)
+        onnx = run("export", export_task, onnx_dir, merged_dir, test_file, cfg.export, onnx_dir)
+
     metrics = report.build_metrics(
         cfg.model_dump(mode="json"), data["task"], base_metrics, tuned_metrics, trained, merged, onnx,
         {"ingest": data["counts"], "split": splits["counts"], "leaked_dropped": splits["leaked_dropped"],
-         "labels": len(data["labels"])}, stages)
-    paths = report_task(run, metrics)
-    publish_task(cfg.output.dir, run)
-    print(summary(run, metrics, paths))
-    return metrics | {"run_dir": str(run)}
+         "labels": len(data["labels"]), "fingerprint": data_fingerprint},
+        {k: v["seconds"] for k, v in stages.items()})
+    metrics["stage_states"] = {k: v["state"] for k, v in stages.items()}
+    links = {"data": split_dir, "adapter": adapter_dir, "merged": merged_dir, "eval/finetuned": tuned_eval_dir}
+    links |= {"eval/base": base_eval_dir} if base_metrics else {}
+    links |= {"onnx": onnx_dir} if onnx else {}
+    run_dir = run_dir_for(cfg)
+    paths = report_task(run_dir, metrics, links, str(Path(adapter_dir) / "train_log.json"))
+    publish_task(cfg.output.dir, run_dir)
+    artifacts.publish(run_dir, metrics, paths)
+    print(summary(run_dir, metrics, paths))
+    return metrics | {"run_dir": str(run_dir)}
 
 
 def summary(run: Path, metrics: dict, paths: dict) -> str:
-    """A one-screen end-of-run summary: where things are, quality base vs tuned, time per stage."""
-    stage_line = ", ".join(f"{k} {v:.0f}s" for k, v in metrics["stage_seconds"].items())
+    """A one-screen end-of-run summary: where things are, quality base vs tuned, time and state per stage."""
+    stage_line = ", ".join(f"{k} {metrics['stage_seconds'][k]:.0f}s ({state})"
+                           for k, state in metrics["stage_states"].items())
     onnx = metrics["onnx"]
-    return "\n".join([
-        f"run: {run}",
-        report.metrics_table(metrics),
-        f"adapter: {run / 'adapter'}  merged: {run / 'merged'}  onnx: {run / 'onnx' if onnx else 'disabled'}",
-        f"onnx greedy agreement: {onnx['greedy_agreement']:.0%}" if onnx else "",
-        f"stages: {stage_line}",
-        f"metrics: {paths['metrics']}  report: {paths['report']}",
-    ])
+    lines = [f"run: {run}", report.metrics_table(metrics),
+             f"adapter: {run / 'adapter'}  merged: {run / 'merged'}  onnx: {run / 'onnx' if onnx else 'disabled'}"]
+    if onnx:
+        lines.append(f"onnx greedy agreement: {onnx['greedy_agreement']:.0%}")
+    lines += [f"stages: {stage_line}", f"metrics: {paths['metrics']}  report: {paths['report']}"]
+    return "\n".join(lines)
 
 
 class _DropTraceback(logging.Filter):

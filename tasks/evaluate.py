@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from configs.schema import EvalConfig
 from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16
-from tasks.files import read_jsonl, write_json, write_jsonl
+from tasks.files import atomic_dir, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 GENERATION_MAX_NEW_TOKENS = 256
@@ -50,7 +50,8 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict:
 
 def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_dir: str | Path,
              trust_remote_code: bool = False) -> dict:
-    """Evaluate the model at ``model_path`` on ``test_file`` and write ``metrics.json`` + ``predictions.jsonl``.
+    """Evaluate the model at ``model_path`` on ``test_file``; publish ``metrics.json`` + ``predictions.jsonl``
+    in ``out_dir`` atomically.
 
     Args:
         task: ``"classification"`` or ``"generation"`` (``cfg.task`` overrides it unless ``"auto"``).
@@ -74,11 +75,10 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
     scores = (classification_metrics if task == "classification" else generation_metrics)(predictions, references)
     metrics = {**scores, "eval_loss": loss, "perplexity": math.exp(loss), "n_examples": len(records),
                "bf16": bf16, "max_new_tokens": max_new, "wall_seconds": time.perf_counter() - start}
-    out_dir = Path(out_dir)
-    write_jsonl(out_dir / "predictions.jsonl",
-                [{"prompt": r["messages"][:-1], "reference": ref, "prediction": p}
-                 for r, ref, p in zip(records, references, predictions)])
-    write_json(out_dir / "metrics.json", metrics)
+    with atomic_dir(out_dir) as tmp:
+        write_jsonl(tmp / "predictions.jsonl", [{"prompt": r["messages"][:-1], "reference": ref, "prediction": p}
+                                                for r, ref, p in zip(records, references, predictions)])
+        write_json(tmp / "metrics.json", metrics)
     log.info("evaluate %s: %s", model_path, metrics)
     return metrics
 

@@ -57,6 +57,11 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def read_json(path: str | Path):
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSON-lines file written by :func:`write_jsonl`."""
     with open(path, encoding="utf-8") as f:

@@ -14,7 +14,7 @@ from pathlib import Path
 import datasets
 
 from configs.schema import DataConfig
-from tasks.files import write_json, write_jsonl
+from tasks.files import atomic_dir, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class DataError(ValueError):
 def ingest(cfg: DataConfig, out_dir: str | Path) -> dict:
     """Load ``cfg.path``, normalise it and write ``<out_dir>/<split>.jsonl`` for each split the source gives.
 
+    Nothing is written unless every record of every split is valid; ``out_dir`` is published atomically.
+
     A folder's ``train``/``validation`` (or ``dev``)/``test`` files are read as given splits; a single file
     (or a folder with one data file) is written as ``train``. Exact duplicates within a split are dropped.
 
@@ -48,7 +50,7 @@ def ingest(cfg: DataConfig, out_dir: str | Path) -> dict:
     """
     sources = _read_sources(cfg)
     out_dir = Path(out_dir)
-    files, counts, fmt, labels = {}, {}, None, set()
+    kept_by_split, counts, fmt, labels = {}, {}, None, set()
     for split, (origin, rows) in sources.items():
         fmt_here = cfg.format if cfg.format != "auto" else _detect_format(origin, rows.column_names)
         if fmt is not None and fmt_here != fmt:
@@ -59,13 +61,17 @@ def ingest(cfg: DataConfig, out_dir: str | Path) -> dict:
         if not kept:
             raise DataError(f"{origin}: no records")
         labels |= {r["label"] for r in kept if r["label"] is not None}
-        files[split] = str(write_jsonl(out_dir / f"{split}.jsonl", kept))
+        kept_by_split[split] = kept
         counts[split] = {"rows": len(records), "duplicates_dropped": len(records) - len(kept), "kept": len(kept)}
         log.info("ingest %s: %d rows, %d duplicates dropped (%s)", split, len(records), len(records) - len(kept),
                  origin)
-    result = {"files": files, "counts": counts, "format": fmt,
-              "task": "classification" if fmt == "classification" else "generation", "labels": sorted(labels)}
-    write_json(out_dir / "ingest.json", result)
+    result = {"files": {split: str(out_dir / f"{split}.jsonl") for split in kept_by_split}, "counts": counts,
+              "format": fmt, "task": "classification" if fmt == "classification" else "generation",
+              "labels": sorted(labels)}
+    with atomic_dir(out_dir) as tmp:
+        for split, kept in kept_by_split.items():
+            write_jsonl(tmp / f"{split}.jsonl", kept)
+        write_json(tmp / "ingest.json", result)
     return result
 
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from tasks.files import write_json, write_text_atomic
+from tasks.files import atomic_dir, read_json, write_json, write_text_atomic
 
 QUALITY_KEYS = {"classification": ("accuracy", "macro_f1"), "generation": ("rouge_l", "exact_match")}
 
@@ -26,12 +27,48 @@ def build_metrics(config: dict, task: str, base: dict | None, finetuned: dict, t
     }
 
 
-def write_report(run_dir: str | Path, metrics: dict) -> dict:
-    """Write ``<run_dir>/metrics.json`` and ``<run_dir>/report.md``; return their paths."""
+def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], train_log: str | None) -> dict:
+    """Publish the run folder atomically: ``metrics.json``, ``report.md``, ``loss_curve.png`` and, for each
+    ``links`` entry (e.g. ``"adapter"`` or ``"eval/base"``), a relative symlink to that stage's output folder.
+
+    Stage outputs live once, content-addressed, under ``<output.dir>/stages``; run folders link to them.
+
+    Returns:
+        ``{"metrics", "report", "loss_curve"}`` paths (``loss_curve`` is None without a train log).
+    """
     run_dir = Path(run_dir)
-    write_json(run_dir / "metrics.json", metrics)
-    write_text_atomic(run_dir / "report.md", render_markdown(metrics))
-    return {"metrics": str(run_dir / "metrics.json"), "report": str(run_dir / "report.md")}
+    with atomic_dir(run_dir) as tmp:
+        for name, target in links.items():
+            link = tmp / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(Path(target).resolve(), (run_dir / name).parent.resolve()))
+        write_json(tmp / "metrics.json", metrics)
+        curve = plot_loss_curve(read_json(train_log), tmp / "loss_curve.png") if train_log else None
+        write_text_atomic(tmp / "report.md", render_markdown(metrics, has_curve=curve is not None))
+    return {"metrics": str(run_dir / "metrics.json"), "report": str(run_dir / "report.md"),
+            "loss_curve": str(run_dir / "loss_curve.png") if curve else None}
+
+
+def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
+    """Plot train loss (per logging step) and validation loss (per evaluation) against the step (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key, label in (("loss", "train loss"), ("eval_loss", "validation loss")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
 
 
 def update_latest(output_dir: str | Path, run_dir: str | Path) -> str:
@@ -63,7 +100,7 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(metrics: dict) -> str:
+def render_markdown(metrics: dict, has_curve: bool = False) -> str:
     """The run report: quality table, training figures, merge/export checks, stage times, config."""
     cfg, train = metrics["config"], metrics["train"]
     onnx = metrics["onnx"]
@@ -82,6 +119,7 @@ Base model: `{cfg['model']['name_or_path']}` · data: `{cfg['data']['path']}` ·
 - {train['steps']} steps, {train['train_tokens']} tokens in {train['wall_seconds']:.0f} s \
 ({train['tokens_per_second']:.1f} tokens/s), bf16 autocast: {train['bf16']}
 - final train loss {_fmt(train['train_loss'])}, validation loss {_fmt(train['eval_loss'])}
+{"![loss curve](loss_curve.png)" if has_curve else ""}
 
 ## Checks
 - merge: max abs logit diff merged vs base+adapter {metrics['merge']['max_abs_logit_diff']:.3g}

@@ -8,14 +8,14 @@ from pathlib import Path
 from sklearn.model_selection import train_test_split
 
 from configs.schema import SplitConfig
-from tasks.files import read_jsonl, write_json, write_jsonl
+from tasks.files import atomic_dir, read_jsonl, write_json, write_jsonl
 from tasks.ingest import prompt_key
 
 log = logging.getLogger(__name__)
 
 
 def split(ingested: dict, cfg: SplitConfig, out_dir: str | Path) -> dict:
-    """Write ``<out_dir>/{train,validation,test}.jsonl`` from the ingest result.
+    """Write ``<out_dir>/{train,validation,test}.jsonl`` from the ingest result (``out_dir`` published atomically).
 
     Given test/validation files are used as they are; otherwise ``cfg.test_size`` / ``cfg.validation_size``
     fractions are carved from train (stratified by label where every label has two or more examples).
@@ -54,9 +54,12 @@ def split(ingested: dict, cfg: SplitConfig, out_dir: str | Path) -> dict:
     for name, records in splits.items():
         if not records:
             raise ValueError(f"split: the {name} split is empty")
-        result["files"][name] = str(write_jsonl(out_dir / f"{name}.jsonl", records))
+        result["files"][name] = str(out_dir / f"{name}.jsonl")
         result["counts"][name] = len(records)
-    write_json(out_dir / "split.json", result)
+    with atomic_dir(out_dir) as tmp:
+        for name, records in splits.items():
+            write_jsonl(tmp / f"{name}.jsonl", records)
+        write_json(tmp / "split.json", result)
     log.info("split: %s (dropped for leakage: %s)", result["counts"], leaked)
     return result
 

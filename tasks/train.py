@@ -26,22 +26,22 @@ def to_prompt_completion(records: list[dict]) -> datasets.Dataset:
 
 
 def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainConfig,
-          run_dir: str | Path) -> dict:
+          out_dir: str | Path, checkpoint_dir: str | Path, callbacks: list | None = None) -> dict:
     """Train a LoRA adapter on ``splits["files"]["train"]``, with eval loss on the validation split.
 
-    Checkpoints go to ``<run_dir>/checkpoints`` every ``cfg.save_steps`` steps; a run restarted in the same
-    ``run_dir`` resumes from the latest one (optimizer, scheduler, RNG and data position). With
+    Checkpoints go to ``checkpoint_dir`` every ``cfg.save_steps`` steps; a run restarted with the same
+    ``checkpoint_dir`` resumes from the latest one (optimizer, scheduler, RNG and data position). With
     ``cfg.group_by_length`` (on by default: much less padding) a resume in the middle of an epoch sees a
     different batch order for the rest of that epoch, because transformers' LengthGroupedSampler draws its
-    permutation from the global RNG; turn it off for bit-exact resumes. The adapter (safetensors + tokenizer) is written atomically to
-    ``<run_dir>/adapter`` and the trainer's log history to ``<run_dir>/train_log.json``.
+    permutation from the global RNG; turn it off for bit-exact resumes. The adapter (safetensors + tokenizer)
+    and the trainer's log history (``train_log.json``) are published atomically in ``out_dir``.
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects (e.g. progress reporting).
 
     Returns:
         ``{"adapter": path, "train_tokens": non-pad tokens seen, "tokens_per_second": float,
         "wall_seconds": float, "steps": int, "train_loss": float, "eval_loss": float | None, "bf16": bool,
         "resumed_from": checkpoint path | None}``.
     """
-    run_dir = Path(run_dir)
     tokenizer = load_tokenizer(base_model, model_cfg.trust_remote_code)
     tokenizer.padding_side = "right"
     model = load_model(base_model, model_cfg.trust_remote_code)
@@ -49,7 +49,7 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
     train_ds = to_prompt_completion(read_jsonl(files["train"]))
     eval_ds = to_prompt_completion(read_jsonl(files["validation"]))
     bf16 = use_bf16(cfg.bf16)
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = Path(checkpoint_dir)
     args = SFTConfig(
         output_dir=str(ckpt_dir),
         learning_rate=cfg.learning_rate,
@@ -83,7 +83,7 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
     lora = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
                            target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=lora)
+                         processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     tokens_before = 0
     if resume:
@@ -97,12 +97,8 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     tokens = int(trainer.state.num_input_tokens_seen)
     tokens_this_run = tokens - tokens_before
-    with atomic_dir(run_dir / "adapter") as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    write_json(run_dir / "train_log.json", history)
     result = {
-        "adapter": str(run_dir / "adapter"),
+        "adapter": str(out_dir),
         "train_tokens": tokens,
         "tokens_per_second": tokens_this_run / wall if wall > 0 else 0.0,
         "wall_seconds": wall,
@@ -112,5 +108,10 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         "bf16": bf16,
         "resumed_from": resume,
     }
+    with atomic_dir(out_dir) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "train_log.json", history)
+        write_json(tmp / "train.json", result)
     log.info("train: %s", json.dumps(result))
     return result

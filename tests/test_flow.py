@@ -1,12 +1,18 @@
-"""The whole flow on the tiny model, through Prefect (a temporary local server), plus the CLI's failure contract."""
+"""The whole flow on the tiny model through Prefect (a temporary server): output contract, content caching,
+artifacts (read back through Prefect's client API), the latest pointer, and the CLI's failure contract."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.finetune import finetune, main
-from tests.conftest import tiny_config
+from tests.conftest import classification_rows, tiny_config, write_jsonl
+
+ALL_STAGES = {"ingest", "split", "evaluate_base", "train", "merge", "evaluate_finetuned", "export"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -16,25 +22,33 @@ def prefect_server():
         yield
 
 
-@pytest.fixture(scope="module")
-def flow_run(tmp_path_factory, tiny_model_dir, prefect_server):
-    """The whole flow once on the tiny model: (config, returned metrics, output dir)."""
-    from tests.conftest import classification_rows, write_jsonl
+def _rename(cfg, run_name, **sections):
+    update = {"output": cfg.output.model_copy(update={"run_name": run_name})}
+    for name, values in sections.items():
+        update[name] = getattr(cfg, name).model_copy(update=values)
+    return cfg.model_copy(update=update)
 
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory, tiny_model_dir):
+    """The whole flow once on the tiny model: (config, final state, output dir)."""
     root = tmp_path_factory.mktemp("flow")
     data = root / "cls"
     data.mkdir()
     write_jsonl(data / "train.jsonl", classification_rows(16, seed=1))
     write_jsonl(data / "test.jsonl", classification_rows(4, seed=2))
     cfg = tiny_config(data, root / "out", tiny_model_dir)
-    return cfg, finetune(cfg), root / "out"
+    state = finetune(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    return cfg, state, root / "out"
 
 
 def test_whole_flow_meets_the_output_contract(flow_run):
-    cfg, result, out = flow_run
+    cfg, state, out = flow_run
+    result = state.result()
     run = out / "run"
     assert result["run_dir"] == str(run)
-    for folder in ("adapter", "merged", "onnx"):
+    for folder in ("adapter", "merged", "onnx", "data", "eval/base", "eval/finetuned"):
         assert (run / folder).is_dir() and any((run / folder).iterdir()), folder
     assert (run / "merged" / "model.safetensors").is_file() and (run / "onnx" / "model.onnx").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
@@ -45,17 +59,64 @@ def test_whole_flow_meets_the_output_contract(flow_run):
     assert {"train_tokens", "tokens_per_second", "wall_seconds"} <= set(metrics["train"])
     assert metrics["merge"]["max_abs_logit_diff"] <= cfg.merge.logit_atol
     assert metrics["config"]["data"]["path"] == cfg.data.path
-    assert set(metrics["stage_seconds"]) == {"prepare_base_model", "ingest", "split", "evaluate_base", "train",
-                                             "merge", "evaluate_finetuned", "export"}
+    assert set(metrics["stage_seconds"]) == ALL_STAGES
+    assert set(metrics["stage_states"].values()) == {"Completed"}
     report = (run / "report.md").read_text()
-    assert "| accuracy |" in report and "greedy agreement" in report
-    assert not list(run.glob(".*tmp-*"))
+    assert "| accuracy |" in report and "greedy agreement" in report and "loss_curve.png" in report
+    assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.rglob(".*tmp-*"))
+
+
+def test_artifacts_are_in_prefect(flow_run):
+    _, state, out = flow_run
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_key = {a.key: a for a in artifacts}
+    assert {"metrics", "loss-curve", "model-card", "run-folder", "training-progress"} <= set(by_key)
+    table = json.loads(by_key["metrics"].data) if isinstance(by_key["metrics"].data, str) else by_key["metrics"].data
+    assert {row["metric"] for row in table} == {"accuracy", "macro_f1", "eval_loss", "perplexity"}
+    assert "data:image/png;base64," in by_key["loss-curve"].data
+    assert "from_pretrained" in by_key["model-card"].data and "sha256" in by_key["model-card"].data
+    assert float(by_key["training-progress"].data) == pytest.approx(100.0)
+    assert f"]({(out / 'run').resolve().as_uri()})" in by_key["run-folder"].data  # a markdown link
+
+
+def test_identical_rerun_is_all_cached(flow_run):
+    cfg, _, out = flow_run
+    result = finetune(_rename(cfg, "again"))
+    assert set(result["stage_states"].values()) == {"Cached"}, result["stage_states"]
+    first = json.loads((out / "run" / "metrics.json").read_text())
+    assert result["finetuned"] == first["finetuned"]
+    assert (out / "again" / "adapter").resolve() == (out / "run" / "adapter").resolve()
+
+
+def test_changing_only_evaluation_reruns_only_evaluation(flow_run):
+    cfg, _, _ = flow_run
+    result = finetune(_rename(cfg, "eval-change", eval={"batch_size": 3}))
+    states = result["stage_states"]
+    assert states["evaluate_base"] == states["evaluate_finetuned"] == "Completed", states
+    assert {states[s] for s in ("ingest", "split", "train", "merge", "export")} == {"Cached"}, states
+
+
+def test_changed_data_reruns_from_ingest_and_a_deleted_output_is_rebuilt(flow_run, tmp_path):
+    cfg, _, out = flow_run
+    data = tmp_path / "cls"
+    shutil.copytree(cfg.data.path, data)
+    with open(data / "train.jsonl", "a") as f:
+        f.write(json.dumps({"text": "I want the hammer number 1000", "label": "tool"}) + "\n")
+    states = finetune(_rename(cfg, "new-data", data={"path": str(data)}))["stage_states"]
+    assert set(states.values()) == {"Completed"}, states
+    shutil.rmtree((out / "run" / "merged").resolve())
+    states = finetune(_rename(cfg, "rebuilt"))["stage_states"]
+    assert states["merge"] == "Completed" and states["train"] == "Cached", states
+    assert (out / "rebuilt" / "merged" / "model.safetensors").is_file()
 
 
 def test_latest_points_at_the_last_good_run_and_a_failed_run_leaves_it(flow_run, tmp_path, capsys):
     cfg, _, out = flow_run
     latest = json.loads((out / "latest.json").read_text())
-    assert latest["run_dir"] == str((out / "run").resolve())
     assert Path(latest["merged"], "model.safetensors").is_file() and Path(latest["onnx"], "model.onnx").is_file()
     before = (out / "latest.json").read_bytes()
     bad = tmp_path / "bad.jsonl"
@@ -64,20 +125,10 @@ def test_latest_points_at_the_last_good_run_and_a_failed_run_leaves_it(flow_run,
                  "--set", f"output.dir={out}", "--set", "output.run_name=broken"]) == 1
     assert "row 1: field 'label'" in capsys.readouterr().err
     assert (out / "latest.json").read_bytes() == before
+    assert not (out / "broken").exists()
 
 
 def test_cli_bad_config_exits_non_zero_with_one_line(capsys):
     assert main(["--set", "lora.rank=4"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "lora.rank: Extra inputs are not permitted" in err
-
-
-def test_cli_bad_data_fails_before_training_with_one_line(tmp_path, capsys, tiny_model_dir):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "a", "label": "x"}\n{"text": "", "label": "y"}\n')
-    code = main(["--set", f"data.path={bad}", "--set", f"model.name_or_path={tiny_model_dir}",
-                 "--set", f"output.dir={tmp_path / 'out'}", "--set", "output.run_name=r"])
-    assert code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"error: {bad}: row 2: field 'text': expected a non-empty string, got str ''"
-    assert not (tmp_path / "out" / "r" / "adapter").exists()

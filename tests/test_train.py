@@ -20,7 +20,8 @@ def test_training_writes_a_lora_adapter_and_reports_figures(tiny_trained):
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # B starts at 0: it learned
     assert (adapter / "tokenizer.json").is_file()
     assert result["steps"] == 15 and result["train_tokens"] > 0 and result["tokens_per_second"] > 0
-    log = json.loads((tiny_trained["run"] / "train_log.json").read_text())
+    log = json.loads((adapter / "train_log.json").read_text())
+    assert json.loads((adapter / "train.json").read_text()) == result
     losses = [h["loss"] for h in log if "loss" in h]
     assert losses[-1] < losses[0]
     eval_losses = [h["eval_loss"] for h in log if "eval_loss" in h]
@@ -50,10 +51,12 @@ def test_training_resumes_from_the_latest_checkpoint_and_matches_an_uninterrupte
     cfg = tiny_trained["cfg"]
     train_cfg = cfg.train.model_copy(update={"group_by_length": False})  # see the note in tasks/train.py
     full_run, resumed_run = tmp_path / "full", tmp_path / "resumed"
-    full = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora, train_cfg, full_run)
+    full = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora, train_cfg,
+                 full_run / "adapter", full_run / "checkpoints")
     (resumed_run / "checkpoints").mkdir(parents=True)
     shutil.copytree(full_run / "checkpoints" / "checkpoint-12", resumed_run / "checkpoints" / "checkpoint-12")
-    resumed = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora, train_cfg, resumed_run)
+    resumed = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora, train_cfg,
+                    resumed_run / "adapter", resumed_run / "checkpoints")
     assert full["resumed_from"] is None and resumed["resumed_from"].endswith("checkpoint-12")
     assert resumed["steps"] == full["steps"] == 15
     a = load_file(Path(full["adapter"]) / "adapter_model.safetensors")

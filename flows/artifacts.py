@@ -1,0 +1,94 @@
+"""What the Prefect UI shows about a run: metrics table, loss curve, model card, output links, training progress."""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
+from transformers import TrainerCallback
+
+from tasks.report import QUALITY_KEYS
+
+
+class TrainingProgress(TrainerCallback):
+    """A ``training-progress`` artifact (percent of optimizer steps done), updated at every logging step, and
+    the trainer's log lines (loss, learning rate, eval loss) in the Prefect run logs."""
+
+    def __init__(self) -> None:
+        self.artifact_id = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.artifact_id = create_progress_artifact(
+            progress=100.0 * state.global_step / max(state.max_steps, 1), key="training-progress",
+            description=f"training: {state.max_steps} optimizer steps")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        get_run_logger().info("step %d/%d: %s", state.global_step, state.max_steps, json.dumps(logs or {}))
+        if self.artifact_id is not None:
+            loss = (logs or {}).get("loss")
+            update_progress_artifact(self.artifact_id, 100.0 * state.global_step / max(state.max_steps, 1),
+                                     description=f"step {state.global_step}/{state.max_steps}"
+                                                 + (f", train loss {loss:.4f}" if loss is not None else ""))
+
+
+def metrics_rows(metrics: dict) -> list[dict]:
+    """One row per metric: base, fine-tuned and the delta (rounded for display)."""
+    base, tuned = metrics["base"] or {}, metrics["finetuned"]
+    rows = []
+    for key in (*QUALITY_KEYS[metrics["task"]], "eval_loss", "perplexity"):
+        b, t = base.get(key), tuned[key]
+        rows.append({"metric": key, "base": None if b is None else round(b, 4), "fine-tuned": round(t, 4),
+                     "delta": None if b is None else round(t - b, 4)})
+    return rows
+
+
+def model_card(run_dir: Path, metrics: dict) -> str:
+    """Markdown model card: base model, data and its hash, quality, how to load the merged and ONNX models."""
+    cfg, data = metrics["config"], metrics["data"]
+    table = "\n".join(f"| {r['metric']} | {r['base']} | {r['fine-tuned']} | {r['delta']} |"
+                      for r in metrics_rows(metrics))
+    return f"""# {cfg['name']}: LoRA fine-tune of `{cfg['model']['name_or_path']}`
+
+- **Data**: `{cfg['data']['path']}` (content sha256 `{data.get('fingerprint')}`), splits {data['split']}
+- **Method**: LoRA r={cfg['lora']['r']}, lora_alpha={cfg['lora']['lora_alpha']}, \
+target_modules={cfg['lora']['target_modules']}; lr {cfg['train']['learning_rate']}, \
+{cfg['train']['num_train_epochs']} epoch(s), batch {cfg['train']['per_device_train_batch_size']}
+
+| metric | base | fine-tuned | delta |
+|---|---|---|---|
+{table}
+
+## Load the merged model (PyTorch)
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{run_dir / 'merged'}")
+tokenizer = AutoTokenizer.from_pretrained("{run_dir / 'merged'}")
+```
+
+## Load the ONNX model (onnxruntime, CPU)
+```python
+from optimum.onnxruntime import ORTModelForCausalLM
+model = ORTModelForCausalLM.from_pretrained("{run_dir / 'onnx'}", provider="CPUExecutionProvider")
+```
+
+## Config
+```json
+{json.dumps(cfg, indent=2)}
+```
+"""
+
+
+def publish(run_dir: Path, metrics: dict, paths: dict) -> None:
+    """Create the run's artifacts: ``metrics`` table, ``loss-curve``, ``model-card``, ``run-folder`` link."""
+    create_table_artifact(metrics_rows(metrics), key="metrics",
+                          description=f"{metrics['task']}: base vs fine-tuned on the test split")
+    if paths.get("loss_curve"):
+        png = base64.b64encode(Path(paths["loss_curve"]).read_bytes()).decode()
+        create_markdown_artifact(f"![loss curve](data:image/png;base64,{png})\n\n`{paths['loss_curve']}`",
+                                 key="loss-curve", description="train and validation loss by step")
+    create_markdown_artifact(model_card(run_dir, metrics), key="model-card", description="model card")
+    create_link_artifact(Path(run_dir).resolve().as_uri(), link_text=str(run_dir), key="run-folder",
+                         description="adapter/, merged/, onnx/, metrics.json, report.md")
