@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import datasets
 import peft
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from configs.schema import LoraConfig, ModelConfig, TrainConfig
@@ -23,6 +23,26 @@ def to_prompt_completion(records: list[dict]) -> datasets.Dataset:
     ``[last message]``. TRL then masks the prompt tokens out of the loss (completion-only loss)."""
     return datasets.Dataset.from_list(
         [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records])
+
+
+def latest_complete_checkpoint(checkpoint_dir: str | Path) -> tuple[str | None, dict]:
+    """The newest ``checkpoint-<step>`` folder that was written completely, and its trainer state.
+
+    The Trainer writes ``trainer_state.json`` last, so a checkpoint without a readable one was cut off (e.g.
+    the process was killed while saving); such partial checkpoints are deleted here, so that neither the
+    resume nor the checkpoint rotation picks them up.
+
+    Returns:
+        ``(path, trainer_state)``, or ``(None, {})`` when there is no complete checkpoint.
+    """
+    folders = Path(checkpoint_dir).glob("checkpoint-*") if Path(checkpoint_dir).is_dir() else []
+    for folder in sorted(folders, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
+        try:
+            return str(folder), json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log.warning("train: removing incomplete checkpoint %s", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return None, {}
 
 
 def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainConfig,
@@ -84,11 +104,9 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
                            target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
-    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    tokens_before = 0
+    resume, state = latest_complete_checkpoint(ckpt_dir)
+    tokens_before = int(state.get("num_input_tokens_seen", 0))
     if resume:
-        state = json.loads((Path(resume) / "trainer_state.json").read_text())
-        tokens_before = int(state.get("num_input_tokens_seen", 0))
         log.info("train: resuming from %s (step %s)", resume, state.get("global_step"))
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)

@@ -64,3 +64,19 @@ def test_training_resumes_from_the_latest_checkpoint_and_matches_an_uninterrupte
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-5, k
+
+
+def test_a_checkpoint_cut_off_while_saving_is_skipped_and_removed(tmp_path):
+    from tasks.train import latest_complete_checkpoint
+
+    for step, complete in ((5, True), (10, True), (15, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_st')  # cut off mid-write
+    path, state = latest_complete_checkpoint(tmp_path)
+    assert path == str(tmp_path / "checkpoint-5") and state == {"global_step": 5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+    assert latest_complete_checkpoint(tmp_path / "missing") == (None, {})
