@@ -8,30 +8,33 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
-from transformers import TrainerCallback
-
 from tasks.report import QUALITY_KEYS
 
 
-class TrainingProgress(TrainerCallback):
-    """A ``training-progress`` artifact (percent of optimizer steps done), updated at every logging step, and
-    the trainer's log lines (loss, learning rate, eval loss) in the Prefect run logs."""
+def training_progress():
+    """A ``transformers.TrainerCallback`` that keeps a ``training-progress`` artifact (percent of optimizer
+    steps done) up to date at every logging step and puts the trainer's log lines (loss, learning rate,
+    eval loss) in the Prefect run logs. Built on call, so importing this module does not import transformers."""
+    from transformers import TrainerCallback
 
-    def __init__(self) -> None:
-        self.artifact_id = None
+    class TrainingProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.artifact_id = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.artifact_id = create_progress_artifact(
-            progress=100.0 * state.global_step / max(state.max_steps, 1), key="training-progress",
-            description=f"training: {state.max_steps} optimizer steps")
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.artifact_id = create_progress_artifact(
+                progress=100.0 * state.global_step / max(state.max_steps, 1), key="training-progress",
+                description=f"training: {state.max_steps} optimizer steps")
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        get_run_logger().info("step %d/%d: %s", state.global_step, state.max_steps, json.dumps(logs or {}))
-        if self.artifact_id is not None:
-            loss = (logs or {}).get("loss")
-            update_progress_artifact(self.artifact_id, 100.0 * state.global_step / max(state.max_steps, 1),
-                                     description=f"step {state.global_step}/{state.max_steps}"
-                                                 + (f", train loss {loss:.4f}" if loss is not None else ""))
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            get_run_logger().info("step %d/%d: %s", state.global_step, state.max_steps, json.dumps(logs or {}))
+            if self.artifact_id is not None:
+                loss = (logs or {}).get("loss")
+                update_progress_artifact(self.artifact_id, 100.0 * state.global_step / max(state.max_steps, 1),
+                                         description=f"step {state.global_step}/{state.max_steps}"
+                                                     + (f", train loss {loss:.4f}" if loss is not None else ""))
+
+    return TrainingProgress()
 
 
 def metrics_rows(metrics: dict) -> list[dict]:

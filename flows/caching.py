@@ -21,7 +21,8 @@ from prefect.utilities.hashing import hash_objects
 from configs.schema import FinetuneConfig
 
 KEY_LENGTH = 16
-CACHE_POLICY = INPUTS - "callbacks" + TASK_SOURCE  # callbacks (progress reporting) do not change results
+# progress-reporting callbacks do not change results, and are not hashable
+CACHE_POLICY = INPUTS - "callback_factories" + TASK_SOURCE
 
 
 def fingerprint(path_or_id: str) -> str:

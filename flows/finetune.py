@@ -81,7 +81,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     adapter_dir = out(train_task, base_key, split_dir, cfg.model, cfg.lora, cfg.train)
     trained = run("train", train_task, adapter_dir, base, splits, cfg.model, cfg.lora, cfg.train, adapter_dir,
-                  adapter_dir + ".checkpoints", [artifacts.TrainingProgress()])
+                  adapter_dir + ".checkpoints", [artifacts.training_progress])
     merged_dir = out(merge_task, base_key, adapter_dir, cfg.merge, trc)
     merged = run("merge", merge_task, merged_dir, base, adapter_dir, test_file, cfg.merge, merged_dir, trc)
     tuned_eval_dir = out(evaluate_task, merged_dir, split_dir, data["task"], cfg.eval, trc)

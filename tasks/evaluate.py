@@ -12,11 +12,6 @@ import re
 import time
 from pathlib import Path
 
-import torch
-from rouge_score import rouge_scorer
-from sklearn.metrics import f1_score
-from tqdm.auto import tqdm
-
 from configs.schema import EvalConfig
 from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16
 from tasks.files import atomic_dir, read_jsonl, write_json, write_jsonl
@@ -33,6 +28,8 @@ def normalise_answer(text: str) -> str:
 
 def classification_metrics(predictions: list[str], references: list[str]) -> dict:
     """Accuracy and macro-F1 (scikit-learn, averaged over the reference label set, zero_division=0)."""
+    from sklearn.metrics import f1_score
+
     pred = [normalise_answer(p) for p in predictions]
     ref = [normalise_answer(r) for r in references]
     labels = sorted(set(ref))
@@ -42,6 +39,8 @@ def classification_metrics(predictions: list[str], references: list[str]) -> dic
 
 def generation_metrics(predictions: list[str], references: list[str]) -> dict:
     """Mean ROUGE-L F1 (Lin 2004, via rouge-score with stemming) and whitespace/case-normalised exact match."""
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     exact = [" ".join(p.split()).lower() == " ".join(r.split()).lower() for p, r in zip(predictions, references)]
@@ -94,18 +93,21 @@ def _batches(order: list[int], size: int):
         yield order[i:i + size]
 
 
-@torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
              desc: str = "generate") -> list[str]:
     """Greedy-decode each tokenised prompt (left-padded batches, longest first); returns the new text only,
     special tokens removed, in the input order."""
+    import torch
+    from tqdm.auto import tqdm
+
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     for idx in tqdm(list(_batches(order, batch_size)), desc=desc):
         batch = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt",
                               padding_side="left").to(model.device)
-        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        with torch.inference_mode():
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         new = generated[:, batch["input_ids"].shape[1]:]
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = text.strip()
@@ -122,9 +124,11 @@ def tokenize_with_completion_mask(tokenizer, records: list[dict]) -> list[tuple[
     return rows
 
 
-@torch.inference_mode()
 def completion_loss(model, tokenizer, records: list[dict], batch_size: int) -> float:
     """Mean cross-entropy (nats) over completion tokens only, teacher-forced, summed over the whole split."""
+    import torch
+    from tqdm.auto import tqdm
+
     rows = tokenize_with_completion_mask(tokenizer, records)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     total, count = 0.0, 0
@@ -135,7 +139,8 @@ def completion_loss(model, tokenizer, records: list[dict], batch_size: int) -> f
         labels[batch["attention_mask"] == 0] = -100
         for j, i in enumerate(idx):
             labels[j, : rows[i][1]] = -100
-        logits = model(**batch).logits[:, :-1].float()
+        with torch.inference_mode():
+            logits = model(**batch).logits[:, :-1].float()
         target = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                  ignore_index=-100, reduction="sum")

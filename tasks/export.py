@@ -4,10 +4,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-from optimum.exporters.onnx import main_export
-from optimum.onnxruntime import ORTModelForCausalLM
-
 from configs.schema import ExportConfig
 from tasks.base_model import load_model, load_tokenizer
 from tasks.files import atomic_dir, read_jsonl
@@ -33,6 +29,9 @@ def export_onnx(merged_model: str, check_file: str, cfg: ExportConfig, out_dir: 
     Raises:
         ExportCheckError: agreement below ``cfg.min_greedy_agreement``; nothing is written to ``out_dir``.
     """
+    from optimum.exporters.onnx import main_export
+    from optimum.onnxruntime import ORTModelForCausalLM
+
     tokenizer = load_tokenizer(merged_model)
     records = read_jsonl(check_file)[: cfg.n_check_prompts]
     prompts = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True) for r in records]
@@ -51,9 +50,12 @@ def export_onnx(merged_model: str, check_file: str, cfg: ExportConfig, out_dir: 
     return {"onnx": str(out_dir), "greedy_agreement": agreement, "n_prompts": len(same), "provider": PROVIDER}
 
 
-@torch.inference_mode()
 def _greedy(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
+    import torch
+
     ids = torch.tensor([prompt])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
     return out[0, len(prompt):].tolist()

@@ -10,11 +10,13 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from configs.schema import DataConfig
 from tasks.files import atomic_dir, write_json, write_jsonl
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,8 @@ def read_table(file: Path, column_names: list[str] | None = None) -> datasets.Da
     Raises:
         DataError: unsupported extension, an empty file, or a parse error (with the line for JSON lines).
     """
+    import datasets
+
     reader = READERS.get(file.suffix.lower())
     if reader is None:
         raise DataError(f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(READERS)}")
@@ -150,6 +154,8 @@ def _raise_json_error(file: Path) -> None:
 
 
 def _read_hub(cfg: DataConfig) -> dict[str, tuple[str, datasets.Dataset]]:
+    import datasets
+
     try:
         dd = datasets.load_dataset(cfg.path)
     except Exception as e:

@@ -4,9 +4,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-from peft import PeftModel
-
 from configs.schema import MergeConfig
 from tasks.base_model import load_model, load_tokenizer
 from tasks.evaluate import tokenize_with_completion_mask
@@ -33,6 +30,9 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
     Raises:
         MergeCheckError: either check fails; nothing is written to ``out_dir`` then.
     """
+    import torch
+    from peft import PeftModel
+
     tokenizer = load_tokenizer(adapter, trust_remote_code)
     base = load_model(base_model, trust_remote_code)
     before = {name: p.detach().clone() for name, p in base.named_parameters()}

@@ -5,8 +5,6 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from sklearn.model_selection import train_test_split
-
 from configs.schema import SplitConfig
 from tasks.files import atomic_dir, read_jsonl, write_json, write_jsonl
 from tasks.ingest import prompt_key
@@ -72,6 +70,8 @@ def _labels(records: list[dict]) -> list[str] | None:
 
 
 def _split_off(records: list[dict], size: float | int, seed: int) -> tuple[list[dict], list[dict]]:
+    from sklearn.model_selection import train_test_split
+
     labels = _labels(records)
     try:
         return train_test_split(records, test_size=size, random_state=seed, stratify=labels)

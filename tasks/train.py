@@ -6,14 +6,14 @@ import logging
 import shutil
 import time
 from pathlib import Path
-
-import datasets
-import peft
-from trl import SFTConfig, SFTTrainer
+from typing import TYPE_CHECKING
 
 from configs.schema import LoraConfig, ModelConfig, TrainConfig
 from tasks.base_model import load_model, load_tokenizer, use_bf16
 from tasks.files import atomic_dir, read_jsonl, write_json
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 def to_prompt_completion(records: list[dict]) -> datasets.Dataset:
     """Conversational prompt/completion rows for TRL: ``prompt`` = every message but the last, ``completion`` =
     ``[last message]``. TRL then masks the prompt tokens out of the loss (completion-only loss)."""
+    import datasets
+
     return datasets.Dataset.from_list(
         [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records])
 
@@ -46,7 +48,7 @@ def latest_complete_checkpoint(checkpoint_dir: str | Path) -> tuple[str | None, 
 
 
 def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainConfig,
-          out_dir: str | Path, checkpoint_dir: str | Path, callbacks: list | None = None) -> dict:
+          out_dir: str | Path, checkpoint_dir: str | Path, callback_factories: list | None = None) -> dict:
     """Train a LoRA adapter on ``splits["files"]["train"]``, with eval loss on the validation split.
 
     Checkpoints go to ``checkpoint_dir`` every ``cfg.save_steps`` steps; a run restarted with the same
@@ -55,13 +57,17 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
     different batch order for the rest of that epoch, because transformers' LengthGroupedSampler draws its
     permutation from the global RNG; turn it off for bit-exact resumes. The adapter (safetensors + tokenizer)
     and the trainer's log history (``train_log.json``) are published atomically in ``out_dir``.
-    ``callbacks`` are extra ``transformers.TrainerCallback`` objects (e.g. progress reporting).
+    ``callback_factories`` are zero-argument callables returning extra ``transformers.TrainerCallback``
+    objects (e.g. progress reporting), called here so that their callers need not import transformers.
 
     Returns:
         ``{"adapter": path, "train_tokens": non-pad tokens seen, "tokens_per_second": float,
         "wall_seconds": float, "steps": int, "train_loss": float, "eval_loss": float | None, "bf16": bool,
         "resumed_from": checkpoint path | None}``.
     """
+    import peft
+    from trl import SFTConfig, SFTTrainer
+
     tokenizer = load_tokenizer(base_model, model_cfg.trust_remote_code)
     tokenizer.padding_side = "right"
     model = load_model(base_model, model_cfg.trust_remote_code)
@@ -103,7 +109,8 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
     lora = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
                            target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
+                         processing_class=tokenizer, peft_config=lora,
+                         callbacks=[make() for make in callback_factories or []])
     resume, state = latest_complete_checkpoint(ckpt_dir)
     tokens_before = int(state.get("num_input_tokens_seen", 0))
     if resume:

@@ -18,6 +18,14 @@ def _command(config: Path) -> list[str]:
     return [sys.executable, "-m", "flows.finetune", "--config", str(config)]
 
 
+def _readable(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except ValueError:
+        return False
+
+
 def test_sigkill_during_training_then_rerun_resumes_from_the_checkpoint(tmp_path, tiny_model_dir):
     data = tmp_path / "cls"
     data.mkdir()
@@ -41,14 +49,16 @@ def test_sigkill_during_training_then_rerun_resumes_from_the_checkpoint(tmp_path
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
     try:
-        while not list(out.glob("stages/train/*.checkpoints/checkpoint-*")):
+        while not list(out.glob("stages/train/*.checkpoints/checkpoint-*/trainer_state.json")):
             assert proc.poll() is None, "the run ended before writing a checkpoint"
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = int(next(out.glob("stages/train/*.checkpoints/checkpoint-*")).name.split("-")[1])
+    complete = [int(p.parent.name.split("-")[1])
+                for p in out.glob("stages/train/*.checkpoints/checkpoint-*/trainer_state.json") if _readable(p)]
+    killed_at = max(complete)  # a newer checkpoint cut off mid-save, if any, is discarded on the re-run
     published = [p for p in (out / "stages" / "train").iterdir() if not p.name.endswith(".checkpoints")]
     assert not (out / "run").exists() and published == []  # a killed run publishes nothing
 
