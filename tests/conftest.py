@@ -73,14 +73,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture()
-def classification_dir(tmp_path) -> Path:
-    """A folder with train.jsonl (36 rows) and test.jsonl (12 rows) of the tiny classification task."""
-    folder = tmp_path / "cls"
-    folder.mkdir()
+def write_classification_dir(folder: Path) -> Path:
+    """Create ``folder`` with train.jsonl (48 rows) and test.jsonl (12 rows) of the tiny classification task."""
+    folder.mkdir(parents=True)
     write_jsonl(folder / "train.jsonl", classification_rows(16, seed=1))
     write_jsonl(folder / "test.jsonl", classification_rows(4, seed=2))
     return folder
+
+
+@pytest.fixture()
+def classification_dir(tmp_path) -> Path:
+    """The tiny classification task's folder (see ``write_classification_dir``)."""
+    return write_classification_dir(tmp_path / "cls")
 
 
 def tiny_config(data_path, output_dir, model_dir: str, **sections):
@@ -106,18 +110,13 @@ def tiny_config(data_path, output_dir, model_dir: str, **sections):
 
 @pytest.fixture(scope="session")
 def tiny_trained(tmp_path_factory, tiny_model_dir) -> dict:
-    """Ingest, split and train the tiny model once (3 epochs of 36 rows); returns paths and results."""
-    from tests.conftest import classification_rows as rows
+    """Ingest, split and train the tiny model once (3 epochs of 38 rows); returns paths and results."""
     from tasks.ingest import ingest
     from tasks.split import split
     from tasks.train import train
 
     root = tmp_path_factory.mktemp("tiny-run")
-    data = root / "cls"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", rows(16, seed=1))
-    write_jsonl(data / "test.jsonl", rows(4, seed=2))
-    cfg = tiny_config(data, root / "out", tiny_model_dir)
+    cfg = tiny_config(write_classification_dir(root / "cls"), root / "out", tiny_model_dir)
     run = root / "out" / "run"
     ingested = ingest(cfg.data, run / "ingested")
     splits = split(ingested, cfg.split, run / "data")

@@ -10,7 +10,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.finetune import finetune, main
-from tests.conftest import classification_rows, tiny_config, write_jsonl
+from tests.conftest import tiny_config, write_classification_dir
 
 ALL_STAGES = {"ingest", "split", "evaluate_base", "train", "merge", "evaluate_finetuned", "export"}
 
@@ -33,11 +33,7 @@ def _rename(cfg, run_name, **sections):
 def flow_run(tmp_path_factory, tiny_model_dir):
     """The whole flow once on the tiny model: (config, final state, output dir)."""
     root = tmp_path_factory.mktemp("flow")
-    data = root / "cls"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", classification_rows(16, seed=1))
-    write_jsonl(data / "test.jsonl", classification_rows(4, seed=2))
-    cfg = tiny_config(data, root / "out", tiny_model_dir)
+    cfg = tiny_config(write_classification_dir(root / "cls"), root / "out", tiny_model_dir)
     state = finetune(cfg, return_state=True)
     assert state.is_completed(), state.message
     return cfg, state, root / "out"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import classification_rows, write_jsonl
+from tests.conftest import write_classification_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +27,7 @@ def _readable(path: Path) -> bool:
 
 
 def test_sigkill_during_training_then_rerun_resumes_from_the_checkpoint(tmp_path, tiny_model_dir):
-    data = tmp_path / "cls"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", classification_rows(16, seed=1))
-    write_jsonl(data / "test.jsonl", classification_rows(4, seed=2))
+    data = write_classification_dir(tmp_path / "cls")
     out = tmp_path / "out"
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump({
