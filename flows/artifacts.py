@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
-from tasks.report import QUALITY_KEYS
+from tasks.report import metrics_rows, metrics_table
 
 
 def training_progress():
@@ -37,22 +37,9 @@ def training_progress():
     return TrainingProgress()
 
 
-def metrics_rows(metrics: dict) -> list[dict]:
-    """One row per metric: base, fine-tuned and the delta (rounded for display)."""
-    base, tuned = metrics["base"] or {}, metrics["finetuned"]
-    rows = []
-    for key in (*QUALITY_KEYS[metrics["task"]], "eval_loss", "perplexity"):
-        b, t = base.get(key), tuned[key]
-        rows.append({"metric": key, "base": None if b is None else round(b, 4), "fine-tuned": round(t, 4),
-                     "delta": None if b is None else round(t - b, 4)})
-    return rows
-
-
 def model_card(run_dir: Path, metrics: dict) -> str:
     """Markdown model card: base model, data and its hash, quality, how to load the merged and ONNX models."""
     cfg, data = metrics["config"], metrics["data"]
-    table = "\n".join(f"| {r['metric']} | {r['base']} | {r['fine-tuned']} | {r['delta']} |"
-                      for r in metrics_rows(metrics))
     return f"""# {cfg['name']}: LoRA fine-tune of `{cfg['model']['name_or_path']}`
 
 - **Data**: `{cfg['data']['path']}` (content sha256 `{data.get('fingerprint')}`), splits {data['split']}
@@ -60,9 +47,7 @@ def model_card(run_dir: Path, metrics: dict) -> str:
 target_modules={cfg['lora']['target_modules']}; lr {cfg['train']['learning_rate']}, \
 {cfg['train']['num_train_epochs']} epoch(s), batch {cfg['train']['per_device_train_batch_size']}
 
-| metric | base | fine-tuned | delta |
-|---|---|---|---|
-{table}
+{metrics_table(metrics)}
 
 ## Load the merged model (PyTorch)
 ```python

@@ -88,15 +88,24 @@ def _fmt(value) -> str:
     return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def metrics_table(metrics: dict) -> str:
-    """Markdown table: base vs fine-tuned per metric, with the delta."""
-    keys = (*QUALITY_KEYS[metrics["task"]], "eval_loss", "perplexity", "n_examples")
+def metrics_rows(metrics: dict) -> list[dict]:
+    """One row per quality metric, eval loss and perplexity: base, fine-tuned and the delta (4 decimals)."""
     base, tuned = metrics["base"] or {}, metrics["finetuned"]
+    rows = []
+    for key in (*QUALITY_KEYS[metrics["task"]], "eval_loss", "perplexity"):
+        b, t = base.get(key), tuned[key]
+        rows.append({"metric": key, "base": None if b is None else round(b, 4), "fine-tuned": round(t, 4),
+                     "delta": None if b is None else round(t - b, 4)})
+    return rows
+
+
+def metrics_table(metrics: dict) -> str:
+    """Markdown table of ``metrics_rows`` plus the number of test examples."""
+    base = metrics["base"] or {}
     lines = ["| metric | base | fine-tuned | delta |", "|---|---|---|---|"]
-    for k in keys:
-        b, t = base.get(k), tuned.get(k)
-        delta = t - b if isinstance(b, (int, float)) and isinstance(t, (int, float)) and k != "n_examples" else None
-        lines.append(f"| {k} | {_fmt(b)} | {_fmt(t)} | {_fmt(delta)} |")
+    lines += [f"| {r['metric']} | {_fmt(r['base'])} | {_fmt(r['fine-tuned'])} | {_fmt(r['delta'])} |"
+              for r in metrics_rows(metrics)]
+    lines.append(f"| n_examples | {_fmt(base.get('n_examples'))} | {metrics['finetuned']['n_examples']} | — |")
     return "\n".join(lines)
 
 
