@@ -111,6 +111,14 @@ class RetryConfig(_Section):
     delay_seconds: float = Field(10, ge=0, description="First retry delay; doubles on each retry.")
 
 
+class PromotionConfig(_Section):
+    margin: float = Field(0.01, ge=0, le=1, description="Nightly retrain quality gate: a new model is promoted only "
+                                                        "if its primary metric (accuracy, or rouge_l for "
+                                                        "generation) is above the base model's and at most this "
+                                                        "much below the promoted model's on the same test split "
+                                                        "(0.01 = 1 point).")
+
+
 class OutputConfig(_Section):
     dir: str = "outputs"
     run_name: str | None = Field(None, description="Folder name of this run; None = <name>-<UTC timestamp>-<4 hex>.")
@@ -132,6 +140,7 @@ class FinetuneConfig(_Section):
     merge: MergeConfig = MergeConfig()
     export: ExportConfig = ExportConfig()
     retry: RetryConfig = RetryConfig()
+    promotion: PromotionConfig = PromotionConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -198,8 +207,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
-    tree = apply_overrides(tree, overrides or [])
+    return validate_config(apply_overrides(tree, overrides or []), str(path))
+
+
+def validate_config(tree: dict, source: str) -> FinetuneConfig:
+    """Validate a plain config tree.
+
+    Raises:
+        ConfigError: naming ``source`` (a file, a deployment) and each bad field's dotted path.
+    """
     try:
         return FinetuneConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, str(path))) from None
+        raise ConfigError(_format_validation_error(e, source)) from None

@@ -47,9 +47,22 @@ def fingerprint(path_or_id: str) -> str:
 def stage_key(task: Task, *parts) -> str:
     """Key of one stage's output: its name, its module's source and ``parts`` (config sections, upstream
     keys). Pydantic models are hashed through their JSON form."""
-    source = hashlib.sha256(Path(inspect.getsourcefile(task.fn)).read_bytes()).hexdigest()
+    source = hashlib.sha256(Path(inspect.getsourcefile(inspect.unwrap(task.fn))).read_bytes()).hexdigest()
     plain = [p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts]
     return hash_objects(task.name, source, *plain, raise_on_failure=True)[:KEY_LENGTH]
+
+
+# the config sections a trained model (and its test split) is a function of; eval/merge/export only measure it
+MODEL_SECTIONS = ("data", "split", "model", "lora", "train")
+
+
+def source_fingerprint(cfg: FinetuneConfig, data: str, base_model: str) -> dict:
+    """What a trained model is made from: ``{"data", "base_model", "config"}`` — the data's and the base
+    model's content keys and the hash of the config sections in ``MODEL_SECTIONS``. Recorded in
+    ``latest.json``; the nightly retrain skips when it is unchanged."""
+    sections = [getattr(cfg, name).model_dump(mode="json") for name in MODEL_SECTIONS]
+    return {"data": data, "base_model": base_model,
+            "config": hash_objects(*sections, raise_on_failure=True)[:KEY_LENGTH]}
 
 
 def result_storage(cfg: FinetuneConfig):

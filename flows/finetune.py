@@ -19,7 +19,8 @@ from prefect import flow, task
 
 from configs.schema import ConfigError, FinetuneConfig, load_config
 from flows import artifacts
-from flows.caching import cached, fingerprint, stage_key
+from flows.caching import cached, fingerprint, source_fingerprint, stage_key
+from flows.gpu import holds_gpu_slot
 from flows.retries import with_retries
 from tasks import base_model, evaluate, export, ingest, merge, report, split, train
 
@@ -28,9 +29,9 @@ logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Pref
 convert_task = task(base_model.convert_gguf, name="prepare-base-model")
 ingest_task = task(ingest.ingest, name="ingest")
 split_task = task(split.split, name="split")
-train_task = task(train.train, name="train")
-evaluate_task = task(evaluate.evaluate, name="evaluate")
-merge_task = task(merge.merge, name="merge")
+train_task = task(holds_gpu_slot(train.train), name="train")  # GPU stages hold a `gpu` slot (flows/gpu.py)
+evaluate_task = task(holds_gpu_slot(evaluate.evaluate), name="evaluate")
+merge_task = task(holds_gpu_slot(merge.merge), name="merge")
 export_task = task(export.export_onnx, name="export-onnx")
 report_task = task(report.write_report, name="report")
 publish_task = task(report.update_latest, name="publish-latest")
@@ -42,29 +43,49 @@ def run_dir_for(cfg: FinetuneConfig) -> Path:
     return Path(cfg.output.dir) / name
 
 
-@flow(name="finetune")
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Run the whole pipeline for ``cfg``; return ``metrics.json``'s content plus ``run_dir``."""
-    stages: dict[str, dict] = {}
-    store = Path(cfg.output.dir) / "stages"
+def stage_dir(cfg: FinetuneConfig, stage_task, *key_parts) -> str:
+    """The content-addressed folder ``<output.dir>/stages/<task name>/<key>`` of one stage's output."""
+    return str(Path(cfg.output.dir) / "stages" / stage_task.name / stage_key(stage_task, *key_parts))
 
-    def out(stage_task, *key_parts) -> str:
-        return str(store / stage_task.name / stage_key(stage_task, *key_parts))
+
+def run_stage(cfg: FinetuneConfig, stage_task, out_dir: str | Path, *args) -> tuple[object, dict]:
+    """Run ``stage_task(*args)`` cached by content and retried on transient failures.
+
+    Returns ``(result, {"seconds": wall time, "state": "Completed" | "Cached"})``; raises the task's error."""
+    start = time.perf_counter()
+    state = with_retries(cached(stage_task, cfg, out_dir), cfg.retry)(*args, return_state=True)
+    return state.result(), {"seconds": time.perf_counter() - start, "state": state.name}
+
+
+def base_model_source(cfg: FinetuneConfig) -> tuple[str | None, str]:
+    """``(embedded GGUF path or None, content key of the base model)``: the GGUF's content for the embedded
+    model, a local folder's content, or a Hub id's string."""
+    if not base_model.is_embedded(cfg.model):
+        return None, fingerprint(cfg.model.name_or_path)
+    gguf = str(base_model.embedded_gguf())
+    return gguf, stage_key(convert_task, fingerprint(gguf))
+
+
+@flow(name="finetune")
+def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
+    """Run the whole pipeline for ``cfg``; return ``metrics.json``'s content plus ``run_dir``, ``test_file``
+    and ``source`` (see ``flows.caching.source_fingerprint``). ``publish_latest=False`` leaves
+    ``latest.json`` alone (the nightly retrain decides promotion itself)."""
+    stages: dict[str, dict] = {}
 
     def run(name: str, stage_task, out_dir: str | Path, *args):
-        start = time.perf_counter()
-        state = with_retries(cached(stage_task, cfg, out_dir), cfg.retry)(*args, return_state=True)
-        stages[name] = {"seconds": time.perf_counter() - start, "state": state.name}
-        return state.result()
+        result, stages[name] = run_stage(cfg, stage_task, out_dir, *args)
+        return result
+
+    def out(stage_task, *key_parts) -> str:
+        return stage_dir(cfg, stage_task, *key_parts)
 
     trc = cfg.model.trust_remote_code
-    if base_model.is_embedded(cfg.model):
-        gguf = str(base_model.embedded_gguf())
-        base_key = stage_key(convert_task, fingerprint(gguf))
+    gguf, base_key = base_model_source(cfg)
+    base = cfg.model.name_or_path
+    if gguf:
         base_dir = Path(cfg.model.cache_dir).expanduser() / f"SmolLM2-135M-Instruct-{base_key}"
         base = run("prepare_base_model", convert_task, base_dir, gguf, str(base_dir))
-    else:
-        base, base_key = cfg.model.name_or_path, fingerprint(cfg.model.name_or_path)
 
     data_fingerprint = fingerprint(cfg.data.path)
     ingest_dir = out(ingest_task, cfg.data, data_fingerprint)
@@ -103,10 +124,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     links |= {"onnx": onnx_dir} if onnx else {}
     run_dir = run_dir_for(cfg)
     paths = report_task(run_dir, metrics, links, str(Path(adapter_dir) / "train_log.json"))
-    publish_task(cfg.output.dir, run_dir)
+    source = source_fingerprint(cfg, data_fingerprint, base_key)
+    if publish_latest:
+        publish_task(cfg.output.dir, run_dir, source)
     artifacts.publish(run_dir, metrics, paths)
     print(summary(run_dir, metrics, paths))
-    return metrics | {"run_dir": str(run_dir)}
+    return metrics | {"run_dir": str(run_dir), "test_file": test_file, "source": source}
 
 
 def summary(run: Path, metrics: dict, paths: dict) -> str:
@@ -133,8 +156,8 @@ class _DropTraceback(logging.Filter):
         return True
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.finetune", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", help="YAML config (default: configs/banking77.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.path=../shared/data/banking77 (repeatable)")
@@ -142,15 +165,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: exit 0 on success, 1 with a one-line reason on failure (``--debug`` for traceback)."""
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, flow_fn=None, prog: str = "python -m flows.finetune",
+         description: str = __doc__.split("\n\n")[0]) -> int:
+    """CLI entry point of ``flow_fn`` (default ``finetune``; any flow taking the config): exit 0 on success,
+    1 with a one-line reason on failure (``--debug`` for the traceback)."""
+    flow_fn = flow_fn or finetune
+    args = parse_args(argv, prog, description)
     if not args.debug:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_DropTraceback())
     try:
         cfg = load_config(args.config, args.overrides)
-        finetune(cfg)
+        flow_fn(cfg)
     except Exception as e:  # noqa: BLE001 - the CLI's contract is one line per failure
         if args.debug:
             raise

@@ -71,16 +71,18 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
     return Path(path)
 
 
-def update_latest(output_dir: str | Path, run_dir: str | Path) -> str:
+def update_latest(output_dir: str | Path, run_dir: str | Path, source: dict | None = None) -> str:
     """Point ``<output_dir>/latest.json`` at ``run_dir`` (atomic replace); call only after every check passed.
 
     The file names the run folder and its ``merged/``, ``onnx/`` and ``metrics.json`` (absolute paths), so
-    consumers always find the last good model, never a run that failed half-way.
+    consumers always find the last good model, never a run that failed half-way, and ``source`` (the data
+    and config fingerprints the model was trained from; the nightly retrain compares them).
     """
     run_dir = Path(run_dir).resolve()
     onnx = run_dir / "onnx"
     pointer = {"run_dir": str(run_dir), "merged": str(run_dir / "merged"),
-               "onnx": str(onnx) if onnx.is_dir() else None, "metrics": str(run_dir / "metrics.json")}
+               "onnx": str(onnx) if onnx.is_dir() else None, "metrics": str(run_dir / "metrics.json"),
+               "source": source}
     return str(write_json(Path(output_dir) / "latest.json", pointer))
 
 

@@ -1,0 +1,7 @@
+# Sourced by the scripts in deployments/: the project's virtualenv first on PATH, the Prefect API address,
+# and FINETUNE_FLOW_ROOT (the checkout the worker runs flows from; used by prefect.yaml's pull step).
+FINETUNE_FLOW_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export FINETUNE_FLOW_ROOT
+export PATH="$FINETUNE_FLOW_ROOT/.venv/bin:$PATH"
+export PREFECT_API_URL="${PREFECT_API_URL:-http://127.0.0.1:4200/api}"
+export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"

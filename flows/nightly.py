@@ -1,0 +1,92 @@
+"""The nightly retrain: retrain only when something changed, promote only a model that is better.
+
+    fingerprint data, base model and training config
+      └─ same as the promoted model's (latest.json)?  → a completed no-op, in seconds
+      └─ changed → finetune (subflow; every stage cached by content, latest.json untouched)
+                 → the promoted model on the new test split (its own metrics if the split is the same,
+                   otherwise a cached evaluation of its merged model)
+                 → quality gate (tasks/promote.py) → promote = move latest.json, or keep the old model
+                 → the decision and its numbers as the `promotion` artifact
+
+Deployed on a cron schedule by ``deployments/prefect.yaml``; run by hand with
+``python -m flows.nightly [--config PATH] [--set key=value ...]``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from configs.schema import ConfigError, FinetuneConfig
+from flows.caching import fingerprint, source_fingerprint
+from flows.finetune import (base_model_source, evaluate_task, finetune, main as finetune_main, publish_task,
+                            run_stage, stage_dir)
+from tasks import promote
+from tasks.files import read_json
+
+gate_task = task(promote.quality_gate, name="quality-gate")
+
+
+@flow(name="nightly-retrain")
+def nightly_retrain(cfg: FinetuneConfig) -> dict:
+    """Retrain ``cfg`` if its data, base model or training config changed since the promoted model, and
+    promote the new model only if it passes the quality gate (``promotion.margin``).
+
+    Returns:
+        The decision: ``{"skipped": reason, "promote": False, "run_dir"}`` for a no-op, otherwise
+        ``tasks.promote.quality_gate``'s dict plus ``run_dir`` (the new run) and ``source``.
+
+    Raises:
+        ConfigError: ``eval.evaluate_base`` is false (the gate needs the base model's score).
+    """
+    log = get_run_logger()
+    if not cfg.eval.evaluate_base:
+        raise ConfigError("nightly-retrain needs eval.evaluate_base: true (the gate compares with the base model)")
+    source = source_fingerprint(cfg, fingerprint(cfg.data.path), base_model_source(cfg)[1])
+    promoted = promote.read_promoted(cfg.output.dir)
+    if promoted and promoted.get("source") == source:
+        decision = {"promote": False, "run_dir": promoted["run_dir"],
+                    "skipped": f"data, base model and training config unchanged since the promoted run "
+                               f"`{promoted['run_dir']}` (source {source})"}
+    else:
+        result = finetune(cfg, publish_latest=False)
+        incumbent = incumbent_metrics(cfg, promoted, result) if promoted else None
+        decision = gate_task(result["task"], result["finetuned"], result["base"], incumbent,
+                             cfg.promotion.margin)
+        decision |= {"run_dir": result["run_dir"], "source": source}
+        if decision["promote"]:
+            publish_task(cfg.output.dir, result["run_dir"], source)
+    create_markdown_artifact(promote.decision_markdown(decision), key="promotion",
+                             description="nightly retrain: promotion decision and the numbers behind it")
+    log.info("nightly-retrain: %s", decision.get("skipped") or
+             ("promoted " if decision["promote"] else "not promoted ") + decision["run_dir"]
+             + "".join(f"; {r}" for r in decision.get("reasons", [])))
+    return decision
+
+
+def incumbent_metrics(cfg: FinetuneConfig, promoted: dict, result: dict) -> dict | None:
+    """The promoted model's test metrics on the new run's test split: its own ``metrics.json`` when it was
+    measured on the same split folder with the same ``eval`` settings, otherwise an evaluation of its merged
+    model (a cached stage, so each model/split pair is evaluated once). None, with a warning, when its
+    merged folder is gone (the gate then checks against the base model only)."""
+    merged = Path(promoted["merged"]).resolve()
+    if not merged.is_dir():
+        get_run_logger().warning("promoted model %s is missing; gating against the base model only", merged)
+        return None
+    old = read_json(promoted["metrics"])
+    split_dir = Path(result["test_file"]).parent
+    if (Path(promoted["run_dir"]) / "data").resolve() == split_dir.resolve() and \
+            old["config"]["eval"] == result["config"]["eval"]:
+        return old["finetuned"]
+    trc = cfg.model.trust_remote_code
+    out_dir = stage_dir(cfg, evaluate_task, str(merged), str(split_dir), result["task"], cfg.eval, trc)
+    metrics, _ = run_stage(cfg, evaluate_task, out_dir, str(merged), result["test_file"], result["task"],
+                           cfg.eval, out_dir, trc)
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(finetune_main(flow_fn=nightly_retrain, prog="python -m flows.nightly",
+                           description=__doc__.split("\n\n")[0]))

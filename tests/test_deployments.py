@@ -1,0 +1,250 @@
+"""The deployments for real: a Prefect server started by ``deployments/server.sh`` (SQLite, and PostgreSQL where
+one is given), pools and the ``gpu`` limit by ``setup.sh``, the deployments of ``prefect.yaml`` by ``deploy.sh``,
+a process worker by ``worker.sh``, and runs of the tiny model triggered from the CLI and through the API.
+
+PostgreSQL: ``FINETUNE_TEST_POSTGRES_URL`` (``postgresql+asyncpg://...``; ``.ci/run`` starts Debian's server and
+sets it). Without it the PostgreSQL test skips, except under CI (``CI=true``), where it fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import DeploymentUpdate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId, LogFilter, LogFilterFlowRunId
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from configs.schema import FinetuneConfig, load_config
+from tests.conftest import tiny_config, write_classification_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deployments"
+POSTGRES_URL = os.environ.get("FINETUNE_TEST_POSTGRES_URL")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _script(name: str, env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(DEPLOY / name), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{name} {args}: {done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    return done
+
+
+@contextmanager
+def _background(cmd: list[str], env: dict, log: Path):
+    """Run ``cmd`` in its own process group; stop the whole group (server, worker and their children)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextmanager
+def prefect_service(home: Path, database_url: str | None = None):
+    """server.sh on a free port (PREFECT_HOME=home), then setup.sh and deploy.sh; yields the environment."""
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PORT": str(port),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    env.pop("DATABASE_URL", None)
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    home.mkdir(parents=True, exist_ok=True)
+    with _background([str(DEPLOY / "server.sh")], env, home / "server.log") as server:
+        deadline = time.monotonic() + 120
+        while not _healthy(port):
+            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server not healthy after 120 s"
+            time.sleep(0.5)
+        _script("setup.sh", env)
+        _script("deploy.sh", env)
+        yield env
+
+
+def _healthy(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def api(env: dict):
+    """A Prefect client for the service in ``env``."""
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        yield client
+
+
+def use_tiny_defaults(env: dict, cfg: FinetuneConfig) -> None:
+    """Set both deployments' default ``cfg`` to the tiny model's (what an admin does with "Edit deployment")."""
+    with api(env) as client:
+        for name in ("finetune/on-demand", "nightly-retrain/nightly"):
+            deployment = client.read_deployment_by_name(name)
+            client.update_deployment(deployment.id, DeploymentUpdate(parameters={"cfg": cfg.model_dump(mode="json")}))
+
+
+def wait_for(env: dict, run_ids: list, timeout: float = 600) -> list:
+    """Poll until every flow run is in a final state; return them."""
+    deadline = time.monotonic() + timeout
+    with api(env) as client:
+        while True:
+            runs = [client.read_flow_run(i) for i in run_ids]
+            if all(r.state and r.state.is_final() for r in runs):
+                return runs
+            assert time.monotonic() < deadline, [(r.name, r.state.name if r.state else None) for r in runs]
+            time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory, tiny_model_dir) -> FinetuneConfig:
+    root = tmp_path_factory.mktemp("service-data")
+    return tiny_config(write_classification_dir(root / "cls"), root / "out", tiny_model_dir,
+                       output={"run_name": None}, export={"enabled": False}, retry={"retries": 0})
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_cfg):
+    """Server (SQLite) + pools + deployments with tiny defaults + a worker on the ``gpu`` pool."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with prefect_service(home) as env:
+        use_tiny_defaults(env, tiny_cfg)
+        with _background([str(DEPLOY / "worker.sh"), "gpu"], env, home / "worker.log"):
+            yield env
+
+
+def test_prefect_yaml_defaults_are_the_banking77_config():
+    spec = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
+    expected = load_config(ROOT / "configs" / "banking77.yaml", ["data.path=../shared/data/banking77"])
+    for deployment in spec["deployments"]:
+        assert FinetuneConfig.model_validate(deployment["parameters"]["cfg"]) == expected, deployment["name"]
+
+
+def test_server_listens_on_loopback_only(service):
+    port = int(service["PORT"])
+    listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                 if line.split()[3] == "0A"]  # state LISTEN
+    assert f"0100007F:{port:04X}" in listening, "server not on 127.0.0.1"
+    assert not [a for a in listening if a.endswith(f":{port:04X}") and a != f"0100007F:{port:04X}"]
+
+
+def test_run_triggered_from_the_cli_completes_on_the_worker(service, tiny_cfg):
+    done = subprocess.run([sys.executable, str(DEPLOY / "trigger.py"), "finetune/on-demand",
+                           "--set", "output.run_name=from-cli"], env=service, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Completed" in done.stdout
+    metrics = json.loads((Path(tiny_cfg.output.dir) / "from-cli" / "metrics.json").read_text())
+    assert metrics["finetuned"]["accuracy"] > metrics["base"]["accuracy"]
+    latest = json.loads((Path(tiny_cfg.output.dir) / "latest.json").read_text())
+    assert latest["run_dir"].endswith("from-cli")
+
+
+def test_bad_parameters_are_rejected_before_a_run_exists(service):
+    with api(service) as client:
+        deployment = client.read_deployment_by_name("finetune/on-demand")
+        bad = {**deployment.parameters["cfg"], "lora": {"rank": 4}}
+        with pytest.raises(Exception, match="rank|validation|Validation"):
+            client.create_flow_run_from_deployment(deployment.id, parameters={"cfg": bad})
+    done = subprocess.run([sys.executable, str(DEPLOY / "trigger.py"), "finetune/on-demand", "--set",
+                           "train.learning_rate=-1"], env=service, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1 and "train.learning_rate" in done.stderr
+
+
+def test_nightly_schedule_has_upcoming_runs_at_two_in_its_timezone(service):
+    with api(service) as client:
+        deployment = client.read_deployment_by_name("nightly-retrain/nightly")
+        [schedule] = deployment.schedules
+        assert schedule.active and schedule.schedule.cron == "0 2 * * *"
+        zone = ZoneInfo(schedule.schedule.timezone)
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]), state={"type": {"any_": ["SCHEDULED"]}}))
+    assert len(runs) >= 2
+    for run in runs:
+        local = run.expected_start_time.astimezone(zone)
+        assert (local.hour, local.minute) == (2, 0) and local > datetime.now(zone)
+
+
+def _logs(client, run_id) -> list:
+    logs, page = [], None
+    while page is None or len(page) == 200:  # the API returns at most 200 per call
+        page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                                limit=200, offset=len(logs))
+        logs += page
+    return sorted(logs, key=lambda log: log.timestamp)
+
+
+def _slot_intervals(client, run_id) -> list[tuple]:
+    """(acquired, released) per use of the ``gpu`` slot, from the run's logs (flows/gpu.py)."""
+    logs = _logs(client, run_id)
+    held = [log.timestamp for log in logs if "holding a slot of 'gpu'" in log.message]
+    released = [log.timestamp for log in logs if "releasing the slot of 'gpu'" in log.message]
+    assert len(held) == len(released) >= 3, [log.message for log in logs if "slot" in log.message]
+    return list(zip(held, released))
+
+
+def test_two_training_runs_at_once_share_the_single_gpu_slot(service):
+    """Both runs are made to want the slot at the same moment (the test holds it until both wait), then
+    every slot-holding stage of one run must be disjoint in time from every one of the other."""
+    from prefect.concurrency.sync import concurrency
+
+    with api(service) as client, concurrency("gpu", occupy=1, strict=True):
+        deployment = client.read_deployment_by_name("finetune/on-demand")
+        cfg = deployment.parameters["cfg"]
+        run_ids = [client.create_flow_run_from_deployment(deployment.id, parameters={"cfg": {
+            **cfg, "split": {**cfg.get("split", {}), "seed": seed}, "output": {**cfg["output"], "run_name": name}}}).id
+            for seed, name in ((1, "slot-a"), (2, "slot-b"))]
+        deadline = time.monotonic() + 300
+        while not all(any("waiting for a slot" in log.message for log in _logs(client, i)) for i in run_ids):
+            assert time.monotonic() < deadline, "the runs never asked for the gpu slot"
+            time.sleep(2)
+        assert not any("holding a slot" in log.message for i in run_ids for log in _logs(client, i))
+    runs = wait_for(service, run_ids)
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state.message) for r in runs]
+    with api(service) as client:
+        a, b = (_slot_intervals(client, i) for i in run_ids)
+        limit = client.read_global_concurrency_limit_by_name("gpu")
+    for start_a, end_a in a:
+        for start_b, end_b in b:
+            assert end_a <= start_b or end_b <= start_a, "two runs held the gpu slot at the same time"
+    assert limit.limit == 1 and limit.active_slots == 0
+
+
+def test_service_on_postgresql(tmp_path, tiny_cfg):
+    if not POSTGRES_URL:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("FINETUNE_TEST_POSTGRES_URL is not set under CI (.ci/run starts PostgreSQL and sets it)")
+        pytest.skip("FINETUNE_TEST_POSTGRES_URL not set (a PostgreSQL database for the Prefect server)")
+    with prefect_service(tmp_path / "home", POSTGRES_URL) as env:
+        use_tiny_defaults(env, tiny_cfg)
+        with _background([str(DEPLOY / "worker.sh"), "gpu"], env, tmp_path / "worker.log"):
+            done = subprocess.run([sys.executable, str(DEPLOY / "trigger.py"), "finetune/on-demand",
+                                   "--set", "output.run_name=on-postgres"], env=env, capture_output=True, text=True,
+                                  timeout=600, cwd=ROOT)
+        assert done.returncode == 0, done.stdout + done.stderr + (tmp_path / "worker.log").read_text()[-3000:]
+        with api(env) as client:
+            assert client.read_deployment_by_name("nightly-retrain/nightly").schedules
+    assert (Path(tiny_cfg.output.dir) / "on-postgres" / "metrics.json").is_file()
