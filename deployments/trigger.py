@@ -1,14 +1,16 @@
 """Trigger a deployment's run from the command line and wait for its final state.
 
-    deployments/trigger.py finetune/on-demand [--config PATH] [--set dotted.key=value ...] [--no-wait]
+    deployments/trigger.sh finetune/on-demand [--config PATH] [--set dotted.key=value ...] [--no-wait]
 
 The run's ``cfg`` is the deployment's default parameters with the ``--set`` overrides applied (or ``--config``
 with the overrides), validated by ``configs/schema.py`` before anything is sent. Exits 0 when the run
-completed, 1 otherwise. Uses ``PREFECT_API_URL`` (deployments/env.sh sets the local default).
+completed, 1 otherwise. Talks to the server at ``PREFECT_API_URL`` (``trigger.sh`` sets the local default
+through ``env.sh``); without it, it stops instead of starting a temporary server of its own.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from prefect.client.orchestration import get_client
@@ -31,12 +33,15 @@ def run_config(deployment: str, config: str | None, overrides: list[str]) -> Fin
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="deployments/trigger.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="deployments/trigger.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("deployment", help="<flow name>/<deployment name>, e.g. finetune/on-demand")
     p.add_argument("--config", help="a YAML config instead of the deployment's defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-wait", action="store_true", help="return once the run is created")
     args = p.parse_args(argv)
+    if not os.environ.get("PREFECT_API_URL"):
+        print("error: PREFECT_API_URL is not set (use deployments/trigger.sh, or export it)", file=sys.stderr)
+        return 1
     try:
         cfg = run_config(args.deployment, args.config, args.overrides)
     except ConfigError as e:

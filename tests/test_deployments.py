@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -152,7 +151,7 @@ def test_server_listens_on_loopback_only(service):
 
 
 def test_run_triggered_from_the_cli_completes_on_the_worker(service, tiny_cfg):
-    done = subprocess.run([sys.executable, str(DEPLOY / "trigger.py"), "finetune/on-demand",
+    done = subprocess.run([str(DEPLOY / "trigger.sh"), "finetune/on-demand",
                            "--set", "output.run_name=from-cli"], env=service, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -169,7 +168,7 @@ def test_bad_parameters_are_rejected_before_a_run_exists(service):
         bad = {**deployment.parameters["cfg"], "lora": {"rank": 4}}
         with pytest.raises(Exception, match="rank|validation|Validation"):
             client.create_flow_run_from_deployment(deployment.id, parameters={"cfg": bad})
-    done = subprocess.run([sys.executable, str(DEPLOY / "trigger.py"), "finetune/on-demand", "--set",
+    done = subprocess.run([str(DEPLOY / "trigger.sh"), "finetune/on-demand", "--set",
                            "train.learning_rate=-1"], env=service, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 1 and "train.learning_rate" in done.stderr
 
@@ -241,10 +240,71 @@ def test_service_on_postgresql(tmp_path, tiny_cfg):
     with prefect_service(tmp_path / "home", POSTGRES_URL) as env:
         use_tiny_defaults(env, tiny_cfg)
         with _background([str(DEPLOY / "worker.sh"), "gpu"], env, tmp_path / "worker.log"):
-            done = subprocess.run([sys.executable, str(DEPLOY / "trigger.py"), "finetune/on-demand",
+            done = subprocess.run([str(DEPLOY / "trigger.sh"), "finetune/on-demand",
                                    "--set", "output.run_name=on-postgres"], env=env, capture_output=True, text=True,
                                   timeout=600, cwd=ROOT)
         assert done.returncode == 0, done.stdout + done.stderr + (tmp_path / "worker.log").read_text()[-3000:]
         with api(env) as client:
             assert client.read_deployment_by_name("nightly-retrain/nightly").schedules
     assert (Path(tiny_cfg.output.dir) / "on-postgres" / "metrics.json").is_file()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_run_started_from_the_ui_form_completes_with_its_artifacts(service, tmp_path):
+    """Headless Chromium (Debian's) drives the real UI: the deployment's run form, then the run's page."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{CHROMIUM} missing under CI (.ci/run installs Debian's chromium)")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    ui = service["PREFECT_API_URL"].removesuffix("/api")
+    with api(service) as client:
+        deployment = client.read_deployment_by_name("finetune/on-demand")
+    run_name = f"from-the-ui-form-{os.getpid()}"
+    shot = Path(os.environ.get("FINETUNE_UI_SCREENSHOT", tmp_path / "ui-run.png"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
+        expect(page.get_by_text("The whole pipeline's configuration")).to_be_visible(timeout=60_000)
+        run_name_box, cfg_name_box = page.get_by_role("textbox").nth(0), page.get_by_role("textbox").nth(1)
+        assert cfg_name_box.input_value() == "tiny"  # the form shows the deployment's defaults
+        run_name_box.fill(run_name)
+        cfg_name_box.fill("edited-in-the-form")
+        page.get_by_role("button", name="Submit").click()
+
+        flow_run = _wait_for_named_run(service, run_name)
+        page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
+        deadline = time.monotonic() + 600
+        while not page.get_by_text("Completed").first.is_visible():
+            assert time.monotonic() < deadline, page.inner_text("body")[:2000]
+            page.wait_for_timeout(5000)
+            page.reload()
+        page.get_by_text("Artifacts", exact=True).click()  # a tab (li.p-tab)
+        expect(page.get_by_text("model-card").first).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(shot), full_page=True)
+        text = page.inner_text("body")
+        browser.close()
+    assert run_name in text and "Completed" in text
+    missing = [key for key in ("metrics", "model-card", "loss-curve", "run-folder") if key not in text]
+    assert not missing, text[:3000]
+    [run] = wait_for(service, [flow_run.id])
+    assert run.state.is_completed() and run.parameters["cfg"]["name"] == "edited-in-the-form"
+    assert shot.stat().st_size > 10_000
+
+
+def _wait_for_named_run(env: dict, name: str, timeout: float = 60):
+    from prefect.client.schemas.filters import FlowRunFilterName
+
+    deadline = time.monotonic() + timeout
+    with api(env) as client:
+        while not (runs := client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=[name])))):
+            assert time.monotonic() < deadline, f"no flow run named {name} after submitting the form"
+            time.sleep(1)
+    return runs[0]

@@ -1,0 +1,72 @@
+"""The GPU slot wrapper (flows/gpu.py): no slot without FINETUNE_GPU_SLOT, strict with it, and invisible to
+Prefect's parameter mapping and to the content cache keys."""
+import inspect
+
+import pytest
+from prefect import flow, task
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.caching import stage_key
+from flows.gpu import GPU_SLOT_ENV, holds_gpu_slot
+from tasks import train
+
+
+def add(a: int, b: int = 1) -> int:
+    """Add."""
+    return a + b
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness():
+        yield
+
+
+def test_without_the_variable_no_slot_is_taken(monkeypatch):
+    monkeypatch.delenv(GPU_SLOT_ENV, raising=False)
+    assert holds_gpu_slot(add)(2, b=3) == 5  # no Prefect server needed at all
+
+
+def test_wrapper_keeps_signature_source_and_stage_key():
+    wrapped = holds_gpu_slot(train.train)
+    assert inspect.signature(wrapped) == inspect.signature(train.train)
+    assert inspect.getsource(wrapped) == inspect.getsource(train.train)
+    assert stage_key(task(wrapped, name="train"), "x") == stage_key(task(train.train, name="train"), "x")
+
+
+def test_a_missing_limit_is_an_error_not_a_free_for_all(monkeypatch, prefect_server):
+    monkeypatch.setenv(GPU_SLOT_ENV, "no-such-limit")
+    add_task = task(holds_gpu_slot(add), name="add")
+
+    @flow
+    def one():
+        return add_task(1)
+
+    with pytest.raises(Exception, match="no-such-limit"):
+        one()
+
+
+def test_an_existing_limit_is_held_during_the_call_and_released(monkeypatch, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    monkeypatch.setenv(GPU_SLOT_ENV, "gpu-test")
+    seen = []
+
+    def probe() -> int:
+        with get_client(sync_client=True) as client:
+            seen.append(client.read_global_concurrency_limit_by_name("gpu-test").active_slots)
+        return 7
+
+    probe_task = task(holds_gpu_slot(probe), name="probe")
+
+    @flow
+    def one():
+        return probe_task()
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu-test", limit=1))
+    assert one() == 7
+    with get_client(sync_client=True) as client:
+        after = client.read_global_concurrency_limit_by_name("gpu-test").active_slots
+    assert seen == [1] and after == 0
