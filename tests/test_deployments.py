@@ -65,7 +65,8 @@ def prefect_service(home: Path, database_url: str | None = None):
     """server.sh on a free port (PREFECT_HOME=home), then setup.sh and deploy.sh; yields the environment."""
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PORT": str(port),
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}  # faster than the defaults, for the tests
     env.pop("DATABASE_URL", None)
     if database_url:
         env["DATABASE_URL"] = database_url
@@ -173,15 +174,26 @@ def test_bad_parameters_are_rejected_before_a_run_exists(service):
     assert done.returncode == 1 and "train.learning_rate" in done.stderr
 
 
+def _scheduled_runs(env: dict, deployment_id, at_least: int = 2, timeout: float = 120) -> list:
+    """The deployment's Scheduled runs, once the server's scheduler has made ``at_least`` of them (editing
+    a deployment's parameters deletes its auto-scheduled runs; the scheduler loop makes them again)."""
+    deadline = time.monotonic() + timeout
+    with api(env) as client:
+        while len(runs := client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
+                state={"type": {"any_": ["SCHEDULED"]}}))) < at_least:
+            assert time.monotonic() < deadline, f"{len(runs)} scheduled runs after {timeout} s"
+            time.sleep(2)
+    return runs
+
+
 def test_nightly_schedule_has_upcoming_runs_at_two_in_its_timezone(service):
     with api(service) as client:
         deployment = client.read_deployment_by_name("nightly-retrain/nightly")
-        [schedule] = deployment.schedules
-        assert schedule.active and schedule.schedule.cron == "0 2 * * *"
-        zone = ZoneInfo(schedule.schedule.timezone)
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]), state={"type": {"any_": ["SCHEDULED"]}}))
-    assert len(runs) >= 2
+    [schedule] = deployment.schedules
+    assert schedule.active and schedule.schedule.cron == "0 2 * * *"
+    zone = ZoneInfo(schedule.schedule.timezone)
+    runs = _scheduled_runs(service, deployment.id)
     for run in runs:
         local = run.expected_start_time.astimezone(zone)
         assert (local.hour, local.minute) == (2, 0) and local > datetime.now(zone)
@@ -308,3 +320,29 @@ def _wait_for_named_run(env: dict, name: str, timeout: float = 60):
             assert time.monotonic() < deadline, f"no flow run named {name} after submitting the form"
             time.sleep(1)
     return runs[0]
+
+
+def test_ui_shows_the_nightly_schedule_and_its_upcoming_runs(service, tmp_path):
+    if not CHROMIUM.exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{CHROMIUM} missing under CI (.ci/run installs Debian's chromium)")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    ui = service["PREFECT_API_URL"].removesuffix("/api")
+    with api(service) as client:
+        deployment = client.read_deployment_by_name("nightly-retrain/nightly")
+    _scheduled_runs(service, deployment.id)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        # the UI shows times in the browser's zone: use the schedule's, so 02:00 reads as 02:00
+        page = browser.new_page(viewport={"width": 1400, "height": 800},
+                                timezone_id=deployment.schedules[0].schedule.timezone)
+        page.goto(f"{ui}/deployments/deployment/{deployment.id}")
+        page.get_by_text("Upcoming", exact=True).click()
+        expect(page.get_by_text("At 02:00 AM every day")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("02:00:00 AM").first).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "ui-nightly.png"))
+        text = page.inner_text("body")
+        browser.close()
+    assert text.count("Scheduled for") >= 2 and "auto-scheduled" in text
