@@ -8,4 +8,7 @@ source "$(dirname "$0")/env.sh"
 if [[ -n "${DATABASE_URL:-}" ]]; then
   export PREFECT_API_DATABASE_CONNECTION_URL="$DATABASE_URL"
 fi
-exec prefect server start --host "${HOST:-127.0.0.1}" --port "${PORT:-4200}"
+HOST="${HOST:-127.0.0.1}" PORT="${PORT:-4200}"
+# the UI asks the server where its API is: without this it would name port 4200 whatever PORT says
+export PREFECT_UI_API_URL="${PREFECT_UI_API_URL:-http://$HOST:$PORT/api}"
+exec prefect server start --host "$HOST" --port "$PORT"

@@ -41,7 +41,6 @@ def nightly_retrain(cfg: FinetuneConfig) -> dict:
     Raises:
         ConfigError: ``eval.evaluate_base`` is false (the gate needs the base model's score).
     """
-    log = get_run_logger()
     if not cfg.eval.evaluate_base:
         raise ConfigError("nightly-retrain needs eval.evaluate_base: true (the gate compares with the base model)")
     source = source_fingerprint(cfg, fingerprint(cfg.data.path), base_model_source(cfg)[1])
@@ -51,19 +50,26 @@ def nightly_retrain(cfg: FinetuneConfig) -> dict:
                     "skipped": f"data, base model and training config unchanged since the promoted run "
                                f"`{promoted['run_dir']}` (source {source})"}
     else:
-        result = finetune(cfg, publish_latest=False)
+        try:
+            result = finetune(cfg, publish_latest=False)
+        except Exception as e:  # bad data, a failed merge/export check...: say so where the decision goes
+            _record({"promote": False, "failed": f"{type(e).__name__}: {e}"})
+            raise
         incumbent = incumbent_metrics(cfg, promoted, result) if promoted else None
         decision = gate_task(result["task"], result["finetuned"], result["base"], incumbent,
                              cfg.promotion.margin)
         decision |= {"run_dir": result["run_dir"], "source": source}
         if decision["promote"]:
             publish_task(cfg.output.dir, result["run_dir"], source)
+    _record(decision)
+    return decision
+
+
+def _record(decision: dict) -> None:
+    """The decision as the run's ``promotion`` artifact and one log line."""
     create_markdown_artifact(promote.decision_markdown(decision), key="promotion",
                              description="nightly retrain: promotion decision and the numbers behind it")
-    log.info("nightly-retrain: %s", decision.get("skipped") or
-             ("promoted " if decision["promote"] else "not promoted ") + decision["run_dir"]
-             + "".join(f"; {r}" for r in decision.get("reasons", [])))
-    return decision
+    get_run_logger().info("nightly-retrain: %s", promote.decision_summary(decision))
 
 
 def incumbent_metrics(cfg: FinetuneConfig, promoted: dict, result: dict) -> dict | None:

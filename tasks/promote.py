@@ -59,6 +59,8 @@ def decision_markdown(decision: dict) -> str:
     """The gate's decision as markdown: outcome, reasons and a table of the numbers (for the UI artifact)."""
     if decision.get("skipped"):
         return f"## No-op: nothing to retrain\n\n{decision['skipped']}\n"
+    if decision.get("failed"):
+        return f"## Not promoted: the retrain failed\n\n`{decision['failed']}`\n"
     outcome = "Promoted" if decision["promote"] else "Not promoted"
     reasons = "".join(f"- {r}\n" for r in decision["reasons"]) or "- passed every check\n"
     rows = "".join(f"| {name} | {'—' if value is None else f'{value:.4f}'} |\n"
@@ -67,3 +69,11 @@ def decision_markdown(decision: dict) -> str:
     return (f"## {outcome}: `{decision.get('run_dir', '')}`\n\n{reasons}\n"
             f"| model | {decision['metric']} (test split) |\n|---|---|\n{rows}\n"
             f"Allowed drop below the promoted model: {decision['margin']:g}\n")
+
+
+def decision_summary(decision: dict) -> str:
+    """The decision in one line (for the run log)."""
+    if decision.get("skipped") or decision.get("failed"):
+        return decision.get("skipped") or f"not promoted, the retrain failed: {decision['failed']}"
+    return (("promoted " if decision["promote"] else "not promoted ") + decision["run_dir"]
+            + "".join(f"; {r}" for r in decision["reasons"]))

@@ -77,7 +77,7 @@ def prefect_service(home: Path, database_url: str | None = None):
             assert server.poll() is None, (home / "server.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "server not healthy after 120 s"
             time.sleep(0.5)
-        _script("setup.sh", env)
+        _script("setup.sh", {**env, "KUBERNETES": "1"})
         _script("deploy.sh", env)
         yield env
 
@@ -141,6 +141,20 @@ def test_prefect_yaml_defaults_are_the_banking77_config():
     expected = load_config(ROOT / "configs" / "banking77.yaml", ["data.path=../shared/data/banking77"])
     for deployment in spec["deployments"]:
         assert FinetuneConfig.model_validate(deployment["parameters"]["cfg"]) == expected, deployment["name"]
+
+
+def test_setup_creates_the_pools_and_the_gpu_limit(service):
+    with api(service) as client:
+        cpu, gpu, k8s = (client.read_work_pool(name) for name in ("cpu", "gpu", "gpu-k8s"))
+        limit = client.read_global_concurrency_limit_by_name("gpu")
+    assert (cpu.type, gpu.type, k8s.type) == ("process", "process", "kubernetes")
+    assert gpu.base_job_template["variables"]["properties"]["env"]["default"] == {
+        "CUDA_VISIBLE_DEVICES": "0", "FINETUNE_GPU_SLOT": "gpu"}
+    assert "FINETUNE_GPU_SLOT" not in json.dumps(cpu.base_job_template)
+    container = k8s.base_job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    assert k8s.base_job_template["variables"]["properties"]["gpu_count"]["default"] == 1
+    assert limit.limit == 1 and limit.active
 
 
 def test_server_listens_on_loopback_only(service):

@@ -87,3 +87,16 @@ def test_nightly_promotes_skips_unchanged_data_and_keeps_a_worse_model_out(tmp_p
     fourth = nightly_retrain(cfg.model_copy(update={"promotion": cfg.promotion.model_copy(update={"margin": 1.0})}))
     assert fourth["promote"], fourth  # the changed data with the good config: retrained and promoted
     assert json.loads((out / "latest.json").read_text())["run_dir"] == str(Path(fourth["run_dir"]).resolve())
+
+
+def test_a_failed_retrain_records_why_and_leaves_the_promoted_model(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "latest.json").write_text('{"run_dir": "previous", "source": null}')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": ["x"]}\n')
+    state = nightly_retrain(tiny_config(bad, out, tiny_model_dir), return_state=True)
+    assert state.is_failed()
+    artifact = _artifact(state.state_details.flow_run_id, "promotion")
+    assert "the retrain failed" in artifact and "DataError" in artifact and "row 1" in artifact
+    assert json.loads((out / "latest.json").read_text())["run_dir"] == "previous"
