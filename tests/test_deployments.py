@@ -22,7 +22,9 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import DeploymentUpdate
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId, LogFilter, LogFilterFlowRunId
+from playwright.sync_api import expect, sync_playwright
+from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterName, LogFilter,
+                                            LogFilterFlowRunId)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from configs.schema import FinetuneConfig, load_config
@@ -259,10 +261,7 @@ def test_two_training_runs_at_once_share_the_single_gpu_slot(service):
 
 
 def test_service_on_postgresql(tmp_path, tiny_cfg):
-    if not POSTGRES_URL:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("FINETUNE_TEST_POSTGRES_URL is not set under CI (.ci/run starts PostgreSQL and sets it)")
-        pytest.skip("FINETUNE_TEST_POSTGRES_URL not set (a PostgreSQL database for the Prefect server)")
+    _require(bool(POSTGRES_URL), "FINETUNE_TEST_POSTGRES_URL (a PostgreSQL database for the Prefect server)")
     with prefect_service(tmp_path / "home", POSTGRES_URL) as env:
         use_tiny_defaults(env, tiny_cfg)
         with _background([str(DEPLOY / "worker.sh"), "gpu"], env, tmp_path / "worker.log"):
@@ -280,42 +279,51 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def test_run_started_from_the_ui_form_completes_with_its_artifacts(service, tmp_path):
-    """Headless Chromium (Debian's) drives the real UI: the deployment's run form, then the run's page."""
-    if not CHROMIUM.exists():
+def _require(present: bool, what: str) -> None:
+    """Skip where ``what`` is missing (a user's machine); fail under CI (``CI=true``), where .ci/run provides it."""
+    if not present:
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{CHROMIUM} missing under CI (.ci/run installs Debian's chromium)")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    from playwright.sync_api import expect, sync_playwright
+            pytest.fail(f"{what} is missing under CI (.ci/run provides it)")
+        pytest.skip(f"{what} is not available here")
 
+
+@pytest.fixture()
+def browser():
+    """Debian's headless Chromium, driven by Playwright (no browser download)."""
+    _require(CHROMIUM.exists(), f"Debian's chromium ({CHROMIUM}; apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_run_started_from_the_ui_form_completes_with_its_artifacts(service, browser, tmp_path):
+    """Headless Chromium (Debian's) drives the real UI: the deployment's run form, then the run's page."""
     ui = service["PREFECT_API_URL"].removesuffix("/api")
     with api(service) as client:
         deployment = client.read_deployment_by_name("finetune/on-demand")
     run_name = f"from-the-ui-form-{os.getpid()}"
     shot = Path(os.environ.get("FINETUNE_UI_SCREENSHOT", tmp_path / "ui-run.png"))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
-        expect(page.get_by_text("The whole pipeline's configuration")).to_be_visible(timeout=60_000)
-        run_name_box, cfg_name_box = page.get_by_role("textbox").nth(0), page.get_by_role("textbox").nth(1)
-        assert cfg_name_box.input_value() == "tiny"  # the form shows the deployment's defaults
-        run_name_box.fill(run_name)
-        cfg_name_box.fill("edited-in-the-form")
-        page.get_by_role("button", name="Submit").click()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
+    expect(page.get_by_text("The whole pipeline's configuration")).to_be_visible(timeout=60_000)
+    run_name_box, cfg_name_box = page.get_by_role("textbox").nth(0), page.get_by_role("textbox").nth(1)
+    assert cfg_name_box.input_value() == "tiny"  # the form shows the deployment's defaults
+    run_name_box.fill(run_name)
+    cfg_name_box.fill("edited-in-the-form")
+    page.get_by_role("button", name="Submit").click()
 
-        flow_run = _wait_for_named_run(service, run_name)
-        page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
-        deadline = time.monotonic() + 600
-        while not page.get_by_text("Completed").first.is_visible():
-            assert time.monotonic() < deadline, page.inner_text("body")[:2000]
-            page.wait_for_timeout(5000)
-            page.reload()
-        page.get_by_text("Artifacts", exact=True).click()  # a tab (li.p-tab)
-        expect(page.get_by_text("model-card").first).to_be_visible(timeout=30_000)
-        page.screenshot(path=str(shot), full_page=True)
-        text = page.inner_text("body")
-        browser.close()
+    flow_run = _wait_for_named_run(service, run_name)
+    page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
+    deadline = time.monotonic() + 600
+    while not page.get_by_text("Completed").first.is_visible():
+        assert time.monotonic() < deadline, page.inner_text("body")[:2000]
+        page.wait_for_timeout(5000)
+        page.reload()
+    page.get_by_text("Artifacts", exact=True).click()  # a tab (li.p-tab)
+    expect(page.get_by_text("model-card").first).to_be_visible(timeout=30_000)
+    page.screenshot(path=str(shot), full_page=True)
+    text = page.inner_text("body")
     assert run_name in text and "Completed" in text
     missing = [key for key in ("metrics", "model-card", "loss-curve", "run-folder") if key not in text]
     assert not missing, text[:3000]
@@ -325,8 +333,6 @@ def test_run_started_from_the_ui_form_completes_with_its_artifacts(service, tmp_
 
 
 def _wait_for_named_run(env: dict, name: str, timeout: float = 60):
-    from prefect.client.schemas.filters import FlowRunFilterName
-
     deadline = time.monotonic() + timeout
     with api(env) as client:
         while not (runs := client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -336,27 +342,18 @@ def _wait_for_named_run(env: dict, name: str, timeout: float = 60):
     return runs[0]
 
 
-def test_ui_shows_the_nightly_schedule_and_its_upcoming_runs(service, tmp_path):
-    if not CHROMIUM.exists():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{CHROMIUM} missing under CI (.ci/run installs Debian's chromium)")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    from playwright.sync_api import expect, sync_playwright
-
+def test_ui_shows_the_nightly_schedule_and_its_upcoming_runs(service, browser, tmp_path):
     ui = service["PREFECT_API_URL"].removesuffix("/api")
     with api(service) as client:
         deployment = client.read_deployment_by_name("nightly-retrain/nightly")
     _scheduled_runs(service, deployment.id)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        # the UI shows times in the browser's zone: use the schedule's, so 02:00 reads as 02:00
-        page = browser.new_page(viewport={"width": 1400, "height": 800},
-                                timezone_id=deployment.schedules[0].schedule.timezone)
-        page.goto(f"{ui}/deployments/deployment/{deployment.id}")
-        page.get_by_text("Upcoming", exact=True).click()
-        expect(page.get_by_text("At 02:00 AM every day")).to_be_visible(timeout=60_000)
-        expect(page.get_by_text("02:00:00 AM").first).to_be_visible(timeout=60_000)
-        page.screenshot(path=str(tmp_path / "ui-nightly.png"))
-        text = page.inner_text("body")
-        browser.close()
+    # the UI shows times in the browser's zone: use the schedule's, so 02:00 reads as 02:00
+    page = browser.new_page(viewport={"width": 1400, "height": 800},
+                            timezone_id=deployment.schedules[0].schedule.timezone)
+    page.goto(f"{ui}/deployments/deployment/{deployment.id}")
+    page.get_by_text("Upcoming", exact=True).click()
+    expect(page.get_by_text("At 02:00 AM every day")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("02:00:00 AM").first).to_be_visible(timeout=60_000)
+    page.screenshot(path=str(tmp_path / "ui-nightly.png"))
+    text = page.inner_text("body")
     assert text.count("Scheduled for") >= 2 and "auto-scheduled" in text
