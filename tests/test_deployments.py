@@ -28,7 +28,7 @@ from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterDeployme
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from configs.schema import FinetuneConfig, load_config
-from tests.conftest import tiny_config, write_classification_dir
+from tests.conftest import require, tiny_config, write_classification_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deployments"
@@ -261,7 +261,7 @@ def test_two_training_runs_at_once_share_the_single_gpu_slot(service):
 
 
 def test_service_on_postgresql(tmp_path, tiny_cfg):
-    _require(bool(POSTGRES_URL), "FINETUNE_TEST_POSTGRES_URL (a PostgreSQL database for the Prefect server)")
+    require(bool(POSTGRES_URL), "FINETUNE_TEST_POSTGRES_URL (a PostgreSQL database for the Prefect server)")
     with prefect_service(tmp_path / "home", POSTGRES_URL) as env:
         use_tiny_defaults(env, tiny_cfg)
         with _background([str(DEPLOY / "worker.sh"), "gpu"], env, tmp_path / "worker.log"):
@@ -279,18 +279,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _require(present: bool, what: str) -> None:
-    """Skip where ``what`` is missing (a user's machine); fail under CI (``CI=true``), where .ci/run provides it."""
-    if not present:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{what} is missing under CI (.ci/run provides it)")
-        pytest.skip(f"{what} is not available here")
-
-
 @pytest.fixture()
 def browser():
     """Debian's headless Chromium, driven by Playwright (no browser download)."""
-    _require(CHROMIUM.exists(), f"Debian's chromium ({CHROMIUM}; apt-get install chromium)")
+    require(CHROMIUM.exists(), f"Debian's chromium ({CHROMIUM}; apt-get install chromium)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         yield browser
