@@ -98,11 +98,27 @@ class MergeConfig(_Section):
 
 
 class ExportConfig(_Section):
+    """ONNX export targets and the gate each must pass before it is published (tasks/export.py)."""
+
     enabled: bool = True
-    n_check_prompts: int = Field(5, gt=0)
-    max_new_tokens: int = Field(16, gt=0)
-    min_greedy_agreement: float = Field(0.8, ge=0, le=1, description="Fraction of check prompts whose ONNX "
+    targets: list[Literal["onnx-fp32", "genai-int4", "genai-fp16"]] = Field(
+        ["genai-int4"], min_length=1, description="onnx-fp32: optimum, onnxruntime CPU; genai-int4: ONNX Runtime "
+        "GenAI int4 (MatMulNBits) for CPU; genai-fp16: GenAI fp16 for CUDA (tasks/export.py).")
+    int4_algo_config: Literal["default", "rtn", "k_quant", "k_quant_mixed", "k_quant_last"] = Field(
+        "k_quant_mixed", description="The model builder's int4 algorithm; k_quant_mixed keeps some layers in int8 "
+        "(measured on banking77: docs/benchmarks.md).")
+    int4_block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="Weights per int4 scale.")
+    int4_accuracy_level: Literal[1, 2, 3, 4] = Field(4, description="Activation type of int4 MatMuls: 1 fp32, "
+                                                                    "2 fp16, 3 bf16, 4 int8 (fastest on CPU).")
+    int4_is_symmetric: bool = Field(True, description="Symmetric int4 (no zero point); False = uint4 with zero point.")
+    n_check_prompts: int = Field(5, gt=0, description="Test prompts of the greedy-agreement check.")
+    max_new_tokens: int = Field(16, gt=0, description="Tokens decoded per greedy-agreement prompt.")
+    min_greedy_agreement: float = Field(0.8, ge=0, le=1, description="Fraction of check prompts whose exported "
                                                                       "and PyTorch greedy outputs must match.")
+    max_quality_drop: float = Field(0.01, ge=0, le=1, description="Largest allowed drop of the primary metric "
+                                                                  "(accuracy / rouge_l) from the merged PyTorch "
+                                                                  "model's on the same test rows (0.01 = 1 point).")
+    max_eval_examples: int | None = Field(None, gt=0, description="Test rows of the quality check; None = all.")
 
 
 class RetryConfig(_Section):

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
-from tasks.report import metrics_rows, metrics_table
+from tasks.report import export_lines, metrics_rows, metrics_table
 
 
 def training_progress():
@@ -40,6 +40,7 @@ def training_progress():
 def model_card(run_dir: Path, metrics: dict) -> str:
     """Markdown model card: base model, data and its hash, quality, how to load the merged and ONNX models."""
     cfg, data = metrics["config"], metrics["data"]
+    genai = next((target for target in metrics["onnx"] or {} if target.startswith("genai")), "genai-int4")
     return f"""# {cfg['name']}: LoRA fine-tune of `{cfg['model']['name_or_path']}`
 
 - **Data**: `{cfg['data']['path']}` (content sha256 `{data.get('fingerprint')}`), splits {data['split']}
@@ -56,10 +57,11 @@ model = AutoModelForCausalLM.from_pretrained("{run_dir / 'merged'}")
 tokenizer = AutoTokenizer.from_pretrained("{run_dir / 'merged'}")
 ```
 
-## Load the ONNX model (onnxruntime, CPU)
-```python
-from optimum.onnxruntime import ORTModelForCausalLM
-model = ORTModelForCausalLM.from_pretrained("{run_dir / 'onnx'}", provider="CPUExecutionProvider")
+## Run the exported model (ONNX Runtime GenAI, CPU; no torch needed)
+{chr(10).join(f"- {line}" for line in export_lines(metrics)) or "ONNX export disabled."}
+
+```bash
+python -m flows.predict --model {run_dir / 'onnx' / genai} "your text"
 ```
 
 ## Config

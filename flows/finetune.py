@@ -22,7 +22,7 @@ from flows import artifacts
 from flows.caching import cached, fingerprint, source_fingerprint, stage_key
 from flows.gpu import holds_gpu_slot
 from flows.retries import with_retries
-from tasks import base_model, evaluate, export, ingest, merge, report, split, train
+from tasks import base_model, evaluate, export, ingest, merge, predict, report, split, train
 
 logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
 
@@ -32,7 +32,7 @@ split_task = task(split.split, name="split")
 train_task = task(holds_gpu_slot(train.train), name="train")  # GPU stages hold a `gpu` slot (flows/gpu.py)
 evaluate_task = task(holds_gpu_slot(evaluate.evaluate), name="evaluate")
 merge_task = task(holds_gpu_slot(merge.merge), name="merge")
-export_task = task(export.export_onnx, name="export-onnx")
+export_task = task(export.export, name="export")
 report_task = task(report.write_report, name="report")
 publish_task = task(report.update_latest, name="publish-latest")
 
@@ -108,20 +108,22 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     tuned_eval_dir = out(evaluate_task, merged_dir, split_dir, data["task"], cfg.eval, trc)
     tuned_metrics = run("evaluate_finetuned", evaluate_task, tuned_eval_dir, merged_dir, test_file, data["task"],
                         cfg.eval, tuned_eval_dir, trc)
-    onnx = None
-    if cfg.export.enabled:
-        onnx_dir = out(export_task, merged_dir, split_dir, cfg.export)
-        onnx = run("export", export_task, onnx_dir, merged_dir, test_file, cfg.export, onnx_dir)
+    onnx = {}
+    inference = predict.inference_settings(cfg.data, data["task"], tuned_metrics["max_new_tokens"])
+    for target in cfg.export.targets if cfg.export.enabled else []:
+        onnx_dir = out(export_task, merged_dir, tuned_eval_dir, target, cfg.export, inference, trc)
+        onnx[target] = run(f"export_{target}", export_task, onnx_dir, target, merged_dir, test_file,
+                           tuned_eval_dir, inference, cfg.export, onnx_dir, trc)
 
     metrics = report.build_metrics(
-        cfg.model_dump(mode="json"), data["task"], base_metrics, tuned_metrics, trained, merged, onnx,
+        cfg.model_dump(mode="json"), data["task"], base_metrics, tuned_metrics, trained, merged, onnx or None,
         {"ingest": data["counts"], "split": splits["counts"], "leaked_dropped": splits["leaked_dropped"],
          "labels": len(data["labels"]), "fingerprint": data_fingerprint},
         {k: v["seconds"] for k, v in stages.items()})
     metrics["stage_states"] = {k: v["state"] for k, v in stages.items()}
     links = {"data": split_dir, "adapter": adapter_dir, "merged": merged_dir, "eval/finetuned": tuned_eval_dir}
     links |= {"eval/base": base_eval_dir} if base_metrics else {}
-    links |= {"onnx": onnx_dir} if onnx else {}
+    links |= {f"onnx/{target}": result["path"] for target, result in onnx.items()}
     run_dir = run_dir_for(cfg)
     paths = report_task(run_dir, metrics, links, str(Path(adapter_dir) / "train_log.json"))
     source = source_fingerprint(cfg, data_fingerprint, base_key)
@@ -136,11 +138,8 @@ def summary(run: Path, metrics: dict, paths: dict) -> str:
     """A one-screen end-of-run summary: where things are, quality base vs tuned, time and state per stage."""
     stage_line = ", ".join(f"{k} {metrics['stage_seconds'][k]:.0f}s ({state})"
                            for k, state in metrics["stage_states"].items())
-    onnx = metrics["onnx"]
-    lines = [f"run: {run}", report.metrics_table(metrics),
-             f"adapter: {run / 'adapter'}  merged: {run / 'merged'}  onnx: {run / 'onnx' if onnx else 'disabled'}"]
-    if onnx:
-        lines.append(f"onnx greedy agreement: {onnx['greedy_agreement']:.0%}")
+    lines = [f"run: {run}", report.metrics_table(metrics), f"adapter: {run / 'adapter'}  merged: {run / 'merged'}"]
+    lines += [f"onnx/{line}" for line in report.export_lines(metrics)] or ["onnx: disabled"]
     lines += [f"stages: {stage_line}", f"metrics: {paths['metrics']}  report: {paths['report']}"]
     return "\n".join(lines)
 

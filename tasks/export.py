@@ -1,61 +1,263 @@
-"""export: ONNX with KV cache through optimum, for onnxruntime's CPU execution provider, checked against PyTorch."""
+"""export: ONNX for CPU/NPU inference, gated on parity with the merged PyTorch model before it is published.
+
+Targets (``export.targets``):
+
+| target | built with | precision | execution provider it runs on |
+|---|---|---|---|
+| ``onnx-fp32`` | optimum (``text-generation-with-past``: decoder with KV cache) | fp32 | onnxruntime CPU |
+| ``genai-int4`` | ONNX Runtime GenAI model builder ``-p int4 -e cpu`` (MatMulNBits) | int4 weights | ORT GenAI CPU |
+| ``genai-fp16`` | model builder ``-p fp16 -e cuda`` | fp16 | ORT GenAI CUDA (needs onnxruntime-genai-cuda) |
+
+Each exported folder holds the tokenizer, its chat template and ``inference.json`` (the prompt format), so
+``genai-*`` folders run with ``tasks/predict.py`` alone. NPUs: model builder 0.11.4 offers no NPU execution
+provider, and its QDQ option (``use_qdq``, the form NPU providers consume) still emitted MatMulNBits here
+(docs/benchmarks.md), so there is no NPU target.
+
+Before publishing, ``check_export`` measures the folder as its runtime loads it; the stage fails (and
+publishes nothing) unless:
+
+- **tokenizer round-trip**: every test prompt, rendered by the folder's chat template and encoded by the
+  folder's tokenizer, gives the same token ids as the training tokenizer;
+- **greedy agreement**: on the first ``n_check_prompts`` test prompts, at least ``min_greedy_agreement`` of the
+  greedy continuations (``max_new_tokens`` tokens) equal PyTorch fp32's token for token;
+- **quality**: the primary metric (accuracy, or ROUGE-L for generation) on the test split is at most
+  ``max_quality_drop`` below the merged PyTorch model's on the same rows.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import logging
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from configs.schema import ExportConfig
 from tasks.base_model import load_model, load_tokenizer
-from tasks.files import atomic_dir, read_jsonl
+from tasks.evaluate import classification_metrics, generate, generation_metrics, normalise_answer
+from tasks.files import atomic_dir, read_json, read_jsonl, write_json
+from tasks.predict import INFERENCE_FILE, Predictor
+from tasks.promote import PRIMARY_METRIC
 
 log = logging.getLogger(__name__)
-PROVIDER = "CPUExecutionProvider"
+ONNX_EVAL_BATCH_SIZE = 32  # optimum's ORT model generates left-padded batches like PyTorch
 
 
 class ExportCheckError(RuntimeError):
-    """The exported model's greedy outputs disagree with PyTorch's on too many check prompts."""
+    """The exported model failed the tokenizer, greedy-agreement or quality check."""
 
 
-def export_onnx(merged_model: str, check_file: str, cfg: ExportConfig, out_dir: str | Path) -> dict:
-    """Export ``merged_model`` to ONNX (``text-generation-with-past``: decoder with KV cache) in ``out_dir``.
+@dataclass(frozen=True)
+class Target:
+    tool: str  # "optimum" or "genai" (the ONNX Runtime GenAI model builder)
+    precision: str
+    builder_ep: str | None  # the model builder's --execution_provider
+    provider: str  # the onnxruntime execution provider the exported model runs on
 
-    Before publishing, greedy-decodes the first ``cfg.n_check_prompts`` prompts of ``check_file`` for
-    ``cfg.max_new_tokens`` tokens with onnxruntime (CPU execution provider) and with PyTorch; the fraction
-    of prompts with identical token ids is ``greedy_agreement``.
+
+TARGETS = {
+    "onnx-fp32": Target("optimum", "fp32", None, "CPUExecutionProvider"),
+    "genai-int4": Target("genai", "int4", "cpu", "CPUExecutionProvider"),
+    "genai-fp16": Target("genai", "fp16", "cuda", "CUDAExecutionProvider"),
+}
+
+
+def export(target: str, merged_model: str, test_file: str, reference_eval: str, inference: dict,
+           cfg: ExportConfig, out_dir: str | Path, trust_remote_code: bool = False) -> dict:
+    """Export ``merged_model`` as ``target`` (see the module table) into ``out_dir``, check it, then publish.
+
+    Args:
+        reference_eval: the merged model's evaluation folder (``metrics.json`` + ``predictions.jsonl`` on
+            ``test_file``), the baseline of the quality check.
+        inference: ``{"task", "system_prompt", "prompt_template", "max_new_tokens"}``, written to the folder's
+            ``inference.json`` (the prompt format ``tasks/predict.py`` rebuilds).
 
     Returns:
-        ``{"onnx": path, "greedy_agreement": float in [0, 1], "n_prompts": int, "provider": str}``.
+        ``check_export``'s figures plus ``target``, ``precision``, ``execution_provider``, ``size_mb`` (MB of
+        the folder) and ``export_seconds``.
 
     Raises:
-        ExportCheckError: agreement below ``cfg.min_greedy_agreement``; nothing is written to ``out_dir``.
+        ExportCheckError: a check failed; nothing is written to ``out_dir``.
+        RuntimeError: the target needs a runtime this machine lacks (``genai-fp16`` without CUDA).
     """
-    from optimum.exporters.onnx import main_export
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    tokenizer = load_tokenizer(merged_model)
-    records = read_jsonl(check_file)[: cfg.n_check_prompts]
-    prompts = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True) for r in records]
+    spec = TARGETS[target]
+    start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        main_export(merged_model, output=tmp, task="text-generation-with-past", device="cpu")
-        tokenizer.save_pretrained(tmp)
-        onnx_model = ORTModelForCausalLM.from_pretrained(tmp, provider=PROVIDER)
-        torch_model = load_model(merged_model)
-        same = [_greedy(onnx_model, tokenizer, p, cfg.max_new_tokens) ==
-                _greedy(torch_model, tokenizer, p, cfg.max_new_tokens) for p in prompts]
-        agreement = sum(same) / len(same)
-        log.info("export: greedy agreement ONNX vs PyTorch %d/%d", sum(same), len(same))
-        if agreement < cfg.min_greedy_agreement:
-            raise ExportCheckError(f"export: ONNX and PyTorch greedy outputs agree on {sum(same)}/{len(same)} "
-                                   f"prompts, below export.min_greedy_agreement={cfg.min_greedy_agreement:g}")
-    return {"onnx": str(out_dir), "greedy_agreement": agreement, "n_prompts": len(same), "provider": PROVIDER}
+        (build_optimum if spec.tool == "optimum" else build_genai)(merged_model, tmp, spec, cfg, trust_remote_code)
+        write_json(tmp / INFERENCE_FILE, inference)
+        built = time.perf_counter() - start
+        result = check_export(target, tmp, merged_model, test_file, reference_eval, cfg)
+        result |= {"target": target, "precision": spec.precision, "execution_provider": spec.provider,
+                   "size_mb": round(sum(f.stat().st_size for f in tmp.iterdir()) / 1e6, 1),
+                   "export_seconds": round(built, 1)}
+        write_json(tmp / "export.json", result)
+    log.info("export %s: %s", target, result)
+    return result | {"path": str(out_dir)}
 
 
-def _greedy(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
+def build_optimum(merged_model: str, out: Path, spec: Target, cfg: ExportConfig, trust_remote_code: bool) -> None:
+    """optimum's ONNX export with KV cache (``text-generation-with-past``), plus the tokenizer."""
+    from optimum.exporters.onnx import main_export
+
+    main_export(merged_model, output=out, task="text-generation-with-past", device="cpu",
+                trust_remote_code=trust_remote_code)
+    load_tokenizer(merged_model, trust_remote_code).save_pretrained(out)
+
+
+def build_genai(merged_model: str, out: Path, spec: Target, cfg: ExportConfig, trust_remote_code: bool) -> None:
+    """The ONNX Runtime GenAI model builder (``onnxruntime_genai.models.builder.create_model``) on the merged
+    folder, offline (no Hub token; remote code only if configured), then ``portable_tokenizer``."""
+    import onnxruntime_genai as og
+    from onnxruntime_genai.models.builder import create_model
+
+    if spec.builder_ep == "cuda" and not og.is_cuda_available():
+        raise RuntimeError(f"export target {spec.precision} for CUDA needs onnxruntime-genai-cuda and a GPU; "
+                           "this machine has neither (use genai-int4 for CPU)")
+    options = {"hf_token": "false", "hf_remote": trust_remote_code}
+    if spec.precision == "int4":
+        options |= {"int4_algo_config": cfg.int4_algo_config, "int4_block_size": cfg.int4_block_size,
+                    "int4_accuracy_level": cfg.int4_accuracy_level, "int4_is_symmetric": cfg.int4_is_symmetric}
+    noise = io.StringIO()  # the builder prints every tensor it saves
+    with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+        create_model(None, merged_model, str(out), spec.precision, spec.builder_ep, cache, **options)
+    portable_tokenizer(out / "tokenizer.json")
+
+
+def portable_tokenizer(path: Path) -> None:
+    """Rewrite a byte-level BPE ``tokenizer.json`` that carries a SentencePiece-style decoder into the plain
+    byte-level form, in place.
+
+    transformers' GGUF conversion (the embedded SmolLM2) emits a byte-level BPE with ``byte_fallback`` and a
+    ``ByteFallback, Fuse, Replace("▁", " "), ByteLevel`` decoder chain; ONNX Runtime Extensions (GenAI's
+    tokenizer) then takes it for a SentencePiece BPE and encodes every space and newline as id -1. With a
+    ByteLevel pre-tokenizer every byte is already a vocabulary symbol, so neither byte fallback nor the
+    ``▁`` replacement ever applies and the plain form encodes identically (``check_export`` verifies the ids
+    on every test prompt).
+    """
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    pre, decoder = spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if decoder.get("type") != "Sequence" or not any(s.get("type") == "ByteLevel" for s in steps):
+        return
+    spec["model"]["byte_fallback"] = False
+    spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+
+
+def check_export(target: str, folder: str | Path, merged_model: str, test_file: str, reference_eval: str,
+                 cfg: ExportConfig) -> dict:
+    """Measure the exported ``folder`` against the merged PyTorch model (see the module doc for the gate).
+
+    Returns:
+        ``{"tokenizer_mismatches": int, "greedy_agreement": float, "n_check_prompts": int, <primary metric>:
+        float, "reference_<primary metric>": float, "same_answer": fraction of test rows where the exported
+        and the merged model's normalised answers are equal, "n_examples": int, "eval_seconds": float}`` plus
+        the task's other quality metric.
+
+    Raises:
+        ExportCheckError: naming every failed check with its figures.
+    """
+    records = read_jsonl(test_file)
+    reference = read_json(Path(reference_eval) / "metrics.json")
+    ref_predictions = [r["prediction"] for r in read_jsonl(Path(reference_eval) / "predictions.jsonl")]
+    task = "classification" if "accuracy" in reference else "generation"
+    primary = PRIMARY_METRIC[task]
+    tokenizer = load_tokenizer(merged_model)
+    expected = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True) for r in records]
+    runner = GenAIRunner(folder) if TARGETS[target].tool == "genai" else OptimumRunner(folder)
+
+    mismatched = [i for i, r in enumerate(records) if runner.prompt_ids(r["messages"][:-1]) != expected[i]]
+    agreement = greedy_agreement(runner, merged_model, expected[: cfg.n_check_prompts], cfg.max_new_tokens,
+                                 tokenizer.eos_token_id)
+    n = min(len(records), cfg.max_eval_examples or len(records))
+    start = time.perf_counter()
+    answers = runner.answers(expected[:n], reference["max_new_tokens"])
+    seconds = time.perf_counter() - start
+    references = [r["messages"][-1]["content"] for r in records[:n]]
+    score_fn = classification_metrics if task == "classification" else generation_metrics
+    scores, ref_scores = score_fn(answers, references), score_fn(ref_predictions[:n], references)
+    same = sum(normalise_answer(a) == normalise_answer(b) for a, b in zip(answers, ref_predictions)) / n
+    result = {"tokenizer_mismatches": len(mismatched), "greedy_agreement": agreement,
+              "n_check_prompts": min(cfg.n_check_prompts, len(records)), **scores,
+              f"reference_{primary}": ref_scores[primary], "same_answer": same, "n_examples": n,
+              "eval_seconds": round(seconds, 1)}
+
+    failures = []
+    if mismatched:
+        failures.append(f"tokenizer: {len(mismatched)}/{len(records)} test prompts encode to other token ids "
+                        f"than the training tokenizer's (first: test row {mismatched[0] + 1})")
+    if agreement < cfg.min_greedy_agreement:
+        failures.append(f"greedy agreement with PyTorch {agreement:.2f} on {result['n_check_prompts']} prompts is "
+                        f"below export.min_greedy_agreement={cfg.min_greedy_agreement:g}")
+    drop = ref_scores[primary] - scores[primary]
+    if drop > cfg.max_quality_drop:
+        failures.append(f"{primary} {scores[primary]:.4f} on {n} test rows is {drop:.4f} below the merged "
+                        f"model's {ref_scores[primary]:.4f} (export.max_quality_drop={cfg.max_quality_drop:g})")
+    if failures:
+        raise ExportCheckError(f"export {target}: " + "; ".join(failures))
+    return result
+
+
+def greedy_agreement(runner, merged_model: str, prompts: list[list[int]], max_new_tokens: int, eos: int) -> float:
+    """Fraction of ``prompts`` whose greedy continuations (up to ``max_new_tokens``, end-of-sequence token
+    excluded) from ``runner`` and from the merged PyTorch model in fp32 are the same token ids."""
+    model = load_model(merged_model)
+    same = [runner.greedy(p, max_new_tokens) == _until_eos(torch_greedy(model, p, max_new_tokens, eos), eos)
+            for p in prompts]
+    log.info("export: greedy agreement with PyTorch %d/%d", sum(same), len(same))
+    return sum(same) / max(len(same), 1)
+
+
+def torch_greedy(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """Greedy continuation of one prompt by a transformers model (or optimum's ORT model): new ids only."""
     import torch
 
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+                             do_sample=False, eos_token_id=eos, pad_token_id=eos)
     return out[0, len(prompt):].tolist()
+
+
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+class GenAIRunner:
+    """A ``genai-*`` folder through ``tasks.predict.Predictor``: its own chat template and tokenizer."""
+
+    def __init__(self, folder: str | Path):
+        self.predictor = Predictor(folder)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self.predictor.prompt_ids(messages)
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        return self.predictor.generate_ids(prompt, max_new_tokens)
+
+    def answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        # one sequence at a time: on the CPU provider a right-padded batch of 16 was slower (13.7 s vs 11.7 s
+        # for 64 banking77 prompts) and onnxruntime-genai 0.11 does not take left padding
+        return [self.predictor.decode(self.greedy(p, max_new_tokens)) for p in prompts]
+
+
+class OptimumRunner:
+    """An ``onnx-fp32`` folder through optimum's ``ORTModelForCausalLM`` and the folder's HF tokenizer."""
+
+    def __init__(self, folder: str | Path):
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        self.tokenizer = load_tokenizer(str(folder))
+        self.model = ORTModelForCausalLM.from_pretrained(folder, provider=TARGETS["onnx-fp32"].provider)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return _until_eos(torch_greedy(self.model, prompt, max_new_tokens, eos), eos)
+
+    def answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens, ONNX_EVAL_BATCH_SIZE, desc="onnx")

@@ -74,7 +74,8 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
 def update_latest(output_dir: str | Path, run_dir: str | Path, source: dict | None = None) -> str:
     """Point ``<output_dir>/latest.json`` at ``run_dir`` (atomic replace); call only after every check passed.
 
-    The file names the run folder and its ``merged/``, ``onnx/`` and ``metrics.json`` (absolute paths), so
+    The file names the run folder and its ``merged/``, ``onnx/`` (one folder per export target) and
+    ``metrics.json`` (absolute paths), so
     consumers always find the last good model, never a run that failed half-way, and ``source`` (the data
     and config fingerprints the model was trained from; the nightly retrain compares them).
     """
@@ -84,6 +85,18 @@ def update_latest(output_dir: str | Path, run_dir: str | Path, source: dict | No
                "onnx": str(onnx) if onnx.is_dir() else None, "metrics": str(run_dir / "metrics.json"),
                "source": source}
     return str(write_json(Path(output_dir) / "latest.json", pointer))
+
+
+def export_lines(metrics: dict) -> list[str]:
+    """One line per export target: its quality next to the merged model's, and its parity checks."""
+    lines = []
+    for target, r in (metrics["onnx"] or {}).items():
+        primary = next(k.removeprefix("reference_") for k in r if k.startswith("reference_"))
+        lines.append(f"{target} ({r['execution_provider']}, {r['size_mb']:.0f} MB): {primary} {r[primary]:.4f} vs "
+                     f"merged {r['reference_' + primary]:.4f} on {r['n_examples']} test rows, same answer "
+                     f"{r['same_answer']:.1%}, greedy agreement {r['greedy_agreement']:.0%} on "
+                     f"{r['n_check_prompts']} prompts, tokenizer mismatches {r['tokenizer_mismatches']}")
+    return lines
 
 
 def _fmt(value) -> str:
@@ -114,10 +127,8 @@ def metrics_table(metrics: dict) -> str:
 def render_markdown(metrics: dict, has_curve: bool = False) -> str:
     """The run report: quality table, training figures, merge/export checks, stage times, config."""
     cfg, train = metrics["config"], metrics["train"]
-    onnx = metrics["onnx"]
     stages = "\n".join(f"| {name} | {sec:.1f} |" for name, sec in metrics["stage_seconds"].items())
-    onnx_line = (f"- ONNX ({onnx['provider']}): greedy agreement with PyTorch {onnx['greedy_agreement']:.0%} "
-                 f"on {onnx['n_prompts']} prompts" if onnx else "- ONNX export: disabled")
+    onnx_lines = "\n".join(f"- ONNX {line}" for line in export_lines(metrics)) or "- ONNX export: disabled"
     return f"""# Fine-tuning report: {cfg['name']}
 
 Base model: `{cfg['model']['name_or_path']}` · data: `{cfg['data']['path']}` · task: {metrics['task']}
@@ -134,7 +145,7 @@ Base model: `{cfg['model']['name_or_path']}` · data: `{cfg['data']['path']}` ·
 
 ## Checks
 - merge: max abs logit diff merged vs base+adapter {metrics['merge']['max_abs_logit_diff']:.3g}
-{onnx_line}
+{onnx_lines}
 
 ## Wall time per stage (s)
 | stage | seconds |

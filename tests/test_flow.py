@@ -12,7 +12,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.finetune import finetune, main
 from tests.conftest import tiny_config, write_classification_dir
 
-ALL_STAGES = {"ingest", "split", "evaluate_base", "train", "merge", "evaluate_finetuned", "export"}
+ALL_STAGES = {"ingest", "split", "evaluate_base", "train", "merge", "evaluate_finetuned", "export_genai-int4"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,14 +44,18 @@ def test_whole_flow_meets_the_output_contract(flow_run):
     result = state.result()
     run = out / "run"
     assert result["run_dir"] == str(run)
-    for folder in ("adapter", "merged", "onnx", "data", "eval/base", "eval/finetuned"):
+    for folder in ("adapter", "merged", "onnx/genai-int4", "data", "eval/base", "eval/finetuned"):
         assert (run / folder).is_dir() and any((run / folder).iterdir()), folder
-    assert (run / "merged" / "model.safetensors").is_file() and (run / "onnx" / "model.onnx").is_file()
+    assert (run / "merged" / "model.safetensors").is_file()
+    assert (run / "onnx" / "genai-int4" / "model.onnx").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     for side in ("base", "finetuned"):
         assert {"accuracy", "macro_f1", "eval_loss", "perplexity", "n_examples"} <= set(metrics[side])
     assert metrics["finetuned"]["eval_loss"] < metrics["base"]["eval_loss"]
-    assert 0 <= metrics["onnx"]["greedy_agreement"] <= 1
+    int4 = metrics["onnx"]["genai-int4"]
+    assert int4["tokenizer_mismatches"] == 0 and int4["greedy_agreement"] >= cfg.export.min_greedy_agreement
+    assert int4["accuracy"] >= int4["reference_accuracy"] - cfg.export.max_quality_drop
+    assert int4["reference_accuracy"] == pytest.approx(metrics["finetuned"]["accuracy"])
     assert {"train_tokens", "tokens_per_second", "wall_seconds"} <= set(metrics["train"])
     assert metrics["merge"]["max_abs_logit_diff"] <= cfg.merge.logit_atol
     assert metrics["config"]["data"]["path"] == cfg.data.path
@@ -88,12 +92,13 @@ def test_identical_rerun_is_all_cached(flow_run):
     assert (out / "again" / "adapter").resolve() == (out / "run" / "adapter").resolve()
 
 
-def test_changing_only_evaluation_reruns_only_evaluation(flow_run):
+def test_changing_only_evaluation_reruns_only_evaluation_and_its_gate(flow_run):
     cfg, _, _ = flow_run
     result = finetune(_rename(cfg, "eval-change", eval={"batch_size": 3}))
     states = result["stage_states"]
-    assert states["evaluate_base"] == states["evaluate_finetuned"] == "Completed", states
-    assert {states[s] for s in ("ingest", "split", "train", "merge", "export")} == {"Cached"}, states
+    # the export's quality gate is measured against the merged model's evaluation, so it reruns with it
+    assert states["evaluate_base"] == states["evaluate_finetuned"] == states["export_genai-int4"] == "Completed"
+    assert {states[s] for s in ("ingest", "split", "train", "merge")} == {"Cached"}, states
 
 
 def test_changed_data_reruns_from_ingest_and_a_deleted_output_is_rebuilt(flow_run, tmp_path):
@@ -113,7 +118,8 @@ def test_changed_data_reruns_from_ingest_and_a_deleted_output_is_rebuilt(flow_ru
 def test_latest_points_at_the_last_good_run_and_a_failed_run_leaves_it(flow_run, tmp_path, capsys):
     cfg, _, out = flow_run
     latest = json.loads((out / "latest.json").read_text())
-    assert Path(latest["merged"], "model.safetensors").is_file() and Path(latest["onnx"], "model.onnx").is_file()
+    assert Path(latest["merged"], "model.safetensors").is_file()
+    assert Path(latest["onnx"], "genai-int4", "model.onnx").is_file()
     before = (out / "latest.json").read_bytes()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a", "label": ["x"]}\n')

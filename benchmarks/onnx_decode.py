@@ -1,0 +1,116 @@
+"""Decode speed of one fine-tuned model as PyTorch fp32, ONNX fp32 (optimum + onnxruntime) and ONNX Runtime
+GenAI int4, on the same prompts, alternating engines round by round.
+
+    python benchmarks/onnx_decode.py --run outputs/<run> [--prompts 8] [--new-tokens 64] [--rounds 3]
+
+``--run`` is a run folder of ``python -m flows.finetune`` exported with
+``--set 'export.targets=[onnx-fp32,genai-int4]'`` (its ``merged/``, ``onnx/<target>/`` and ``data/test.jsonl``).
+Each prompt decodes exactly ``--new-tokens`` greedy tokens (end-of-sequence ignored), one sequence at a time
+with a KV cache. Time to first token (TTFT) = prompt processing + first token; decode rate = tokens after the
+first / time after the first. Prints medians over all prompts and rounds, ratios to PyTorch fp32, and the
+machine. Run it on an otherwise idle machine: a concurrent job skews the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks.base_model import load_model, load_tokenizer  # noqa: E402
+from tasks.files import read_jsonl  # noqa: E402
+from tasks.predict import Predictor  # noqa: E402
+
+
+class _Stamps:
+    """A transformers streamer that records the time of every generated token (its first ``put`` is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def hf_engine(model, eos: int):
+    import torch
+
+    def run(prompt: list[int], new_tokens: int) -> list[float]:
+        stamps = _Stamps()
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=eos, streamer=stamps)
+        return stamps.times
+    return run
+
+
+def genai_engine(predictor: Predictor):
+    def run(prompt: list[int], new_tokens: int) -> list[float]:
+        stamps: list[float] = []
+        predictor.generate_ids(prompt, new_tokens, min_new_tokens=new_tokens,
+                               on_token=lambda: stamps.append(time.perf_counter()))
+        return stamps
+    return run
+
+
+def size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    merged, onnx = args.run / "merged", args.run / "onnx"
+    tokenizer = load_tokenizer(str(merged))
+    records = read_jsonl(args.run / "data" / "test.jsonl")[: args.prompts]
+    prompts = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True) for r in records]
+    eos = tokenizer.eos_token_id
+    engines = {
+        "PyTorch fp32 (eager, KV cache)": (hf_engine(load_model(str(merged)), eos), size_mb(merged)),
+        "ONNX fp32 (optimum, onnxruntime CPU)": (hf_engine(ORTModelForCausalLM.from_pretrained(
+            onnx / "onnx-fp32", provider="CPUExecutionProvider"), eos), size_mb(onnx / "onnx-fp32")),
+        "ONNX Runtime GenAI int4 (CPU)": (genai_engine(Predictor(onnx / "genai-int4")), size_mb(onnx / "genai-int4")),
+    }
+    for run, _ in engines.values():  # warm-up: first-call allocations and kernel selection
+        run(prompts[0], 4)
+    ttft: dict[str, list[float]] = {name: [] for name in engines}
+    rate: dict[str, list[float]] = {name: [] for name in engines}
+    names = list(engines)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order every round
+            for prompt in prompts:
+                start = time.perf_counter()
+                stamps = engines[name][0](prompt, args.new_tokens)
+                ttft[name].append(stamps[0] - start)
+                rate[name].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    base = names[0]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"{args.prompts} banking77 test prompts x {args.rounds} rounds, {args.new_tokens} new tokens each")
+    print("| engine | size (MB) | decode tokens/s | × PyTorch | TTFT (ms) | × PyTorch |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        tok_s, first = statistics.median(rate[name]), statistics.median(ttft[name])
+        print(f"| {name} | {engines[name][1]:.0f} | {tok_s:.1f} | {tok_s / statistics.median(rate[base]):.2f} | "
+              f"{first * 1000:.0f} | {statistics.median(ttft[base]) / first:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

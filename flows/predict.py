@@ -1,0 +1,71 @@
+"""Inference with an exported model on CPU, without torch: one text, or a batch-prediction flow over a file.
+
+    python -m flows.predict --model outputs/<run>/onnx/genai-int4 "I lost my card"
+    python -m flows.predict --model outputs/<run>/onnx/genai-int4 --input inputs.jsonl [--output answers.jsonl]
+
+The folder is a ``genai-*`` export (``tasks/export.py``); answers are greedy, with the prompt format of the
+training data (``inference.json``). Input files: ``.jsonl`` with a ``text`` field per row, or plain text with one
+input per line. The batch flow writes ``{"text", "prediction"}`` lines atomically (default
+``<input>.predictions.jsonl``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, task
+
+from tasks import predict
+from tasks.files import write_jsonl
+
+predict_task = task(predict.predict, name="predict")
+
+
+@flow(name="batch-predict")
+def batch_predict(model: str, input_file: str, output_file: str | None = None,
+                  max_new_tokens: int | None = None) -> dict:
+    """Answer every input of ``input_file`` with the exported model in ``model``; write ``output_file``.
+
+    Returns:
+        ``{"output": path, "n": inputs answered, "seconds": wall time of the predict task}``.
+    """
+    texts = predict.read_inputs(input_file)
+    start = time.perf_counter()
+    answers = predict_task(model, texts, max_new_tokens)
+    output = Path(output_file or Path(input_file).with_suffix(".predictions.jsonl"))
+    write_jsonl(output, [{"text": t, "prediction": a} for t, a in zip(texts, answers)])
+    return {"output": str(output), "n": len(texts), "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print one answer per text, or run ``batch_predict`` on ``--input``; exit 1 with one line on error."""
+    p = argparse.ArgumentParser(prog="python -m flows.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="an exported genai-* folder (outputs/<run>/onnx/genai-int4)")
+    p.add_argument("texts", nargs="*", help="input texts, answered one per line")
+    p.add_argument("--input", help="a .jsonl (field 'text') or text file (one input per line): batch flow")
+    p.add_argument("--output", help="where the batch flow writes its .jsonl (default <input>.predictions.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the export's)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
+    args = p.parse_args(argv)
+    if bool(args.texts) == bool(args.input):
+        p.error("give either texts or --input FILE")
+    try:
+        predict.check_model_dir(args.model)
+        if args.input:
+            predict.read_inputs(args.input)  # bad input fails here, in one line, before any flow starts
+            print(batch_predict(args.model, args.input, args.output, args.max_new_tokens)["output"])
+        else:
+            for answer in predict.predict(args.model, args.texts, args.max_new_tokens):
+                print(answer)
+    except Exception as e:  # noqa: BLE001 - one line per failure unless --debug
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

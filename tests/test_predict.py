@@ -1,0 +1,96 @@
+"""Inference with an exported folder on its own: the plain function, the CLI and the batch flow, from a fresh
+interpreter in which torch and transformers cannot be imported."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.files import read_jsonl
+from tasks.predict import InputError, Predictor, predict, read_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+# run a module as `python -m` would, with torch and transformers made unimportable
+NO_TORCH = ("import runpy, sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
+            "sys.argv = ['flows.predict', *sys.argv[1:]]; runpy.run_module('flows.predict', run_name='__main__')")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_trained) -> dict:
+    """A genai-int4 export of the tiny model and the merged model's predictions on the test split."""
+    from configs.schema import ExportConfig, MergeConfig
+    from tasks.evaluate import evaluate
+    from tasks.export import export
+    from tasks.merge import merge
+    from tasks.predict import inference_settings
+
+    root = tmp_path_factory.mktemp("predict")
+    test, cfg = tiny_trained["splits"]["files"]["test"], tiny_trained["cfg"]
+    merged = merge(tiny_trained["base"], tiny_trained["trained"]["adapter"], test, MergeConfig(),
+                   root / "merged")["merged"]
+    metrics = evaluate(merged, test, "classification", cfg.eval, root / "eval")
+    result = export("genai-int4", merged, test, str(root / "eval"),
+                    inference_settings(cfg.data, "classification", metrics["max_new_tokens"]),
+                    ExportConfig(n_check_prompts=3, max_new_tokens=6), root / "genai-int4")
+    rows = read_jsonl(root / "eval" / "predictions.jsonl")
+    return {"folder": result["path"], "texts": [r["prompt"][-1]["content"] for r in rows],
+            "merged_answers": [r["prediction"] for r in rows], "same_answer": result["same_answer"]}
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_predict_function_answers_like_the_merged_model(exported):
+    assert exported["same_answer"] == 1.0  # the export's gate measured it on every test row
+    assert predict(exported["folder"], exported["texts"]) == exported["merged_answers"]
+
+
+def test_predictor_rebuilds_the_training_prompt(exported):
+    predictor = Predictor(exported["folder"])
+    assert predictor.messages("hello") == [{"role": "user", "content": "hello"}]  # tiny config: no system turn
+    assert predictor(exported["texts"][0]) == exported["merged_answers"][0]
+
+
+def test_cli_answers_texts_without_torch(exported, tmp_path):
+    done = _run(["--model", exported["folder"], *exported["texts"][:3]], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == exported["merged_answers"][:3]
+
+
+def test_batch_flow_over_a_file_without_torch(exported, tmp_path):
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in exported["texts"]))
+    done = _run(["--model", exported["folder"], "--input", str(inputs)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    output = Path(done.stdout.strip().splitlines()[-1])
+    assert output == tmp_path / "inputs.predictions.jsonl"
+    assert [r["prediction"] for r in read_jsonl(output)] == exported["merged_answers"]
+    assert [r["text"] for r in read_jsonl(output)] == exported["texts"]
+
+
+def test_cli_errors_are_one_line(exported, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    done = _run(["--model", exported["folder"], "--input", str(bad)], tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == f"error: {bad}: row 2: field 'text': expected a non-empty " \
+                                                   "string, got None"
+    done = _run(["--model", str(tmp_path), "some text"], tmp_path)
+    assert done.returncode == 1 and "no genai_config.json" in done.stderr
+    assert not (tmp_path / "bad.predictions.jsonl").exists()
+
+
+def test_read_inputs_formats_and_errors(tmp_path):
+    (tmp_path / "lines.txt").write_text("first input\n\nsecond input\n")
+    assert read_inputs(tmp_path / "lines.txt") == ["first input", "second input"]
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(InputError, match=r"broken\.jsonl: row 2: not valid JSON"):
+        read_inputs(tmp_path / "broken.jsonl")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1\.txt: cannot read inputs"):
+        read_inputs(tmp_path / "latin1.txt")
