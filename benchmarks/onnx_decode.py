@@ -6,7 +6,8 @@ GenAI int4, on the same prompts, alternating engines round by round.
 ``--run`` is a run folder of ``python -m flows.finetune`` exported with
 ``--set 'export.targets=[onnx-fp32,genai-int4]'`` (its ``merged/``, ``onnx/<target>/`` and ``data/test.jsonl``).
 Each prompt decodes exactly ``--new-tokens`` greedy tokens (end-of-sequence ignored), one sequence at a time
-with a KV cache. Time to first token (TTFT) = prompt processing + first token; decode rate = tokens after the
+with a KV cache; PyTorch runs as the pipeline loads it (``tasks.base_model.load_model``: fp32, SDPA attention),
+GenAI through ``tasks.predict.Predictor`` (as ``flows.predict`` does). Time to first token (TTFT) = prompt processing + first token; decode rate = tokens after the
 first / time after the first. Prints medians over all prompts and rounds, ratios to PyTorch fp32, and the
 machine. Run it on an otherwise idle machine: a concurrent job skews the ratios.
 """
@@ -104,7 +105,7 @@ def main() -> None:
     base = names[0]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"{args.prompts} banking77 test prompts x {args.rounds} rounds, {args.new_tokens} new tokens each")
-    print("| engine | size (MB) | decode tokens/s | × PyTorch | TTFT (ms) | × PyTorch |")
+    print("| engine | size (MB) | decode tokens/s | × PyTorch fp32 | TTFT (ms) | TTFT speed-up |")
     print("|---|---|---|---|---|---|")
     for name in names:
         tok_s, first = statistics.median(rate[name]), statistics.median(ttft[name])
