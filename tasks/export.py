@@ -120,9 +120,25 @@ def build_genai(merged_model: str, out: Path, spec: Target, cfg: ExportConfig, t
         options |= {"int4_algo_config": cfg.int4_algo_config, "int4_block_size": cfg.int4_block_size,
                     "int4_accuracy_level": cfg.int4_accuracy_level, "int4_is_symmetric": cfg.int4_is_symmetric}
     noise = io.StringIO()  # the builder prints every tensor it saves
-    with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+    with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(noise), \
+            contextlib.redirect_stderr(noise), _quiet_loggers("onnx_ir", "onnxruntime", "neural_compressor"):
         create_model(None, merged_model, str(out), spec.precision, spec.builder_ep, cache, **options)
     portable_tokenizer(out / "tokenizer.json")
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Only errors from these loggers while the builder runs: the quantizer logs every layer, and onnx_ir warns
+    "the model is invalid" about the shared int8 embedding mid-build (the finished model loads; the gate runs it)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def portable_tokenizer(path: Path) -> None:

@@ -75,9 +75,9 @@ def update_latest(output_dir: str | Path, run_dir: str | Path, source: dict | No
     """Point ``<output_dir>/latest.json`` at ``run_dir`` (atomic replace); call only after every check passed.
 
     The file names the run folder and its ``merged/``, ``onnx/`` (one folder per export target) and
-    ``metrics.json`` (absolute paths), so
-    consumers always find the last good model, never a run that failed half-way, and ``source`` (the data
-    and config fingerprints the model was trained from; the nightly retrain compares them).
+    ``metrics.json`` (absolute paths), so consumers always find the last good model, never a run that failed
+    half-way, and ``source`` (the data and config fingerprints the model was trained from; the nightly
+    retrain compares them).
     """
     run_dir = Path(run_dir).resolve()
     onnx = run_dir / "onnx"
