@@ -85,7 +85,7 @@ def main() -> None:
     prompts = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True) for r in records]
     eos = tokenizer.eos_token_id
     engines = {
-        "PyTorch fp32 (eager, KV cache)": (hf_engine(load_model(str(merged)), eos), size_mb(merged)),
+        "PyTorch fp32 (SDPA, KV cache)": (hf_engine(load_model(str(merged)), eos), size_mb(merged)),
         "ONNX fp32 (optimum, onnxruntime CPU)": (hf_engine(ORTModelForCausalLM.from_pretrained(
             onnx / "onnx-fp32", provider="CPUExecutionProvider"), eos), size_mb(onnx / "onnx-fp32")),
         "ONNX Runtime GenAI int4 (CPU)": (genai_engine(Predictor(onnx / "genai-int4")), size_mb(onnx / "genai-int4")),
