@@ -88,7 +88,7 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
         (build_optimum if spec.tool == "optimum" else build_genai)(merged_model, tmp, spec, cfg, trust_remote_code)
         write_json(tmp / INFERENCE_FILE, inference)
         built = time.perf_counter() - start
-        result = check_export(target, tmp, merged_model, test_file, reference_eval, cfg)
+        result = check_export(target, tmp, merged_model, test_file, reference_eval, cfg, trust_remote_code)
         result |= {"target": target, "precision": spec.precision, "execution_provider": spec.provider,
                    "size_mb": round(sum(f.stat().st_size for f in tmp.iterdir()) / 1e6, 1),
                    "export_seconds": round(built, 1)}
@@ -163,7 +163,7 @@ def portable_tokenizer(path: Path) -> None:
 
 
 def check_export(target: str, folder: str | Path, merged_model: str, test_file: str, reference_eval: str,
-                 cfg: ExportConfig) -> dict:
+                 cfg: ExportConfig, trust_remote_code: bool = False) -> dict:
     """Measure the exported ``folder`` against the merged PyTorch model (see the module doc for the gate).
 
     Returns:
@@ -180,13 +180,13 @@ def check_export(target: str, folder: str | Path, merged_model: str, test_file: 
     ref_predictions = [r["prediction"] for r in read_jsonl(Path(reference_eval) / "predictions.jsonl")]
     task = "classification" if "accuracy" in reference else "generation"
     primary = PRIMARY_METRIC[task]
-    tokenizer = load_tokenizer(merged_model)
+    tokenizer = load_tokenizer(merged_model, trust_remote_code)
     expected = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True) for r in records]
     runner = GenAIRunner(folder) if TARGETS[target].tool == "genai" else OptimumRunner(folder)
 
     mismatched = [i for i, r in enumerate(records) if runner.prompt_ids(r["messages"][:-1]) != expected[i]]
     agreement = greedy_agreement(runner, merged_model, expected[: cfg.n_check_prompts], cfg.max_new_tokens,
-                                 tokenizer.eos_token_id)
+                                 tokenizer.eos_token_id, trust_remote_code)
     n = min(len(records), cfg.max_eval_examples or len(records))
     start = time.perf_counter()
     answers = runner.answers(expected[:n], reference["max_new_tokens"])
@@ -194,7 +194,8 @@ def check_export(target: str, folder: str | Path, merged_model: str, test_file: 
     references = [r["messages"][-1]["content"] for r in records[:n]]
     score_fn = classification_metrics if task == "classification" else generation_metrics
     scores, ref_scores = score_fn(answers, references), score_fn(ref_predictions[:n], references)
-    same = sum(normalise_answer(a) == normalise_answer(b) for a, b in zip(answers, ref_predictions)) / n
+    norm = normalise_answer if task == "classification" else (lambda text: " ".join(text.split()).lower())
+    same = sum(norm(a) == norm(b) for a, b in zip(answers, ref_predictions)) / n
     result = {"tokenizer_mismatches": len(mismatched), "greedy_agreement": agreement,
               "n_check_prompts": min(cfg.n_check_prompts, len(records)), **scores,
               f"reference_{primary}": ref_scores[primary], "same_answer": same, "n_examples": n,
@@ -216,10 +217,11 @@ def check_export(target: str, folder: str | Path, merged_model: str, test_file: 
     return result
 
 
-def greedy_agreement(runner, merged_model: str, prompts: list[list[int]], max_new_tokens: int, eos: int) -> float:
+def greedy_agreement(runner, merged_model: str, prompts: list[list[int]], max_new_tokens: int, eos: int,
+                     trust_remote_code: bool = False) -> float:
     """Fraction of ``prompts`` whose greedy continuations (up to ``max_new_tokens``, end-of-sequence token
     excluded) from ``runner`` and from the merged PyTorch model in fp32 are the same token ids."""
-    model = load_model(merged_model)
+    model = load_model(merged_model, trust_remote_code)
     same = [runner.greedy(p, max_new_tokens) == _until_eos(torch_greedy(model, p, max_new_tokens, eos), eos)
             for p in prompts]
     log.info("export: greedy agreement with PyTorch %d/%d", sum(same), len(same))
