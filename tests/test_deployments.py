@@ -303,7 +303,10 @@ def test_run_started_from_the_ui_form_completes_with_its_artifacts(service, brow
     assert cfg_name_box.input_value() == "tiny"  # the form shows the deployment's defaults
     run_name_box.fill(run_name)
     cfg_name_box.fill("edited-in-the-form")
+    expect(run_name_box).to_have_value(run_name)  # the schema form may still re-render: check before submitting
+    expect(cfg_name_box).to_have_value("edited-in-the-form")
     page.get_by_role("button", name="Submit").click()
+    expect(page.get_by_text(f"{run_name} scheduled to start now").first).to_be_visible(timeout=120_000)
 
     flow_run = _wait_for_named_run(service, run_name)
     page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
