@@ -129,3 +129,31 @@ def tiny_trained(tmp_path_factory, tiny_model_dir) -> dict:
     trained = train(tiny_model_dir, splits, cfg.model, cfg.lora, cfg.train, run / "adapter", run / "checkpoints")
     return {"cfg": cfg, "run": run, "ingested": ingested, "splits": splits, "trained": trained,
             "base": tiny_model_dir}
+
+
+@pytest.fixture(scope="session")
+def tiny_merged(tmp_path_factory, tiny_trained) -> dict:
+    """The tiny trained model merged and evaluated: ``{"merged", "eval", "test", "inference"}`` (the merged
+    folder, its evaluation folder, the test split and the ``inference.json`` settings an export writes)."""
+    from configs.schema import MergeConfig
+    from tasks.evaluate import evaluate
+    from tasks.merge import merge
+    from tasks.predict import inference_settings
+
+    root = tmp_path_factory.mktemp("tiny-merged")
+    test, cfg = tiny_trained["splits"]["files"]["test"], tiny_trained["cfg"]
+    folder = merge(tiny_trained["base"], tiny_trained["trained"]["adapter"], test, MergeConfig(),
+                   root / "merged")["merged"]
+    metrics = evaluate(folder, test, "classification", cfg.eval, root / "eval")
+    return {"merged": folder, "eval": str(root / "eval"), "test": test,
+            "inference": inference_settings(cfg.data, "classification", metrics["max_new_tokens"])}
+
+
+@pytest.fixture(scope="session")
+def tiny_int4(tmp_path_factory, tiny_trained, tiny_merged) -> dict:
+    """``tiny_merged`` exported as genai-int4 with the tiny config's export settings (``export``'s result)."""
+    from tasks.export import export
+
+    m = tiny_merged
+    return export("genai-int4", m["merged"], m["test"], m["eval"], m["inference"], tiny_trained["cfg"].export,
+                  tmp_path_factory.mktemp("tiny-int4") / "genai-int4")

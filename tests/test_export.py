@@ -11,55 +11,39 @@ import onnxruntime
 import pytest
 from onnx import numpy_helper
 
-from configs.schema import ExportConfig, MergeConfig
+from configs.schema import ExportConfig
 from tasks import export
-from tasks.evaluate import evaluate
 from tasks.export import ExportCheckError, check_export, portable_tokenizer
-from tasks.merge import merge
-from tasks.predict import Predictor, inference_settings
+from tasks.predict import Predictor
 
-CFG = ExportConfig(n_check_prompts=3, max_new_tokens=6)
+CFG = ExportConfig(n_check_prompts=3, max_new_tokens=6)  # the tiny config's, as tiny_int4 was exported with
 
 
-@pytest.fixture(scope="module")
-def merged(tmp_path_factory, tiny_trained) -> dict:
-    """The tiny model merged and evaluated: ``{"merged", "eval", "test", "inference"}`` paths/settings."""
-    root = tmp_path_factory.mktemp("export")
-    test = tiny_trained["splits"]["files"]["test"]
-    cfg = tiny_trained["cfg"]
-    folder = merge(tiny_trained["base"], tiny_trained["trained"]["adapter"], test, MergeConfig(),
-                   root / "merged")["merged"]
-    metrics = evaluate(folder, test, "classification", cfg.eval, root / "eval")
-    return {"merged": folder, "eval": str(root / "eval"), "test": test,
-            "inference": inference_settings(cfg.data, "classification", metrics["max_new_tokens"])}
+def run_check(merged: dict, folder, cfg: ExportConfig = CFG) -> dict:
+    return check_export("genai-int4", folder, merged["merged"], merged["test"], merged["eval"], cfg)
 
 
 def run_export(merged: dict, target: str, out: Path, cfg: ExportConfig = CFG) -> dict:
     return export.export(target, merged["merged"], merged["test"], merged["eval"], merged["inference"], cfg, out)
 
 
-@pytest.fixture(scope="module")
-def int4(tmp_path_factory, merged) -> dict:
-    return run_export(merged, "genai-int4", tmp_path_factory.mktemp("int4") / "genai-int4")
-
-
-def test_genai_int4_export_is_self_contained_int4_and_passes_the_gate(int4, merged):
-    folder = Path(int4["path"])
+def test_genai_int4_export_is_self_contained_int4_and_passes_the_gate(tiny_int4, tiny_merged):
+    folder = Path(tiny_int4["path"])
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
                  "inference.json", "export.json"):
         assert (folder / name).is_file(), name
     ops = collections.Counter(n.op_type for n in onnx.load(folder / "model.onnx", load_external_data=False).graph.node)
     assert ops["MatMulNBits"] > 0 and ops["MatMul"] == 0  # every linear layer quantized
     assert json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"] == 2
-    assert int4["tokenizer_mismatches"] == 0 and int4["greedy_agreement"] == 1.0
-    assert int4["accuracy"] >= int4["reference_accuracy"] - CFG.max_quality_drop
-    assert int4["reference_accuracy"] == pytest.approx(json.loads(Path(merged["eval"], "metrics.json").read_text())
-                                                       ["accuracy"])
-    assert json.loads((folder / "export.json").read_text())["accuracy"] == int4["accuracy"]
+    assert tiny_int4["tokenizer_mismatches"] == 0 and tiny_int4["greedy_agreement"] == 1.0
+    assert tiny_int4["accuracy"] >= tiny_int4["reference_accuracy"] - CFG.max_quality_drop
+    reference = json.loads(Path(tiny_merged["eval"], "metrics.json").read_text())["accuracy"]
+    assert tiny_int4["reference_accuracy"] == pytest.approx(reference)
+    assert json.loads((folder / "export.json").read_text())["accuracy"] == tiny_int4["accuracy"]
 
 
-def test_onnx_fp32_export_has_a_kv_cache_and_matches_pytorch_exactly(tmp_path, merged):
-    result = run_export(merged, "onnx-fp32", tmp_path / "onnx-fp32")
+def test_onnx_fp32_export_has_a_kv_cache_and_matches_pytorch_exactly(tmp_path, tiny_merged):
+    result = run_export(tiny_merged, "onnx-fp32", tmp_path / "onnx-fp32")
     session = onnxruntime.InferenceSession(str(Path(result["path"]) / "model.onnx"),
                                            providers=["CPUExecutionProvider"])
     assert "past_key_values.0.key" in {i.name for i in session.get_inputs()}  # decoder with KV cache
@@ -67,14 +51,14 @@ def test_onnx_fp32_export_has_a_kv_cache_and_matches_pytorch_exactly(tmp_path, m
     assert result["accuracy"] == result["reference_accuracy"]
 
 
-def _corrupt_copy(int4: dict, tmp_path: Path) -> Path:
+def _corrupt_copy(exported: dict, tmp_path: Path) -> Path:
     folder = tmp_path / "corrupt"
-    shutil.copytree(int4["path"], folder)
+    shutil.copytree(exported["path"], folder)
     return folder
 
 
-def test_corrupted_weights_fail_the_gate(int4, merged, tmp_path):
-    folder = _corrupt_copy(int4, tmp_path)
+def test_corrupted_weights_fail_the_gate(tiny_int4, tiny_merged, tmp_path):
+    folder = _corrupt_copy(tiny_int4, tmp_path)
     model = onnx.load(folder / "model.onnx")  # shuffle every quantization scale: a finite, wrong model
     rng = np.random.default_rng(0)
     for init in model.graph.initializer:
@@ -84,22 +68,22 @@ def test_corrupted_weights_fail_the_gate(int4, merged, tmp_path):
     (folder / "model.onnx.data").unlink()
     onnx.save(model, folder / "model.onnx", save_as_external_data=True, location="model.onnx.data")
     with pytest.raises(ExportCheckError, match=r"greedy agreement with PyTorch 0\.00 .*accuracy 0\.0000") as err:
-        check_export("genai-int4", folder, merged["merged"], merged["test"], merged["eval"], CFG)
+        run_check(tiny_merged, folder)
     assert "tokenizer" not in str(err.value)
 
 
-def test_chat_template_mismatch_fails_the_gate(int4, merged, tmp_path):
-    folder = _corrupt_copy(int4, tmp_path)
+def test_chat_template_mismatch_fails_the_gate(tiny_int4, tiny_merged, tmp_path):
+    folder = _corrupt_copy(tiny_int4, tmp_path)
     template = folder / "chat_template.jinja"  # the generation prompt loses its newline: a classic mismatch
     template.write_text(template.read_text().replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant'"))
     with pytest.raises(ExportCheckError, match=r"tokenizer: 12/12 test prompts encode to other token ids"):
-        check_export("genai-int4", folder, merged["merged"], merged["test"], merged["eval"], CFG)
+        run_check(tiny_merged, folder)
 
 
-def test_gguf_style_tokenizer_is_made_portable(int4, merged, tmp_path):
+def test_gguf_style_tokenizer_is_made_portable(tiny_int4, tiny_merged, tmp_path):
     """transformers' GGUF conversion writes byte-level BPEs with byte fallback; ORT GenAI then mis-encodes every
     space (the embedded SmolLM2's case). portable_tokenizer restores the ids the training tokenizer gives."""
-    folder = _corrupt_copy(int4, tmp_path)
+    folder = _corrupt_copy(tiny_int4, tmp_path)
     tokenizer_json = folder / "tokenizer.json"
     spec = json.loads(tokenizer_json.read_text())
     spec["model"]["byte_fallback"] = True
@@ -110,34 +94,32 @@ def test_gguf_style_tokenizer_is_made_portable(int4, merged, tmp_path):
     messages = [{"role": "user", "content": "I want the apple number 7"}]
     assert -1 in Predictor(folder).prompt_ids(messages)
     portable_tokenizer(tokenizer_json)
-    assert check_export("genai-int4", folder, merged["merged"], merged["test"], merged["eval"],
-                        CFG)["tokenizer_mismatches"] == 0
+    assert run_check(tiny_merged, folder)["tokenizer_mismatches"] == 0
 
 
-def test_failed_gate_publishes_nothing(merged, tmp_path, monkeypatch):
+def test_failed_gate_publishes_nothing(tiny_merged, tmp_path, monkeypatch):
     def builds_then_quality_drops(*args, **kwargs):
-        raise ExportCheckError("export genai-int4: accuracy below the merged model's")
+        raise ExportCheckError("export genai-int4: accuracy below the tiny_merged model's")
 
     monkeypatch.setattr(export, "check_export", builds_then_quality_drops)
     with pytest.raises(ExportCheckError):
-        run_export(merged, "genai-int4", tmp_path / "genai-int4")
+        run_export(tiny_merged, "genai-int4", tmp_path / "genai-int4")
     assert not (tmp_path / "genai-int4").exists() and not list(tmp_path.glob(".genai-int4.tmp-*"))
 
 
-def test_quality_gate_uses_the_configured_margin(int4, merged, monkeypatch):
-    reference = json.loads(Path(merged["eval"], "metrics.json").read_text())["accuracy"]
+def test_quality_gate_uses_the_configured_margin(tiny_int4, tiny_merged, monkeypatch):
+    reference = json.loads(Path(tiny_merged["eval"], "metrics.json").read_text())["accuracy"]
     assert reference > 0  # the tiny model answers some rows right, so a model that answers none drops below it
     monkeypatch.setattr(export.GenAIRunner, "answers", lambda self, prompts, n: ["no idea"] * len(prompts))
     with pytest.raises(ExportCheckError, match=r"accuracy 0\.0000 on 12 test rows is .* below"):
-        check_export("genai-int4", int4["path"], merged["merged"], merged["test"], merged["eval"], CFG)
+        run_check(tiny_merged, tiny_int4["path"])
     lenient = CFG.model_copy(update={"max_quality_drop": 1.0})
-    assert check_export("genai-int4", int4["path"], merged["merged"], merged["test"], merged["eval"],
-                        lenient)["accuracy"] == 0.0
+    assert run_check(tiny_merged, tiny_int4["path"], lenient)["accuracy"] == 0.0
 
 
-def test_genai_fp16_needs_cuda(merged, tmp_path):
+def test_genai_fp16_needs_cuda(tiny_merged, tmp_path):
     with pytest.raises(RuntimeError, match="needs onnxruntime-genai-cuda and a GPU"):
-        run_export(merged, "genai-fp16", tmp_path / "genai-fp16")
+        run_export(tiny_merged, "genai-fp16", tmp_path / "genai-fp16")
     assert not (tmp_path / "genai-fp16").exists()
 
 

@@ -18,25 +18,11 @@ NO_TORCH = ("import runpy, sys; sys.modules['torch'] = sys.modules['transformers
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_trained) -> dict:
-    """A genai-int4 export of the tiny model and the merged model's predictions on the test split."""
-    from configs.schema import ExportConfig, MergeConfig
-    from tasks.evaluate import evaluate
-    from tasks.export import export
-    from tasks.merge import merge
-    from tasks.predict import inference_settings
-
-    root = tmp_path_factory.mktemp("predict")
-    test, cfg = tiny_trained["splits"]["files"]["test"], tiny_trained["cfg"]
-    merged = merge(tiny_trained["base"], tiny_trained["trained"]["adapter"], test, MergeConfig(),
-                   root / "merged")["merged"]
-    metrics = evaluate(merged, test, "classification", cfg.eval, root / "eval")
-    result = export("genai-int4", merged, test, str(root / "eval"),
-                    inference_settings(cfg.data, "classification", metrics["max_new_tokens"]),
-                    ExportConfig(n_check_prompts=3, max_new_tokens=6), root / "genai-int4")
-    rows = read_jsonl(root / "eval" / "predictions.jsonl")
-    return {"folder": result["path"], "texts": [r["prompt"][-1]["content"] for r in rows],
-            "merged_answers": [r["prediction"] for r in rows], "same_answer": result["same_answer"]}
+def exported(tiny_merged, tiny_int4) -> dict:
+    """The tiny genai-int4 export and the merged model's inputs and answers on the test split."""
+    rows = read_jsonl(Path(tiny_merged["eval"]) / "predictions.jsonl")
+    return {"folder": tiny_int4["path"], "texts": [r["prompt"][-1]["content"] for r in rows],
+            "merged_answers": [r["prediction"] for r in rows], "same_answer": tiny_int4["same_answer"]}
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
