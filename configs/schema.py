@@ -4,11 +4,12 @@ Every section forbids unknown keys, so a misspelt key fails with its dotted path
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -35,6 +36,9 @@ class DataConfig(_Section):
     system_prompt: str | None = Field(None, description="System message prepended to every example; None keeps "
                                                         "the chat template's default.")
     prompt_template: str = Field("{text}", description="User turn of a classification example; {text} is the input.")
+    drop_empty_answers: bool = Field(False, description="Drop (and count) rows whose answer field (output, "
+                                                        "completion, label, last message) is empty, instead of "
+                                                        "failing on the first one.")
 
 
 class SplitConfig(_Section):
@@ -71,14 +75,38 @@ class TrainConfig(_Section):
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    max_seq_length: int = Field(512, gt=0)
+    max_seq_length: int = Field(512, gt=0, description="Tokens per training sequence (prompt + answer, chat "
+                                                       "template included).")
+    overlength: Literal["drop", "truncate"] = Field(
+        "drop", description="Training/validation examples longer than max_seq_length: drop them, or keep them cut "
+        "at max_seq_length (the end of the answer is lost). Counted in train.json and the report either way.")
+    packing: bool = Field(False, description="Pack several examples into each max_seq_length sequence (TRL best-fit "
+                                             "decreasing, padding-free); completion-only loss is kept. Keeps "
+                                             "examples apart only with a flash-attention model (GPU); with "
+                                             "sdpa/eager attention (CPU) packed examples can attend to each other "
+                                             "(TRL warns).")
     bf16: Literal["auto"] | bool = Field("auto", description="bf16 autocast; auto = where the CPU/GPU supports it.")
     group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="Eval-loss interval in steps; None = once per epoch.")
     save_steps: int = Field(200, gt=0, description="Checkpoint interval in steps.")
     save_total_limit: int = Field(2, gt=0)
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after this many evaluations without a validation-loss improvement larger "
+        "than early_stopping_min_delta (transformers EarlyStoppingCallback); None = train to the end. Needs "
+        "eval_steps; implies load_best_model_at_end.")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss decrease (nats/token) "
+                                                                   "that counts as an improvement.")
+    load_best_model_at_end: bool = Field(False, description="Publish the checkpoint with the lowest validation loss "
+                                                            "instead of the last one. Needs eval_steps.")
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _check_best_model(self) -> "TrainConfig":
+        if (self.early_stopping_patience or self.load_best_model_at_end) and self.eval_steps is None:
+            raise ValueError("early_stopping_patience / load_best_model_at_end need train.eval_steps (validation "
+                             "loss every N steps, with save_steps a multiple of it)")
+        return self
 
 
 class EvalConfig(_Section):
@@ -86,9 +114,23 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, gt=0)
     max_new_tokens: int | None = Field(None, gt=0, description="None = longest label + 2 tokens for "
                                                               "classification, 256 for generation.")
+    answer_pattern: str | None = Field(
+        None, description="Regular expression that extracts the final answer from a generation (its first group, "
+        "or the whole match); exact_match then compares the extracted answers, commas removed. gsm8k: "
+        "'####\\s*\\$?(-?[\\d,]*\\.?\\d+)'. None = exact match of the whole text.")
     evaluate_base: bool = True
     bf16: Literal["auto"] | bool = Field("auto", description="bf16 autocast for generation and eval loss; "
                                                              "auto = where the CPU/GPU supports it.")
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return pattern
 
 
 class MergeConfig(_Section):
@@ -166,6 +208,53 @@ class FinetuneConfig(_Section):
         return self
 
 
+class SearchDimension(_Section):
+    """One hyperparameter's range; exactly one field is set (Optuna's suggest_float with log=True, suggest_float,
+    suggest_int, suggest_categorical)."""
+
+    log_uniform: tuple[float, float] | None = Field(None, description="[low, high], sampled log-uniformly.")
+    uniform: tuple[float, float] | None = None
+    integer: tuple[int, int] | None = Field(None, description="[low, high], inclusive.")
+    choice: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SearchDimension":
+        kinds = [k for k in ("log_uniform", "uniform", "integer", "choice") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"set exactly one of log_uniform, uniform, integer, choice (got {kinds or 'none'})")
+        if kinds[0] != "choice":
+            low, high = getattr(self, kinds[0])
+            if not low < high or (kinds[0] == "log_uniform" and low <= 0):
+                raise ValueError(f"{kinds[0]}: expected [low, high] with low < high (and low > 0 for log_uniform)")
+        return self
+
+
+class SweepConfig(_Section):
+    """A hyperparameter search over a finetune config (flows/sweep.py): trials are train → merge → evaluate on
+    the validation split; the best is chosen there and then measured on the test split with the baseline."""
+
+    config: str = Field(description="The finetune YAML every trial starts from (relative to the current folder).")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="Config values for every trial and the "
+                                     "baseline, on top of `config` (e.g. a smaller train budget).")
+    space: dict[str, SearchDimension] = Field(min_length=1, description="Dotted finetune-config key -> range, "
+                                              "e.g. train.learning_rate: {log_uniform: [1.0e-4, 3.0e-3]}.")
+    sampler: Literal["random", "grid", "tpe"] = Field("random", description="Optuna RandomSampler, GridSampler "
+                                                      "(choice dimensions only) or TPESampler.")
+    n_trials: int = Field(4, gt=0, description="Sampled trials (grid: at most the grid's size); the baseline "
+                                               "(the config's own values) runs in addition.")
+    seed: int = 0
+    metric: Literal["auto", "accuracy", "macro_f1", "rouge_l", "bleu", "exact_match", "eval_loss", "perplexity"] = \
+        Field("auto", description="Validation metric to optimise; auto = accuracy (classification) or rouge_l.")
+    max_parallel: int = Field(1, gt=0, description="Trials run at once (mapped Prefect tasks); each trial also "
+                                                   "holds a `gpu` concurrency slot where the worker sets one.")
+
+    @model_validator(mode="after")
+    def _grid_needs_choices(self) -> "SweepConfig":
+        if self.sampler == "grid" and any(d.choice is None for d in self.space.values()):
+            raise ValueError("sampler grid needs a choice list for every space dimension")
+        return self
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
@@ -193,16 +282,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     """Return a copy of ``tree`` with each ``dotted.key=value`` override set (creating sections as needed)."""
-    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
+    tree = yaml.safe_load(yaml.safe_dump(tree, sort_keys=False))  # deep copy of plain data, order kept
     for item in overrides:
-        keys, value = parse_override(item)
-        node = tree
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
-        node[keys[-1]] = value
+        set_dotted(tree, *parse_override(item))
     return tree
+
+
+def set_dotted(tree: dict, keys: list[str], value: Any) -> None:
+    """Set ``tree[keys[0]][keys[1]]...`` to ``value`` in place, creating sections as needed."""
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
@@ -224,6 +317,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
     return validate_config(apply_overrides(tree, overrides or []), str(path))
+
+
+def load_sweep(path: str | Path | None = None, overrides: list[str] | None = None) -> tuple[SweepConfig, FinetuneConfig]:
+    """Load a sweep YAML (``configs/sweeps/``) with ``--set`` overrides of its own keys (``n_trials=8``,
+    ``finetune.data.path=...``); return it with the baseline finetune config (``config`` + ``finetune``).
+
+    Raises:
+        ConfigError: the sweep file or its finetune config is missing or invalid, a ``space`` key is not a
+            finetune-config field, or a sampled value would be invalid (e.g. ``lora.r: {choice: [0]}``).
+    """
+    path = Path(path) if path else CONFIG_DIR / "sweeps" / "banking77.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep file not found")
+    try:
+        tree = apply_overrides(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, overrides or [])
+        sweep = SweepConfig.model_validate(tree)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(path))) from None
+    base = load_config(sweep.config)
+    baseline = validate_config(merge_trees(base.model_dump(mode="json"), sweep.finetune), f"{path}: finetune")
+    for key, dim in sweep.space.items():
+        for value in dim.choice if dim.choice is not None else (dim.log_uniform or dim.uniform or dim.integer):
+            trial_config(baseline, {key: value}, f"{path}: space.{key}")
+    return sweep, baseline
+
+
+def merge_trees(base: dict, update: dict) -> dict:
+    """``base`` with ``update``'s values set, recursing into nested mappings (a deep merge; copies)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge_trees(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def trial_config(baseline: FinetuneConfig, params: dict[str, Any], source: str) -> FinetuneConfig:
+    """``baseline`` with dotted-key ``params`` set (e.g. ``{"lora.r": 8}``).
+
+    Raises:
+        ConfigError: a key is not a config field, or a value is invalid there.
+    """
+    tree = baseline.model_dump(mode="json")
+    for key in params:
+        node = tree
+        for part in key.split(".")[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or key.split(".")[-1] not in node:
+            raise ConfigError(f"{source}: {key!r} is not a finetune config field")
+        set_dotted(tree, key.split("."), params[key])
+    return validate_config(tree, source)
 
 
 def validate_config(tree: dict, source: str) -> FinetuneConfig:

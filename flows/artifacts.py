@@ -72,13 +72,17 @@ python -m flows.predict --model {run_dir / 'onnx' / genai} "your text"
 
 
 def publish(run_dir: Path, metrics: dict, paths: dict) -> None:
-    """Create the run's artifacts: ``metrics`` table, ``loss-curve``, ``model-card``, ``run-folder`` link."""
+    """Create the run's artifacts: ``metrics`` table, ``loss-curve``, ``sample-generations`` table,
+    ``model-card``, ``run-folder`` link."""
     create_table_artifact(metrics_rows(metrics), key="metrics",
                           description=f"{metrics['task']}: base vs fine-tuned on the test split")
     if paths.get("loss_curve"):
         png = base64.b64encode(Path(paths["loss_curve"]).read_bytes()).decode()
         create_markdown_artifact(f"![loss curve](data:image/png;base64,{png})\n\n`{paths['loss_curve']}`",
                                  key="loss-curve", description="train and validation loss by step")
+    if paths.get("samples"):
+        create_table_artifact(json.loads(Path(paths["samples"]).read_text()), key="sample-generations",
+                              description="first test prompts: reference, base and fine-tuned answers")
     create_markdown_artifact(model_card(run_dir, metrics), key="model-card", description="model card")
     create_link_artifact(Path(run_dir).resolve().as_uri(), link_text=str(run_dir), key="run-folder",
                          description="adapter/, merged/, onnx/, metrics.json, report.md")

@@ -66,6 +66,28 @@ def base_model_source(cfg: FinetuneConfig) -> tuple[str | None, str]:
     return gguf, stage_key(convert_task, fingerprint(gguf))
 
 
+def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, dict, str, str, dict]:
+    """The stages every training run starts with: prepare the base model, ingest, split.
+
+    ``run(name, stage_task, out_dir, *args)`` runs one stage (cached, retried) and records its time.
+
+    Returns:
+        ``(base model path or id, base-model content key, ingest result, data fingerprint, split folder,
+        split result)``.
+    """
+    gguf, base_key = base_model_source(cfg)
+    base = cfg.model.name_or_path
+    if gguf:
+        base_dir = Path(cfg.model.cache_dir).expanduser() / f"SmolLM2-135M-Instruct-{base_key}"
+        base = run("prepare_base_model", convert_task, base_dir, gguf, str(base_dir))
+    data_fingerprint = fingerprint(cfg.data.path)
+    ingest_dir = stage_dir(cfg, ingest_task, cfg.data, data_fingerprint)
+    data = run("ingest", ingest_task, ingest_dir, cfg.data, ingest_dir)
+    split_dir = stage_dir(cfg, split_task, ingest_dir, cfg.split)
+    splits = run("split", split_task, split_dir, data, cfg.split, split_dir)
+    return base, base_key, data, data_fingerprint, split_dir, splits
+
+
 @flow(name="finetune")
 def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     """Run the whole pipeline for ``cfg``; return ``metrics.json``'s content plus ``run_dir``, ``test_file``
@@ -81,17 +103,7 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
         return stage_dir(cfg, stage_task, *key_parts)
 
     trc = cfg.model.trust_remote_code
-    gguf, base_key = base_model_source(cfg)
-    base = cfg.model.name_or_path
-    if gguf:
-        base_dir = Path(cfg.model.cache_dir).expanduser() / f"SmolLM2-135M-Instruct-{base_key}"
-        base = run("prepare_base_model", convert_task, base_dir, gguf, str(base_dir))
-
-    data_fingerprint = fingerprint(cfg.data.path)
-    ingest_dir = out(ingest_task, cfg.data, data_fingerprint)
-    data = run("ingest", ingest_task, ingest_dir, cfg.data, ingest_dir)
-    split_dir = out(split_task, ingest_dir, cfg.split)
-    splits = run("split", split_task, split_dir, data, cfg.split, split_dir)
+    base, base_key, data, data_fingerprint, split_dir, splits = prepare(cfg, run)
     test_file = splits["files"]["test"]
 
     base_metrics = None
@@ -157,7 +169,8 @@ class _DropTraceback(logging.Filter):
 
 def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", help="YAML config (default: configs/banking77.yaml)")
+    p.add_argument("--config", help="YAML config (default: configs/banking77.yaml; sweeps: "
+                                    "configs/sweeps/banking77.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.path=../shared/data/banking77 (repeatable)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
@@ -165,17 +178,17 @@ def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.
 
 
 def main(argv: list[str] | None = None, flow_fn=None, prog: str = "python -m flows.finetune",
-         description: str = __doc__.split("\n\n")[0]) -> int:
-    """CLI entry point of ``flow_fn`` (default ``finetune``; any flow taking the config): exit 0 on success,
-    1 with a one-line reason on failure (``--debug`` for the traceback)."""
+         description: str = __doc__.split("\n\n")[0], load=load_config) -> int:
+    """CLI entry point of ``flow_fn`` (default ``finetune``; any flow taking what ``load(--config, --set
+    overrides)`` returns): exit 0 on success, 1 with a one-line reason on failure (``--debug`` for the
+    traceback)."""
     flow_fn = flow_fn or finetune
     args = parse_args(argv, prog, description)
     if not args.debug:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_DropTraceback())
     try:
-        cfg = load_config(args.config, args.overrides)
-        flow_fn(cfg)
+        flow_fn(load(args.config, args.overrides))
     except Exception as e:  # noqa: BLE001 - the CLI's contract is one line per failure
         if args.debug:
             raise

@@ -1,8 +1,9 @@
 """evaluate: batched greedy generation and teacher-forced loss on the test split, for the base or tuned model.
 
 Classification: accuracy and macro-F1 of the generated label (exact match after whitespace/case
-normalisation). Generation: ROUGE-L F1 (rouge-score) and exact match. Both: completion-token eval loss and
-perplexity = exp(eval loss).
+normalisation). Generation: ROUGE-L F1 (rouge-score), corpus BLEU (sacrebleu) and exact match — of the whole
+text, or of the final answer an ``eval.answer_pattern`` extracts (gsm8k's ``#### <number>``). Both:
+completion-token eval loss and perplexity = exp(eval loss).
 """
 from __future__ import annotations
 
@@ -37,14 +38,32 @@ def classification_metrics(predictions: list[str], references: list[str]) -> dic
             "macro_f1": float(f1_score(ref, pred, labels=labels, average="macro", zero_division=0))}
 
 
-def generation_metrics(predictions: list[str], references: list[str]) -> dict:
-    """Mean ROUGE-L F1 (Lin 2004, via rouge-score with stemming) and whitespace/case-normalised exact match."""
+def extract_answer(text: str, pattern: str | None) -> str | None:
+    """The final answer in ``text``: the first group (or the whole match) of ``pattern``'s last match, commas
+    removed, or ``None`` when it does not match; without a pattern, the whitespace/case-normalised text."""
+    if pattern is None:
+        return " ".join(text.split()).lower()
+    matches = list(re.finditer(pattern, text))
+    if not matches:
+        return None
+    last = matches[-1]
+    return (last.group(1) if last.re.groups else last.group(0)).replace(",", "").strip()
+
+
+def generation_metrics(predictions: list[str], references: list[str], answer_pattern: str | None = None) -> dict:
+    """Mean ROUGE-L F1 (Lin 2004, via rouge-score with stemming), corpus BLEU (Papineni et al. 2002, sacrebleu's
+    default 13a tokenisation, 0–100) and exact match of ``extract_answer`` (a prediction without an answer
+    never matches). ``answer_found`` is the fraction of predictions where ``answer_pattern`` matched."""
+    import sacrebleu
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-    exact = [" ".join(p.split()).lower() == " ".join(r.split()).lower() for p, r in zip(predictions, references)]
-    return {"rouge_l": sum(rouge) / len(rouge), "exact_match": sum(exact) / len(exact)}
+    answers = [extract_answer(p, answer_pattern) for p in predictions]
+    exact = [a is not None and a == extract_answer(r, answer_pattern) for a, r in zip(answers, references)]
+    return {"rouge_l": sum(rouge) / len(rouge), "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
+            "exact_match": sum(exact) / len(exact),
+            "answer_found": sum(a is not None for a in answers) / len(answers)}
 
 
 def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_dir: str | Path,
@@ -56,7 +75,7 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
         task: ``"classification"`` or ``"generation"`` (``cfg.task`` overrides it unless ``"auto"``).
 
     Returns:
-        ``{"accuracy", "macro_f1"}`` or ``{"rouge_l", "exact_match"}``, plus ``eval_loss`` (mean nats per
+        ``{"accuracy", "macro_f1"}`` or ``{"rouge_l", "bleu", "exact_match", "answer_found"}``, plus ``eval_loss`` (mean nats per
         completion token), ``perplexity``, ``n_examples``, ``bf16``, ``max_new_tokens`` and ``wall_seconds``.
     """
     start = time.perf_counter()
@@ -71,7 +90,10 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
     with autocast(bf16):
         predictions = generate(model, tokenizer, prompts, max_new, cfg.batch_size)
         loss = completion_loss(model, tokenizer, records, cfg.batch_size)
-    scores = (classification_metrics if task == "classification" else generation_metrics)(predictions, references)
+    if task == "classification":
+        scores = classification_metrics(predictions, references)
+    else:
+        scores = generation_metrics(predictions, references, cfg.answer_pattern)
     metrics = {**scores, "eval_loss": loss, "perplexity": math.exp(loss), "n_examples": len(records),
                "bf16": bf16, "max_new_tokens": max_new, "wall_seconds": time.perf_counter() - start}
     with atomic_dir(out_dir) as tmp:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from configs.schema import ExportConfig
 from tasks.base_model import load_model, load_tokenizer
-from tasks.evaluate import classification_metrics, generate, generation_metrics, normalise_answer
+from tasks.evaluate import classification_metrics, extract_answer, generate, generation_metrics, normalise_answer
 from tasks.files import atomic_dir, read_json, read_jsonl, write_json
 from tasks.predict import INFERENCE_FILE, Predictor
 from tasks.promote import PRIMARY_METRIC
@@ -194,7 +194,7 @@ def check_export(target: str, folder: str | Path, merged_model: str, test_file: 
     references = [r["messages"][-1]["content"] for r in records[:n]]
     score_fn = classification_metrics if task == "classification" else generation_metrics
     scores, ref_scores = score_fn(answers, references), score_fn(ref_predictions[:n], references)
-    norm = normalise_answer if task == "classification" else (lambda text: " ".join(text.split()).lower())
+    norm = normalise_answer if task == "classification" else (lambda text: extract_answer(text, None))
     same = sum(norm(a) == norm(b) for a, b in zip(answers, ref_predictions)) / n
     result = {"tokenizer_mismatches": len(mismatched), "greedy_agreement": agreement,
               "n_check_prompts": min(cfg.n_check_prompts, len(records)), **scores,

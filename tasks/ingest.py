@@ -44,7 +44,8 @@ def ingest(cfg: DataConfig, out_dir: str | Path) -> dict:
     (or a folder with one data file) is written as ``train``. Exact duplicates within a split are dropped.
 
     Returns:
-        ``{"files": {split: path}, "counts": {split: {"rows", "duplicates_dropped", "kept"}}, "format": str,
+        ``{"files": {split: path}, "counts": {split: {"rows", "empty_answers_dropped", "duplicates_dropped",
+        "kept"}}, "format": str,
         "task": "classification" | "generation", "labels": sorted label list or []}``.
 
     Raises:
@@ -58,14 +59,19 @@ def ingest(cfg: DataConfig, out_dir: str | Path) -> dict:
         if fmt is not None and fmt_here != fmt:
             raise DataError(f"{origin}: format {fmt_here!r} differs from the other splits' format {fmt!r}")
         fmt = fmt_here
-        records = [normalise(r, fmt, cfg, origin, i + 1) for i, r in enumerate(rows)]
+        empty = [i for i, r in enumerate(rows) if cfg.drop_empty_answers and _answer_is_empty(r, fmt)]
+        if empty:
+            log.warning("ingest %s: dropped %d rows with an empty answer (rows %s) (%s)", split, len(empty),
+                        ", ".join(str(i + 1) for i in empty[:20]), origin)
+        records = [normalise(r, fmt, cfg, origin, i + 1) for i, r in enumerate(rows) if i not in set(empty)]
         kept = dedupe(records)
         if not kept:
             raise DataError(f"{origin}: no records")
         labels |= {r["label"] for r in kept if r["label"] is not None}
         kept_by_split[split] = kept
-        counts[split] = {"rows": len(records), "duplicates_dropped": len(records) - len(kept), "kept": len(kept)}
-        log.info("ingest %s: %d rows, %d duplicates dropped (%s)", split, len(records), len(records) - len(kept),
+        counts[split] = {"rows": len(rows), "empty_answers_dropped": len(empty),
+                         "duplicates_dropped": len(records) - len(kept), "kept": len(kept)}
+        log.info("ingest %s: %d rows, %d duplicates dropped (%s)", split, len(rows), len(records) - len(kept),
                  origin)
     result = {"files": {split: str(out_dir / f"{split}.jsonl") for split in kept_by_split}, "counts": counts,
               "format": fmt, "task": "classification" if fmt == "classification" else "generation",
@@ -190,6 +196,18 @@ def _detect_format(origin: str, columns: Iterable[str]) -> str:
     raise DataError(f"{origin}: cannot tell the record format from columns {sorted(columns)}; expected one of "
                     + "; ".join(f"{f}: {'+'.join(k)}" for f, k in FORMAT_KEYS.items())
                     + " (rename columns with data.columns, or set data.format)")
+
+
+def _answer_is_empty(row: dict, fmt: str) -> bool:
+    """True when the row's answer (alpaca output, completion, label, or the last chat message) is missing or
+    blank; other problems are left to ``normalise`` to report."""
+    if fmt == "chat":
+        messages = row.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        value = last.get("content") if isinstance(last, dict) else None
+    else:
+        value = row.get({"alpaca": "output", "prompt_completion": "completion", "classification": "label"}[fmt])
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _text(row: dict, field: str, origin: str, rowno: int, required: bool = True) -> str:

@@ -5,9 +5,10 @@ import json
 import os
 from pathlib import Path
 
-from tasks.files import atomic_dir, read_json, write_json, write_text_atomic
+from tasks.files import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
 
-QUALITY_KEYS = {"classification": ("accuracy", "macro_f1"), "generation": ("rouge_l", "exact_match")}
+N_SAMPLES = 5  # test prompts shown base vs fine-tuned in report.md and the sample-generations artifact
+QUALITY_KEYS = {"classification": ("accuracy", "macro_f1"), "generation": ("rouge_l", "bleu", "exact_match")}
 
 
 def build_metrics(config: dict, task: str, base: dict | None, finetuned: dict, train: dict, merge: dict,
@@ -18,8 +19,9 @@ def build_metrics(config: dict, task: str, base: dict | None, finetuned: dict, t
         "base": base,
         "finetuned": finetuned,
         "onnx": onnx,
-        "train": {k: train[k] for k in ("train_tokens", "tokens_per_second", "wall_seconds", "steps",
-                                         "train_loss", "eval_loss", "bf16", "resumed_from")},
+        "train": {k: train.get(k) for k in ("train_tokens", "tokens_per_second", "wall_seconds", "steps",
+                                             "train_loss", "eval_loss", "bf16", "resumed_from", "stopped_early",
+                                             "best_checkpoint", "sequence_lengths")},
         "merge": {k: merge[k] for k in ("max_abs_logit_diff", "max_abs_weight_diff")},
         "data": data,
         "stage_seconds": stages,
@@ -28,15 +30,17 @@ def build_metrics(config: dict, task: str, base: dict | None, finetuned: dict, t
 
 
 def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], train_log: str | None) -> dict:
-    """Publish the run folder atomically: ``metrics.json``, ``report.md``, ``loss_curve.png`` and, for each
-    ``links`` entry (e.g. ``"adapter"`` or ``"eval/base"``), a relative symlink to that stage's output folder.
+    """Publish the run folder atomically: ``metrics.json``, ``report.md``, ``loss_curve.png``,
+    ``samples.json`` (``sample_generations``) and, for each ``links`` entry (e.g. ``"adapter"`` or
+    ``"eval/base"``), a relative symlink to that stage's output folder.
 
     Stage outputs live once, content-addressed, under ``<output.dir>/stages``; run folders link to them.
 
     Returns:
-        ``{"metrics", "report", "loss_curve"}`` paths (``loss_curve`` is None without a train log).
+        ``{"metrics", "report", "loss_curve", "samples"}`` paths (``loss_curve`` is None without a train log).
     """
     run_dir = Path(run_dir)
+    samples = sample_generations(links.get("eval/base"), links["eval/finetuned"])
     with atomic_dir(run_dir) as tmp:
         for name, target in links.items():
             link = tmp / name
@@ -44,9 +48,30 @@ def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], trai
             link.symlink_to(os.path.relpath(Path(target).resolve(), (run_dir / name).parent.resolve()))
         write_json(tmp / "metrics.json", metrics)
         curve = plot_loss_curve(read_json(train_log), tmp / "loss_curve.png") if train_log else None
-        write_text_atomic(tmp / "report.md", render_markdown(metrics, has_curve=curve is not None))
+        write_json(tmp / "samples.json", samples)
+        write_text_atomic(tmp / "report.md", render_markdown(metrics, samples, has_curve=curve is not None))
     return {"metrics": str(run_dir / "metrics.json"), "report": str(run_dir / "report.md"),
-            "loss_curve": str(run_dir / "loss_curve.png") if curve else None}
+            "loss_curve": str(run_dir / "loss_curve.png") if curve else None,
+            "samples": str(run_dir / "samples.json")}
+
+
+def sample_generations(base_eval: str | None, tuned_eval: str, n: int = N_SAMPLES) -> list[dict]:
+    """The first ``n`` test rows side by side: ``[{"prompt": last user message, "reference", "base" (None
+    without a base evaluation), "fine-tuned"}]``, read from the evaluations' ``predictions.jsonl``."""
+    tuned = read_jsonl(Path(tuned_eval) / "predictions.jsonl")[:n]
+    base = read_jsonl(Path(base_eval) / "predictions.jsonl")[:n] if base_eval else [{}] * len(tuned)
+    return [{"prompt": t["prompt"][-1]["content"], "reference": t["reference"], "base": b.get("prediction"),
+             "fine-tuned": t["prediction"]} for b, t in zip(base, tuned)]
+
+
+def samples_markdown(samples: list[dict]) -> str:
+    """``sample_generations`` as markdown: one block per prompt with the reference, base and fine-tuned answers."""
+    def quote(text: str | None) -> str:
+        return "(no base evaluation)" if text is None else "\n".join(f"> {line}" for line in text.splitlines() or [""])
+
+    return "\n\n".join(f"**Prompt {i}.** {s['prompt']}\n\n- reference:\n\n{quote(s['reference'])}\n\n"
+                        f"- base:\n\n{quote(s['base'])}\n\n- fine-tuned:\n\n{quote(s['fine-tuned'])}"
+                        for i, s in enumerate(samples, 1))
 
 
 def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
@@ -124,8 +149,24 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(metrics: dict, has_curve: bool = False) -> str:
-    """The run report: quality table, training figures, merge/export checks, stage times, config."""
+def length_lines(train: dict) -> list[str]:
+    """What happened to over-long examples and whether training stopped early / published its best checkpoint."""
+    lengths, lines = train.get("sequence_lengths") or {}, []
+    for split in ("train", "validation"):
+        c = lengths.get(split)
+        if c:
+            lines.append(f"{split}: {c['over_max_seq_length']} of {c['examples']} examples longer than "
+                         f"max_seq_length={lengths['max_seq_length']} (longest {c['longest']} tokens): "
+                         f"{c['dropped']} dropped, {c['truncated']} truncated")
+    if train.get("stopped_early"):
+        lines.append(f"stopped early after {train['steps']} steps (validation loss stopped improving)")
+    if train.get("best_checkpoint"):
+        lines.append(f"published the best checkpoint by validation loss: {train['best_checkpoint']}")
+    return lines
+
+
+def render_markdown(metrics: dict, samples: list[dict] | None = None, has_curve: bool = False) -> str:
+    """The run report: quality table, sample generations, training figures, merge/export checks, stage times."""
     cfg, train = metrics["config"], metrics["train"]
     stages = "\n".join(f"| {name} | {sec:.1f} |" for name, sec in metrics["stage_seconds"].items())
     onnx_lines = "\n".join(f"- ONNX {line}" for line in export_lines(metrics)) or "- ONNX export: disabled"
@@ -136,12 +177,15 @@ Base model: `{cfg['model']['name_or_path']}` · data: `{cfg['data']['path']}` ·
 ## Quality on the test split
 {metrics_table(metrics)}
 
+## Sample generations (first {len(samples or [])} test prompts)
+{samples_markdown(samples or [])}
+
 ## Training
 - LoRA r={cfg['lora']['r']}, lora_alpha={cfg['lora']['lora_alpha']}, target_modules={cfg['lora']['target_modules']}
 - {train['steps']} steps, {train['train_tokens']} tokens in {train['wall_seconds']:.0f} s \
 ({train['tokens_per_second']:.1f} tokens/s), bf16 autocast: {train['bf16']}
 - final train loss {_fmt(train['train_loss'])}, validation loss {_fmt(train['eval_loss'])}
-{"![loss curve](loss_curve.png)" if has_curve else ""}
+{"".join(f"- {line}{chr(10)}" for line in length_lines(train))}{"![loss curve](loss_curve.png)" if has_curve else ""}
 
 ## Checks
 - merge: max abs logit diff merged vs base+adapter {metrics['merge']['max_abs_logit_diff']:.3g}

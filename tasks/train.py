@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from configs.schema import LoraConfig, ModelConfig, TrainConfig
 from tasks.base_model import load_model, load_tokenizer, use_bf16
+from tasks.evaluate import tokenize_with_completion_mask
 from tasks.files import atomic_dir, read_jsonl, write_json
 
 if TYPE_CHECKING:
@@ -25,6 +26,48 @@ def to_prompt_completion(records: list[dict]) -> datasets.Dataset:
 
     return datasets.Dataset.from_list(
         [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records])
+
+
+def fit_to_length(tokenizer, records: list[dict], max_seq_length: int, overlength: str) -> tuple[list[dict], dict]:
+    """Apply ``train.overlength`` to the examples longer than ``max_seq_length`` tokens (prompt + answer, as
+    tokenised for training): ``"drop"`` removes them; ``"truncate"`` keeps them (the trainer cuts them at
+    ``max_seq_length``, losing the end of the answer) unless the prompt alone fills the window, which would
+    leave no answer token to learn from: those are dropped in both modes.
+
+    Returns:
+        ``(kept records, {"examples", "over_max_seq_length", "dropped", "truncated", "longest"})`` (token counts).
+    """
+    lengths = [(len(ids), prompt) for ids, prompt in tokenize_with_completion_mask(tokenizer, records)]
+    over = {i for i, (n, _) in enumerate(lengths) if n > max_seq_length}
+    drop = over if overlength == "drop" else {i for i in over if lengths[i][1] >= max_seq_length}
+    kept = [r for i, r in enumerate(records) if i not in drop]
+    return kept, {"examples": len(records), "over_max_seq_length": len(over), "dropped": len(drop),
+                  "truncated": len(over) - len(drop), "longest": max((n for n, _ in lengths), default=0)}
+
+
+def sequence_lengths(tokenizer, files: dict, cfg: TrainConfig) -> tuple[dict, dict]:
+    """``fit_to_length`` on the train and validation splits: ``({split: records}, report)``, where the report
+    is ``{"max_seq_length", "overlength", "train": counts, "validation": counts}`` (logged as a warning when
+    anything was over length).
+
+    Raises:
+        ValueError: no training (or validation) example is left within ``train.max_seq_length``.
+    """
+    records, report = {}, {"max_seq_length": cfg.max_seq_length, "overlength": cfg.overlength}
+    for split in ("train", "validation"):
+        records[split], report[split] = fit_to_length(tokenizer, read_jsonl(files[split]), cfg.max_seq_length,
+                                                      cfg.overlength)
+        counts = report[split]
+        if counts["over_max_seq_length"]:
+            log.warning("train: %d of %d %s examples are longer than train.max_seq_length=%d tokens (longest %d): "
+                        "%d dropped, %d truncated (train.overlength=%s)", counts["over_max_seq_length"],
+                        counts["examples"], split, cfg.max_seq_length, counts["longest"], counts["dropped"],
+                        counts["truncated"], cfg.overlength)
+        if not records[split]:
+            raise ValueError(f"{files[split]}: all {counts['examples']} {split} examples are longer than "
+                             f"train.max_seq_length={cfg.max_seq_length} tokens (longest {counts['longest']}); "
+                             "raise train.max_seq_length")
+    return records, report
 
 
 def latest_complete_checkpoint(checkpoint_dir: str | Path) -> tuple[str | None, dict]:
@@ -51,7 +94,10 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
           out_dir: str | Path, checkpoint_dir: str | Path, callback_factories: list | None = None) -> dict:
     """Train a LoRA adapter on ``splits["files"]["train"]``, with eval loss on the validation split.
 
-    Checkpoints go to ``checkpoint_dir`` every ``cfg.save_steps`` steps; a run restarted with the same
+    Examples longer than ``cfg.max_seq_length`` are dropped or truncated as ``cfg.overlength`` says (counted in
+    the result). With ``cfg.early_stopping_patience`` training stops once validation loss has not improved for
+    that many evaluations; with it or ``cfg.load_best_model_at_end`` the published adapter is the checkpoint
+    with the lowest validation loss. Checkpoints go to ``checkpoint_dir`` every ``cfg.save_steps`` steps; a run restarted with the same
     ``checkpoint_dir`` resumes from the latest one (optimizer, scheduler, RNG and data position). With
     ``cfg.group_by_length`` (on by default: much less padding) a resume in the middle of an epoch sees a
     different batch order for the rest of that epoch, because transformers' LengthGroupedSampler draws its
@@ -62,8 +108,13 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
 
     Returns:
         ``{"adapter": path, "train_tokens": non-pad tokens seen, "tokens_per_second": float,
-        "wall_seconds": float, "steps": int, "train_loss": float, "eval_loss": float | None, "bf16": bool,
-        "resumed_from": checkpoint path | None}``.
+        "wall_seconds": float, "steps": int, "train_loss": float, "eval_loss": float | None (the published
+        adapter's: the best one's with load_best_model_at_end), "bf16": bool, "resumed_from": checkpoint path |
+        None, "stopped_early": bool, "best_checkpoint": folder name | None, "sequence_lengths": see
+        ``sequence_lengths``}``.
+
+    Raises:
+        ValueError: no example fits ``cfg.max_seq_length``.
     """
     import peft
     from trl import SFTConfig, SFTTrainer
@@ -71,10 +122,10 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
     tokenizer = load_tokenizer(base_model, model_cfg.trust_remote_code)
     tokenizer.padding_side = "right"
     model = load_model(base_model, model_cfg.trust_remote_code)
-    files = splits["files"]
-    train_ds = to_prompt_completion(read_jsonl(files["train"]))
-    eval_ds = to_prompt_completion(read_jsonl(files["validation"]))
+    records, lengths = sequence_lengths(tokenizer, splits["files"], cfg)
+    train_ds, eval_ds = to_prompt_completion(records["train"]), to_prompt_completion(records["validation"])
     bf16 = use_bf16(cfg.bf16)
+    best = cfg.load_best_model_at_end or cfg.early_stopping_patience is not None
     ckpt_dir = Path(checkpoint_dir)
     args = SFTConfig(
         output_dir=str(ckpt_dir),
@@ -89,7 +140,7 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         weight_decay=cfg.weight_decay,
         max_length=cfg.max_seq_length,
         completion_only_loss=True,
-        packing=False,
+        packing=cfg.packing,
         group_by_length=cfg.group_by_length,
         bf16=bf16,
         fp16=False,
@@ -99,6 +150,9 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=best,
+        metric_for_best_model="eval_loss" if best else None,
+        greater_is_better=False if best else None,
         logging_steps=cfg.logging_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -108,9 +162,13 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
     )
     lora = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
                            target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
+    callbacks = [make() for make in callback_factories or []]
+    if cfg.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_min_delta))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=lora,
-                         callbacks=[make() for make in callback_factories or []])
+                         processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
     resume, state = latest_complete_checkpoint(ckpt_dir)
     tokens_before = int(state.get("num_input_tokens_seen", 0))
     if resume:
@@ -129,9 +187,12 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         "wall_seconds": wall,
         "steps": trainer.state.global_step,
         "train_loss": output.training_loss,
-        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "eval_loss": trainer.state.best_metric if best else (eval_losses[-1] if eval_losses else None),
         "bf16": bf16,
         "resumed_from": resume,
+        "stopped_early": trainer.state.global_step < trainer.state.max_steps,
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if best else None,
+        "sequence_lengths": lengths,
     }
     with atomic_dir(out_dir) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)

@@ -71,3 +71,60 @@ def test_apply_overrides_does_not_mutate_input():
 def test_config_round_trips_through_json():
     cfg = load_config()
     assert FinetuneConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "alpaca_en_demo", "code_alpaca_2k", "poem_sentiment", "banking77"])
+def test_shipped_configs_ingest_their_real_data(name, shared_data, tmp_path):
+    from tasks.ingest import ingest
+
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml", [f"data.path={shared_data / name}"])
+    data = ingest(cfg.data, tmp_path / "ingested")
+    expected = "classification" if name in ("banking77", "poem_sentiment") else "generation"
+    assert data["task"] == expected and data["counts"]["train"]["kept"] > 500
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.early_stopping_patience=2", "need train.eval_steps"),
+    ("train.load_best_model_at_end=true", "need train.eval_steps"),
+    ("eval.answer_pattern='####(('", "eval.answer_pattern: Value error, not a valid regular expression"),
+    ("train.overlength=cut", "train.overlength: Input should be 'drop' or 'truncate'"),
+])
+def test_new_training_and_eval_settings_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def _sweep(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"config: {CONFIG_DIR / 'banking77.yaml'}\n{text}", encoding="utf-8")
+    return path
+
+
+def test_sweep_loads_the_space_and_the_baseline_with_its_overrides(tmp_path):
+    from configs.schema import load_sweep
+
+    spec, baseline = load_sweep(CONFIG_DIR / "sweeps" / "banking77.yaml",
+                                ["n_trials=6", "finetune.data.path=/data/b77"])
+    assert spec.n_trials == 6 and spec.sampler == "random" and list(spec.space) == [
+        "train.learning_rate", "lora.r", "train.per_device_train_batch_size"]
+    assert spec.space["train.learning_rate"].log_uniform == (3e-4, 5e-3)
+    assert baseline.data.path == "/data/b77" and baseline.split.max_train_examples == 800
+    assert baseline.train.learning_rate == load_config().train.learning_rate  # the job's own value
+
+
+@pytest.mark.parametrize("text, message", [
+    ("space: {train.learnin_rate: {choice: [0.1]}}", "'train.learnin_rate' is not a finetune config field"),
+    ("space: {lora.r: {choice: [8, 0]}}", "space.lora.r: invalid config: lora.r: Input should be greater than 0"),
+    ("space: {lora.r: {choice: [8]}, train.learning_rate: {log_uniform: [0, 1]}}", "low > 0 for log_uniform"),
+    ("space: {lora.r: {integer: [8, 4]}}", "expected \\[low, high\\] with low < high"),
+    ("space: {lora.r: {choice: [8], integer: [1, 4]}}", "set exactly one of"),
+    ("sampler: grid\nspace: {train.learning_rate: {log_uniform: [0.001, 0.01]}}", "grid needs a choice list"),
+    ("space: {lora.r: {choice: [8]}}\nn_trial: 3", "n_trial: Extra inputs are not permitted"),
+])
+def test_bad_sweeps_are_rejected_naming_the_file_and_key(tmp_path, text, message):
+    from configs.schema import load_sweep
+
+    path = _sweep(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_sweep(path)
+    assert str(path) in str(err.value)

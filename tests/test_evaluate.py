@@ -4,7 +4,8 @@ import math
 import pytest
 
 from configs.schema import EvalConfig
-from tasks.evaluate import classification_metrics, evaluate, generation_metrics, normalise_answer
+from tasks.evaluate import (classification_metrics, evaluate, extract_answer, generation_metrics,
+                            normalise_answer)
 from tasks.files import read_jsonl
 
 
@@ -28,6 +29,40 @@ def test_generation_metrics():
     assert m["exact_match"] == pytest.approx(0.5)
     # ROUGE-L F1: 3-token LCS of 3 and 4 tokens -> 2*1*0.75/1.75; second is a perfect match
     assert m["rouge_l"] == pytest.approx((2 * 0.75 / 1.75 + 1.0) / 2)
+    assert m["answer_found"] == 1.0
+
+
+GSM8K = EvalConfig.model_fields["answer_pattern"].description.split("gsm8k: '")[1].split("'")[0]
+
+
+def test_bleu_is_sacrebleu_corpus_bleu():
+    import sacrebleu
+
+    preds, refs = ["the cat sat on the mat", "a dog barked"], ["the cat sat on a mat", "the dog barked loudly"]
+    assert generation_metrics(preds, refs)["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score)
+    assert generation_metrics(refs, refs)["bleu"] == pytest.approx(100.0)
+
+
+def test_answer_pattern_compares_the_final_number_only():
+    refs = ["48/2 = <<48/2=24>>24 clips.\n#### 72", "So 1,000 - 1 = 999\n#### 999", "#### -3.5", "#### 10"]
+    preds = ["Natalia sold 72 clips in all.\n#### 72.", "#### 998\nwait, #### 999", "#### $-3.5", "the answer is 10"]
+    m = generation_metrics(preds, refs, GSM8K)
+    assert m["exact_match"] == pytest.approx(3 / 4)  # the last has no '####' answer: never a match
+    assert m["answer_found"] == pytest.approx(3 / 4)
+    assert extract_answer("#### 1,234", GSM8K) == "1234" and extract_answer("no number", GSM8K) is None
+    assert extract_answer("  Some  Text ", None) == "some text"
+    assert extract_answer("answer: B", r"answer: ([A-D])") == "B" and extract_answer("xBx", "B") == "B"
+
+
+def test_gsm8k_config_pattern_extracts_every_real_reference_answer(shared_data):
+    from configs.schema import load_config
+
+    pattern = load_config("configs/gsm8k.yaml").eval.answer_pattern
+    assert pattern == GSM8K
+    rows = [json.loads(line) for line in (shared_data / "gsm8k" / "test.jsonl").open()]
+    answers = [extract_answer(r["answer"], pattern) for r in rows]
+    assert all(a is not None and float(a) == float(r["answer"].rsplit("####", 1)[1].replace(",", ""))
+               for a, r in zip(answers, rows))
 
 
 def test_evaluate_base_vs_tuned_on_tiny_model(tmp_path, tiny_trained):

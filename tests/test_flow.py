@@ -63,6 +63,10 @@ def test_whole_flow_meets_the_output_contract(flow_run):
     assert set(metrics["stage_states"].values()) == {"Completed"}
     report = (run / "report.md").read_text()
     assert "| accuracy |" in report and "greedy agreement" in report and "loss_curve.png" in report
+    samples = json.loads((run / "samples.json").read_text())
+    tuned = [json.loads(line) for line in (run / "eval" / "finetuned" / "predictions.jsonl").open()]
+    assert [s["fine-tuned"] for s in samples] == [t["prediction"] for t in tuned[:5]]
+    assert all(s["base"] is not None and s["prompt"] in report for s in samples)
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.rglob(".*tmp-*"))
 
@@ -74,12 +78,16 @@ def test_artifacts_are_in_prefect(flow_run):
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     by_key = {a.key: a for a in artifacts}
-    assert {"metrics", "loss-curve", "model-card", "run-folder", "training-progress"} <= set(by_key)
+    assert {"metrics", "loss-curve", "model-card", "run-folder", "training-progress",
+            "sample-generations"} <= set(by_key)
     table = json.loads(by_key["metrics"].data) if isinstance(by_key["metrics"].data, str) else by_key["metrics"].data
     assert {row["metric"] for row in table} == {"accuracy", "macro_f1", "eval_loss", "perplexity"}
     assert "data:image/png;base64," in by_key["loss-curve"].data
     assert "from_pretrained" in by_key["model-card"].data and "sha256" in by_key["model-card"].data
     assert float(by_key["training-progress"].data) == pytest.approx(100.0)
+    samples = by_key["sample-generations"].data
+    samples = json.loads(samples) if isinstance(samples, str) else samples
+    assert samples == json.loads((out / "run" / "samples.json").read_text())
     assert f"]({(out / 'run').resolve().as_uri()})" in by_key["run-folder"].data  # a markdown link
 
 

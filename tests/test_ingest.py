@@ -46,10 +46,22 @@ def test_classification_csv_with_column_mapping_and_duplicates(tmp_path):
     f = tmp_path / "d.csv"
     f.write_text("text,category\nlost my card,lost_card\nlost my card,lost_card\nwhere is it,card_arrival\n")
     result, splits = _ingest(tmp_path, f, columns={"category": "label"}, prompt_template="Query: {text}")
-    assert result["counts"]["train"] == {"rows": 3, "duplicates_dropped": 1, "kept": 2}
+    assert result["counts"]["train"] == {"rows": 3, "empty_answers_dropped": 0, "duplicates_dropped": 1, "kept": 2}
     assert result["labels"] == ["card_arrival", "lost_card"]
     assert splits["train"][0]["messages"][0] == {"role": "user", "content": "Query: lost my card"}
     assert splits["train"][0]["label"] == "lost_card"
+
+
+def test_empty_answers_fail_by_default_and_are_dropped_and_counted_when_configured(tmp_path):
+    rows = [{"instruction": "a", "input": "", "output": "x"}, {"instruction": "b", "input": "", "output": " "},
+            {"instruction": "c", "input": "", "output": "z"}]
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"a\.json: row 2: field 'output': expected a non-empty string"):
+        _ingest(tmp_path, f)
+    result, splits = _ingest(tmp_path, f, drop_empty_answers=True)
+    assert result["counts"]["train"] == {"rows": 3, "empty_answers_dropped": 1, "duplicates_dropped": 0, "kept": 2}
+    assert [r["messages"][0]["content"] for r in splits["train"]] == ["a", "c"]
 
 
 def test_headerless_tsv_with_label_names(tmp_path):

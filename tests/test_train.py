@@ -80,3 +80,67 @@ def test_a_checkpoint_cut_off_while_saving_is_skipped_and_removed(tmp_path):
     assert path == str(tmp_path / "checkpoint-5") and state == {"global_step": 5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
     assert latest_complete_checkpoint(tmp_path / "missing") == (None, {})
+
+
+def _records(lengths: list[tuple[int, int]]) -> list[dict]:
+    """Chat records whose prompt/answer have about the given numbers of words."""
+    return [{"messages": [{"role": "user", "content": " ".join(["apple"] * p)},
+                          {"role": "assistant", "content": " ".join(["plum"] * a)}], "label": None}
+            for p, a in lengths]
+
+
+def test_overlength_examples_are_counted_then_dropped_or_truncated(tiny_model_dir):
+    from tasks.train import fit_to_length
+
+    tok = load_tokenizer(tiny_model_dir)
+    records = _records([(2, 2), (2, 100), (3, 3), (150, 2)])  # short, long answer, short, prompt alone too long
+    sizes = [len(ids) for ids, _ in tokenize_with_completion_mask(tok, records)]
+    limit = 80
+    assert sizes[0] < limit and sizes[2] < limit and sizes[1] > limit and sizes[3] > limit
+    kept, counts = fit_to_length(tok, records, limit, "drop")
+    assert kept == [records[0], records[2]]
+    assert counts == {"examples": 4, "over_max_seq_length": 2, "dropped": 2, "truncated": 0, "longest": max(sizes)}
+    kept, counts = fit_to_length(tok, records, limit, "truncate")
+    assert kept == records[:3]  # the answer of row 2 is cut; row 4 would have no answer token left: dropped
+    assert counts["dropped"] == 1 and counts["truncated"] == 1
+
+
+def test_training_reports_overlength_and_refuses_when_nothing_fits(tmp_path, tiny_trained):
+    cfg = tiny_trained["cfg"]
+    splits = tiny_trained["splits"]
+    short = cfg.train.model_copy(update={"max_seq_length": 8})
+    with pytest.raises(ValueError, match=r"train\.jsonl: all \d+ train examples are longer than train.max_seq_length=8"):
+        train(tiny_trained["base"], splits, cfg.model, cfg.lora, short, tmp_path / "a", tmp_path / "c")
+    assert not (tmp_path / "a").exists()
+    lengths = tiny_trained["trained"]["sequence_lengths"]
+    assert lengths["max_seq_length"] == 64 and lengths["overlength"] == "drop"
+    assert lengths["train"]["examples"] == len(read_jsonl(splits["files"]["train"]))
+    assert lengths["train"]["over_max_seq_length"] == 0 and lengths["train"]["longest"] <= 64
+
+
+def test_early_stopping_stops_and_publishes_the_best_checkpoint(tmp_path, tiny_trained):
+    cfg = tiny_trained["cfg"]
+    # every evaluation after the first must beat the best by 100 nats to count: patience 2 stops at step 3
+    stop = cfg.train.model_copy(update={"eval_steps": 1, "save_steps": 1, "early_stopping_patience": 2,
+                                        "early_stopping_min_delta": 100.0, "save_total_limit": 1})
+    result = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora, stop, tmp_path / "adapter",
+                   tmp_path / "checkpoints")
+    log = json.loads((tmp_path / "adapter" / "train_log.json").read_text())
+    evals = {h["step"]: h["eval_loss"] for h in log if "eval_loss" in h}
+    assert result["steps"] == 3 and result["stopped_early"] and sorted(evals) == [1, 2, 3]
+    best_step = min(evals, key=evals.get)
+    assert result["best_checkpoint"] == f"checkpoint-{best_step}" and result["eval_loss"] == evals[best_step]
+    published = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    best = load_file(tmp_path / "checkpoints" / f"checkpoint-{best_step}" / "adapter_model.safetensors")
+    assert all((published[k] - best[k]).abs().max() == 0 for k in best)
+
+
+def test_packing_fits_several_examples_per_sequence(tmp_path, tiny_trained):
+    cfg = tiny_trained["cfg"]
+    packed = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora,
+                   cfg.train.model_copy(update={"packing": True, "max_seq_length": 200}), tmp_path / "adapter",
+                   tmp_path / "checkpoints")
+    # the same 3 epochs of the same examples (30-40 tokens each) in fewer, fuller sequences of up to 200 tokens
+    assert packed["steps"] < tiny_trained["trained"]["steps"]
+    assert packed["train_tokens"] == tiny_trained["trained"]["train_tokens"]
+    assert packed["train_loss"] < 6.0  # log(512) = 6.24: it learned something

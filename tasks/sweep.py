@@ -1,0 +1,146 @@
+"""sweep: hyperparameter search trials (Optuna samples; each trial = train → merge → evaluate on validation).
+
+The search itself is Optuna's (random, grid or TPE sampler, ask/tell); this module only turns a sampled
+trial into a finetune config, runs it with the pipeline's own stage functions, and writes the results.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from configs.schema import FinetuneConfig, SearchDimension, SweepConfig
+from tasks.evaluate import evaluate
+from tasks.files import atomic_dir, write_json, write_text_atomic
+from tasks.merge import merge
+from tasks.train import train
+
+if TYPE_CHECKING:
+    import optuna
+
+MINIMISED = ("eval_loss", "perplexity")
+
+
+def objective(sweep: SweepConfig, task: str) -> tuple[str, str]:
+    """``(validation metric, "maximize" | "minimize")``: ``sweep.metric``, or accuracy / rouge_l for auto."""
+    metric = sweep.metric if sweep.metric != "auto" else ("accuracy" if task == "classification" else "rouge_l")
+    return metric, "minimize" if metric in MINIMISED else "maximize"
+
+
+def make_study(sweep: SweepConfig, direction: str) -> optuna.Study:
+    """An in-memory Optuna study with ``sweep.sampler`` seeded by ``sweep.seed`` (grid: over the choices)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if sweep.sampler == "grid":
+        sampler = optuna.samplers.GridSampler({k: d.choice for k, d in sweep.space.items()}, seed=sweep.seed)
+    elif sweep.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=sweep.seed)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=sweep.seed)
+    return optuna.create_study(direction=direction, sampler=sampler)
+
+
+def n_trials(sweep: SweepConfig) -> int:
+    """``sweep.n_trials``, capped at the grid's size for the grid sampler."""
+    if sweep.sampler != "grid":
+        return sweep.n_trials
+    size = 1
+    for dim in sweep.space.values():
+        size *= len(dim.choice)
+    return min(sweep.n_trials, size)
+
+
+def suggest(trial: optuna.Trial, space: dict[str, SearchDimension]) -> dict[str, Any]:
+    """Sample one value per dimension: log_uniform/uniform → ``suggest_float`` (``log=True`` for the former),
+    integer → ``suggest_int``, choice → ``suggest_categorical``."""
+    params = {}
+    for key, dim in space.items():
+        if dim.log_uniform:
+            params[key] = trial.suggest_float(key, *dim.log_uniform, log=True)
+        elif dim.uniform:
+            params[key] = trial.suggest_float(key, *dim.uniform)
+        elif dim.integer:
+            params[key] = trial.suggest_int(key, *dim.integer)
+        else:
+            params[key] = trial.suggest_categorical(key, dim.choice)
+    return params
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, value: float | None) -> None:
+    """Report a trial's validation metric to Optuna, or that it failed (``value`` None)."""
+    from optuna.trial import TrialState
+
+    if value is None:
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        study.tell(trial, value)
+
+
+def baseline_params(baseline: FinetuneConfig, space: dict[str, SearchDimension]) -> dict[str, Any]:
+    """The baseline config's own values of the searched keys."""
+    tree = baseline.model_dump(mode="json")
+    params = {}
+    for key in space:
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        params[key] = node
+    return params
+
+
+def run_trial(base_model: str, splits: dict, task: str, cfg: FinetuneConfig, out_dir: str | Path,
+              callback_factories: list | None = None) -> dict:
+    """Train ``cfg``'s adapter, merge it and evaluate the merged model on the **validation** split (the test
+    split stays untouched for the final comparison). Writes ``adapter/``, ``merged/`` and ``eval/`` under
+    ``out_dir`` (each atomically; checkpoints in ``checkpoints/`` make a retried trial resume).
+
+    Returns:
+        ``{"validation": evaluate's metrics, "train": {"steps", "train_loss", "eval_loss", "wall_seconds",
+        "stopped_early"}, "merged": path}``.
+
+    Raises:
+        whatever train, merge or evaluate raise (e.g. ``MergeCheckError`` when a trial learned nothing).
+    """
+    out_dir = Path(out_dir)
+    validation = splits["files"]["validation"]
+    trc = cfg.model.trust_remote_code
+    trained = train(base_model, splits, cfg.model, cfg.lora, cfg.train, out_dir / "adapter",
+                    out_dir / "checkpoints", callback_factories)
+    merged = merge(base_model, trained["adapter"], validation, cfg.merge, out_dir / "merged", trc)["merged"]
+    metrics = evaluate(merged, validation, task, cfg.eval, out_dir / "eval", trc)
+    return {"validation": metrics, "merged": merged,
+            "train": {k: trained[k] for k in ("steps", "train_loss", "eval_loss", "wall_seconds", "stopped_early")}}
+
+
+def result_row(name: str, params: dict, result: dict | None, metric: str, error: str | None = None) -> dict:
+    """One line of the results table: trial name, its parameters, the validation metric, eval loss, steps and
+    train time (``None`` and the error for a failed trial)."""
+    v = (result or {}).get("validation", {})
+    t = (result or {}).get("train", {})
+    return {"trial": name, **params, f"validation_{metric}": v.get(metric), "validation_loss": v.get("eval_loss"),
+            "steps": t.get("steps"), "train_seconds": None if not t else round(t["wall_seconds"], 1),
+            "error": error}
+
+
+def write_results(out_dir: str | Path, rows: list[dict], best: dict, best_cfg: FinetuneConfig,
+                  summary: str) -> dict:
+    """Publish ``trials.json`` (the rows), ``best.yaml`` (the best trial's whole finetune config, runnable
+    with ``python -m flows.finetune --config``), ``best.json`` and ``summary.md`` in ``out_dir``, atomically.
+
+    Returns:
+        ``{"trials", "best_config", "summary"}`` paths.
+    """
+    out_dir = Path(out_dir)
+    header = "".join(f"# {line}\n" for line in
+                     [f"Best trial of the sweep in {out_dir} ({best['trial']}):"]
+                     + [f"  {k}: {v}" for k, v in best["params"].items()])
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "trials.json", rows)
+        write_json(tmp / "best.json", best)
+        write_text_atomic(tmp / "best.yaml", header + yaml.safe_dump(best_cfg.model_dump(mode="json"),
+                                                                    sort_keys=False))
+        write_text_atomic(tmp / "summary.md", summary)
+    return {"trials": str(out_dir / "trials.json"), "best_config": str(out_dir / "best.yaml"),
+            "summary": str(out_dir / "summary.md")}

@@ -1,0 +1,107 @@
+"""A 4-trial hyperparameter sweep on the tiny model through Prefect: trials as mapped tasks (two at a time),
+Optuna's samples inside the space, best picked on validation, best + baseline measured on test, results table
+and best config written, and a re-run served from the cache."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
+                                            FlowRunFilterId)
+from prefect.testing.utilities import prefect_test_harness
+
+from configs.schema import load_config, load_sweep, trial_config
+from flows.sweep import sweep
+from tests.conftest import tiny_config, write_classification_dir
+
+SPACE = {"train.learning_rate": {"log_uniform": [1e-3, 3e-2]}, "lora.r": {"choice": [4, 8]},
+         "train.per_device_train_batch_size": {"choice": [4, 8]}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="module")
+def sweep_files(tmp_path_factory, tiny_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = tiny_config(write_classification_dir(root / "cls"), root / "out", tiny_model_dir,
+                      train={"num_train_epochs": 2}, output={"run_name": "sweep"})
+    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    sweep = {"config": str(root / "tiny.yaml"), "sampler": "random", "n_trials": 4, "seed": 3, "max_parallel": 2,
+             "finetune": {"eval": {"evaluate_base": False}, "export": {"enabled": False}}, "space": SPACE}
+    (root / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return root
+
+
+def _task_runs(flow_run_id):
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return [r for r in runs if r.name.startswith("trial")], {a.key: a for a in artifacts}
+
+
+@pytest.fixture(scope="module")
+def first_sweep(sweep_files):
+    spec, baseline = load_sweep(sweep_files / "sweep.yaml")
+    state = sweep(spec, baseline, return_state=True)
+    assert state.is_completed(), state.message
+    return spec, baseline, state
+
+
+def test_four_trials_and_the_baseline_run_with_samples_inside_the_space(first_sweep):
+    spec, baseline, state = first_sweep
+    result = state.result()
+    rows = result["trials"]
+    assert [r["trial"] for r in rows] == ["baseline", "trial-0", "trial-1", "trial-2", "trial-3"]
+    assert all(r["error"] is None and 0 <= r["validation_accuracy"] <= 1 and r["steps"] > 0 for r in rows)
+    assert rows[0]["train.learning_rate"] == baseline.train.learning_rate and rows[0]["lora.r"] == baseline.lora.r
+    sampled = [(r["train.learning_rate"], r["lora.r"], r["train.per_device_train_batch_size"]) for r in rows[1:]]
+    assert len(set(sampled)) == 4
+    assert all(1e-3 <= lr <= 3e-2 and r in (4, 8) and b in (4, 8) for lr, r, b in sampled)
+    # the trials really trained with their own settings: batch size sets the number of optimizer steps
+    by_batch = {b: {r["steps"] for r in rows if r["train.per_device_train_batch_size"] == b} for b in (4, 8)}
+    assert all(len(steps) == 1 for steps in by_batch.values() if steps)
+    if by_batch[4] and by_batch[8]:
+        assert by_batch[4].pop() > by_batch[8].pop()
+
+
+def test_best_is_chosen_on_validation_then_measured_on_test_with_the_baseline(first_sweep):
+    spec, baseline, state = first_sweep
+    result = state.result()
+    rows = result["trials"]
+    best = max(rows, key=lambda r: r["validation_accuracy"])  # ties: the first, as Python's max
+    assert result["best"]["trial"] == best["trial"]
+    assert result["best"]["validation_accuracy"] == best["validation_accuracy"]
+    for entry in (result["best"], result["baseline"]):
+        assert entry["test"]["n_examples"] == 12 and 0 <= entry["test"]["accuracy"] <= 1
+    paths = result["paths"]
+    written = load_config(paths["best_config"])
+    assert written == trial_config(baseline, result["best"]["params"], "test")
+    assert json.loads(Path(paths["trials"]).read_text()) == rows
+    summary = Path(paths["summary"]).read_text()
+    assert f"**Best: {best['trial']}**" in summary and "test accuracy" in summary
+
+
+def test_trials_are_mapped_tasks_running_two_at_a_time_with_artifacts(first_sweep):
+    _, _, state = first_sweep
+    runs, artifacts = _task_runs(state.state_details.flow_run_id)
+    assert len(runs) == 5 and all(r.state.is_completed() for r in runs)
+    spans = sorted((r.start_time, r.end_time) for r in runs)
+    assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:]))  # some overlap in time
+    table = artifacts["sweep-trials"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [row["trial"] for row in table] == [r["trial"] for r in state.result()["trials"]]
+    assert "Best:" in artifacts["sweep-summary"].data
+
+
+def test_rerunning_the_same_sweep_is_served_from_the_cache(first_sweep):
+    spec, baseline, state = first_sweep
+    again = sweep(spec, baseline, return_state=True)
+    runs, _ = _task_runs(again.state_details.flow_run_id)
+    assert {r.state.name for r in runs} == {"Cached"}
+    assert again.result()["trials"] == state.result()["trials"]
