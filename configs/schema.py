@@ -319,7 +319,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate_config(apply_overrides(tree, overrides or []), str(path))
 
 
-def load_sweep(path: str | Path | None = None, overrides: list[str] | None = None) -> tuple[SweepConfig, FinetuneConfig]:
+def load_sweep(path: str | Path | None = None,
+               overrides: list[str] | None = None) -> tuple[SweepConfig, FinetuneConfig]:
     """Load a sweep YAML (``configs/sweeps/``) with ``--set`` overrides of its own keys (``n_trials=8``,
     ``finetune.data.path=...``); return it with the baseline finetune config (``config`` + ``finetune``).
 

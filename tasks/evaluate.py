@@ -53,7 +53,7 @@ def extract_answer(text: str, pattern: str | None) -> str | None:
 def generation_metrics(predictions: list[str], references: list[str], answer_pattern: str | None = None) -> dict:
     """Mean ROUGE-L F1 (Lin 2004, via rouge-score with stemming), corpus BLEU (Papineni et al. 2002, sacrebleu's
     default 13a tokenisation, 0–100) and exact match of ``extract_answer`` (a prediction without an answer
-    never matches). ``answer_found`` is the fraction of predictions where ``answer_pattern`` matched."""
+    never matches); with ``answer_pattern``, also ``answer_found``: the fraction of predictions it matched."""
     import sacrebleu
     from rouge_score import rouge_scorer
 
@@ -61,9 +61,11 @@ def generation_metrics(predictions: list[str], references: list[str], answer_pat
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     answers = [extract_answer(p, answer_pattern) for p in predictions]
     exact = [a is not None and a == extract_answer(r, answer_pattern) for a, r in zip(answers, references)]
-    return {"rouge_l": sum(rouge) / len(rouge), "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
-            "exact_match": sum(exact) / len(exact),
-            "answer_found": sum(a is not None for a in answers) / len(answers)}
+    scores = {"rouge_l": sum(rouge) / len(rouge), "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
+              "exact_match": sum(exact) / len(exact)}
+    if answer_pattern is not None:
+        scores["answer_found"] = sum(a is not None for a in answers) / len(answers)
+    return scores
 
 
 def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_dir: str | Path,
@@ -75,8 +77,9 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
         task: ``"classification"`` or ``"generation"`` (``cfg.task`` overrides it unless ``"auto"``).
 
     Returns:
-        ``{"accuracy", "macro_f1"}`` or ``{"rouge_l", "bleu", "exact_match", "answer_found"}``, plus ``eval_loss`` (mean nats per
-        completion token), ``perplexity``, ``n_examples``, ``bf16``, ``max_new_tokens`` and ``wall_seconds``.
+        ``{"accuracy", "macro_f1"}`` or ``{"rouge_l", "bleu", "exact_match"}`` (and ``"answer_found"`` with
+        ``cfg.answer_pattern``), plus ``eval_loss`` (mean nats per completion token), ``perplexity``,
+        ``n_examples``, ``bf16``, ``max_new_tokens`` and ``wall_seconds``.
     """
     start = time.perf_counter()
     task = task if cfg.task == "auto" else cfg.task

@@ -67,7 +67,9 @@ def sample_generations(base_eval: str | None, tuned_eval: str, n: int = N_SAMPLE
 def samples_markdown(samples: list[dict]) -> str:
     """``sample_generations`` as markdown: one block per prompt with the reference, base and fine-tuned answers."""
     def quote(text: str | None) -> str:
-        return "(no base evaluation)" if text is None else "\n".join(f"> {line}" for line in text.splitlines() or [""])
+        if text is None:
+            return "(no base evaluation)"
+        return "\n".join(f"> {line}" for line in text.splitlines() or [""])
 
     return "\n\n".join(f"**Prompt {i}.** {s['prompt']}\n\n- reference:\n\n{quote(s['reference'])}\n\n"
                         f"- base:\n\n{quote(s['base'])}\n\n- fine-tuned:\n\n{quote(s['fine-tuned'])}"

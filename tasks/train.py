@@ -97,8 +97,9 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
     Examples longer than ``cfg.max_seq_length`` are dropped or truncated as ``cfg.overlength`` says (counted in
     the result). With ``cfg.early_stopping_patience`` training stops once validation loss has not improved for
     that many evaluations; with it or ``cfg.load_best_model_at_end`` the published adapter is the checkpoint
-    with the lowest validation loss. Checkpoints go to ``checkpoint_dir`` every ``cfg.save_steps`` steps; a run restarted with the same
-    ``checkpoint_dir`` resumes from the latest one (optimizer, scheduler, RNG and data position). With
+    with the lowest validation loss. Checkpoints go to ``checkpoint_dir`` every ``cfg.save_steps`` steps; a run
+    restarted with the same ``checkpoint_dir`` resumes from the latest one (optimizer, scheduler, RNG and data
+    position). With
     ``cfg.group_by_length`` (on by default: much less padding) a resume in the middle of an epoch sees a
     different batch order for the rest of that epoch, because transformers' LengthGroupedSampler draws its
     permutation from the global RNG; turn it off for bit-exact resumes. The adapter (safetensors + tokenizer)

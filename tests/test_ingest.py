@@ -46,7 +46,8 @@ def test_classification_csv_with_column_mapping_and_duplicates(tmp_path):
     f = tmp_path / "d.csv"
     f.write_text("text,category\nlost my card,lost_card\nlost my card,lost_card\nwhere is it,card_arrival\n")
     result, splits = _ingest(tmp_path, f, columns={"category": "label"}, prompt_template="Query: {text}")
-    assert result["counts"]["train"] == {"rows": 3, "empty_answers_dropped": 0, "duplicates_dropped": 1, "kept": 2}
+    assert result["counts"]["train"] == {"rows": 3, "empty_answers_dropped": 0, "duplicates_dropped": 1,
+                                         "kept": 2}
     assert result["labels"] == ["card_arrival", "lost_card"]
     assert splits["train"][0]["messages"][0] == {"role": "user", "content": "Query: lost my card"}
     assert splits["train"][0]["label"] == "lost_card"

@@ -109,7 +109,8 @@ def test_training_reports_overlength_and_refuses_when_nothing_fits(tmp_path, tin
     cfg = tiny_trained["cfg"]
     splits = tiny_trained["splits"]
     short = cfg.train.model_copy(update={"max_seq_length": 8})
-    with pytest.raises(ValueError, match=r"train\.jsonl: all \d+ train examples are longer than train.max_seq_length=8"):
+    with pytest.raises(ValueError, match=r"train\.jsonl: all \d+ train examples are longer than "
+                                         r"train.max_seq_length=8"):
         train(tiny_trained["base"], splits, cfg.model, cfg.lora, short, tmp_path / "a", tmp_path / "c")
     assert not (tmp_path / "a").exists()
     lengths = tiny_trained["trained"]["sequence_lengths"]
