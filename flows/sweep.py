@@ -77,7 +77,7 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig) -> dict:
                              entry["cfg"].model.trust_remote_code)
         entry["test"] = run(f"test_{entry['trial']}", evaluate_task, eval_dir, entry["merged"], test_file, kind,
                             entry["cfg"].eval, eval_dir, entry["cfg"].model.trust_remote_code)
-    run_dir = run_dir_for(baseline)
+    run_dir = run_dir_for(baseline.model_copy(update={"name": f"{baseline.name}-sweep"}))
     text = summary(spec, metric, rows, best, done.get("baseline"))
     paths = trials.write_results(run_dir, rows, _public(best, metric), best["cfg"], text)
     create_table_artifact(rows, key="sweep-trials", description=f"validation {metric} per trial ({spec.sampler})")
