@@ -72,18 +72,20 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig) -> dict:
     pick = max if direction == "maximize" else min
     best = pick(done.values(), key=lambda t: t["validation"])
     test_file = splits["files"]["test"]
-    for entry in {id(t): t for t in (best, done.get("baseline")) if t}.values():
+    baseline_trial = done.get("baseline")
+    measured = [best] + ([baseline_trial] if baseline_trial is not None and baseline_trial is not best else [])
+    for entry in measured:
         eval_dir = stage_dir(entry["cfg"], evaluate_task, entry["merged"], split_dir, kind, entry["cfg"].eval,
                              entry["cfg"].model.trust_remote_code)
         entry["test"] = run(f"test_{entry['trial']}", evaluate_task, eval_dir, entry["merged"], test_file, kind,
                             entry["cfg"].eval, eval_dir, entry["cfg"].model.trust_remote_code)
     run_dir = run_dir_for(baseline.model_copy(update={"name": f"{baseline.name}-sweep"}))
-    text = summary(spec, metric, rows, best, done.get("baseline"))
+    text = summary(spec, metric, rows, best, baseline_trial)
     paths = trials.write_results(run_dir, rows, _public(best, metric), best["cfg"], text)
     create_table_artifact(rows, key="sweep-trials", description=f"validation {metric} per trial ({spec.sampler})")
     create_markdown_artifact(text, key="sweep-summary", description="best trial vs baseline")
     print(text + f"\nbest config: {paths['best_config']}")
-    return {"best": _public(best, metric), "baseline": _public(done.get("baseline"), metric), "trials": rows,
+    return {"best": _public(best, metric), "baseline": _public(baseline_trial, metric), "trials": rows,
             "paths": paths, "run_dir": str(run_dir)}
 
 
