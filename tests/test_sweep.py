@@ -31,9 +31,9 @@ def sweep_files(tmp_path_factory, tiny_model_dir) -> Path:
     cfg = tiny_config(write_classification_dir(root / "cls"), root / "out", tiny_model_dir,
                       train={"num_train_epochs": 2}, output={"run_name": "sweep"})
     (root / "tiny.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    sweep = {"config": str(root / "tiny.yaml"), "sampler": "random", "n_trials": 4, "seed": 3, "max_parallel": 2,
-             "finetune": {"eval": {"evaluate_base": False}, "export": {"enabled": False}}, "space": SPACE}
-    (root / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    spec = {"config": str(root / "tiny.yaml"), "sampler": "random", "n_trials": 4, "seed": 3, "max_parallel": 2,
+            "finetune": {"eval": {"evaluate_base": False}, "export": {"enabled": False}}, "space": SPACE}
+    (root / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return root
 
 
@@ -105,3 +105,30 @@ def test_rerunning_the_same_sweep_is_served_from_the_cache(first_sweep):
     runs, _ = _task_runs(again.state_details.flow_run_id)
     assert {r.state.name for r in runs} == {"Cached"}
     assert again.result()["trials"] == state.result()["trials"]
+
+
+def test_a_failed_trial_is_recorded_and_told_to_optuna_and_the_rest_go_on(sweep_files):
+    from configs.schema import SweepConfig
+    from flows.sweep import search
+    from tasks.sweep import make_study, tell
+
+    spec, baseline = load_sweep(sweep_files / "sweep.yaml")
+    spec = SweepConfig.model_validate(spec.model_dump() | {"sampler": "grid", "n_trials": 3, "space": {
+        "lora.r": {"choice": [4, 8]}, "train.per_device_train_batch_size": {"choice": [4, 8]}}})
+    waves = []
+
+    def run_configs(configs):  # stands in for the mapped trial tasks: the second trial of the first wave fails
+        waves.append(len(configs))
+        return [(None, "MergeCheckError: merged weights equal the base weights") if len(waves) == 1 and i == 1
+                else ({"validation": {"accuracy": c.lora.r / 10}, "merged": f"m{i}"}, None)
+                for i, c in enumerate(configs)]
+
+    rows, done = search(spec, baseline, "accuracy", "maximize", run_configs)
+    assert waves == [2, 2]  # the baseline + 3 grid trials, in waves of max_parallel=2
+    assert [r["trial"] for r in rows] == ["baseline", "trial-0", "trial-1", "trial-2"]
+    assert rows[1]["error"].startswith("MergeCheckError") and rows[1]["validation_accuracy"] is None
+    assert set(done) == {"baseline", "trial-1", "trial-2"}
+    study = make_study(spec, "maximize")
+    trial = study.ask()
+    tell(study, trial, None)
+    assert study.trials[0].state.name == "FAIL"
