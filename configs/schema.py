@@ -298,6 +298,20 @@ def set_dotted(tree: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def get_dotted(tree: dict, key: str) -> Any:
+    """``tree``'s value at the dotted ``key`` (``"lora.r"``).
+
+    Raises:
+        KeyError: some part of the key is not there.
+    """
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
     """Load a YAML config (default ``configs/banking77.yaml``) and apply ``--set`` overrides.
 
@@ -363,11 +377,10 @@ def trial_config(baseline: FinetuneConfig, params: dict[str, Any], source: str) 
     """
     tree = baseline.model_dump(mode="json")
     for key in params:
-        node = tree
-        for part in key.split(".")[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or key.split(".")[-1] not in node:
-            raise ConfigError(f"{source}: {key!r} is not a finetune config field")
+        try:
+            get_dotted(tree, key)
+        except KeyError:
+            raise ConfigError(f"{source}: {key!r} is not a finetune config field") from None
         set_dotted(tree, key.split("."), params[key])
     return validate_config(tree, source)
 

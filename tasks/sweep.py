@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from configs.schema import FinetuneConfig, SearchDimension, SweepConfig
+from configs.schema import FinetuneConfig, SearchDimension, SweepConfig, get_dotted
 from tasks.evaluate import evaluate
 from tasks.files import atomic_dir, write_json, write_text_atomic
 from tasks.merge import merge
@@ -81,13 +81,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, value: float | None) -> None:
 def baseline_params(baseline: FinetuneConfig, space: dict[str, SearchDimension]) -> dict[str, Any]:
     """The baseline config's own values of the searched keys."""
     tree = baseline.model_dump(mode="json")
-    params = {}
-    for key in space:
-        node = tree
-        for part in key.split("."):
-            node = node[part]
-        params[key] = node
-    return params
+    return {key: get_dotted(tree, key) for key in space}
 
 
 def run_trial(base_model: str, splits: dict, task: str, cfg: FinetuneConfig, out_dir: str | Path,
