@@ -39,7 +39,8 @@ def run_wave(cfg: FinetuneConfig, base: str, base_key: str, split_dir: str, spli
     futures = mapped.map(base, unmapped(splits), kind, configs, dirs, unmapped([artifacts.training_progress]))
     out = []
     for future in futures:
-        state = future.wait() or future.state
+        future.wait()
+        state = future.state
         if state.is_completed():
             out.append((future.result(), None))
         else:
@@ -80,7 +81,7 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig) -> dict:
         entry["test"] = run(f"test_{entry['trial']}", evaluate_task, eval_dir, entry["merged"], test_file, kind,
                             entry["cfg"].eval, eval_dir, entry["cfg"].model.trust_remote_code)
     run_dir = run_dir_for(baseline.model_copy(update={"name": f"{baseline.name}-sweep"}))
-    text = summary(spec, metric, rows, best, baseline_trial)
+    text = summary(spec, metric, rows, measured)
     paths = trials.write_results(run_dir, rows, _public(best, metric), best["cfg"], text)
     create_table_artifact(rows, key="sweep-trials", description=f"validation {metric} per trial ({spec.sampler})")
     create_markdown_artifact(text, key="sweep-summary", description="best trial vs baseline")
@@ -131,8 +132,10 @@ def _public(entry: dict | None, metric: str) -> dict | None:
             "test": entry.get("test")}
 
 
-def summary(spec: SweepConfig, metric: str, rows: list[dict], best: dict, baseline: dict | None) -> str:
-    """Markdown: the trials table (validation metric) and best vs baseline on validation and test."""
+def summary(spec: SweepConfig, metric: str, rows: list[dict], measured: list[dict]) -> str:
+    """Markdown: the trials table (validation metric), then the ``measured`` trials (the best first, then the
+    baseline unless it is the best) on validation and test."""
+    best = measured[0]
     keys = list(spec.space)
     lines = [f"# Sweep: {len(rows)} trials ({spec.sampler} sampler, seed {spec.seed}), validation {metric}", "",
              "| trial | " + " | ".join(keys) + f" | validation {metric} | validation loss | steps | train s |",
@@ -142,7 +145,7 @@ def summary(spec: SweepConfig, metric: str, rows: list[dict], best: dict, baseli
                                               _cell(r["steps"]), _cell(r["train_seconds"])]
         lines.append(f"| {r['trial']} | " + " | ".join(cells) + (f" ({r['error']})" if r["error"] else "") + " |")
     lines += ["", f"**Best: {best['trial']}** ({', '.join(f'{k}={_cell(v)}' for k, v in best['params'].items())})"]
-    for entry in [best] + ([baseline] if baseline and baseline is not best else []):
+    for entry in measured:
         test = entry.get("test") or {}
         tested = f", test {metric} {test[metric]:.4f} on {test['n_examples']} rows" if metric in test else ""
         lines.append(f"- {entry['trial']}: validation {metric} {entry['validation']:.4f}{tested}")

@@ -59,11 +59,11 @@ def ingest(cfg: DataConfig, out_dir: str | Path) -> dict:
         if fmt is not None and fmt_here != fmt:
             raise DataError(f"{origin}: format {fmt_here!r} differs from the other splits' format {fmt!r}")
         fmt = fmt_here
-        empty = [i for i, r in enumerate(rows) if cfg.drop_empty_answers and _answer_is_empty(r, fmt)]
+        empty = {i for i, r in enumerate(rows) if cfg.drop_empty_answers and _answer_is_empty(r, fmt)}
         if empty:
             log.warning("ingest %s: dropped %d rows with an empty answer (rows %s) (%s)", split, len(empty),
-                        ", ".join(str(i + 1) for i in empty[:20]), origin)
-        records = [normalise(r, fmt, cfg, origin, i + 1) for i, r in enumerate(rows) if i not in set(empty)]
+                        ", ".join(str(i + 1) for i in sorted(empty)[:20]), origin)
+        records = [normalise(r, fmt, cfg, origin, i + 1) for i, r in enumerate(rows) if i not in empty]
         kept = dedupe(records)
         if not kept:
             raise DataError(f"{origin}: no records")
