@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -53,9 +54,14 @@ class SplitConfig(_Section):
 
 class ModelConfig(_Section):
     name_or_path: str = Field(EMBEDDED_MODEL, description="Hub id, local folder, or the embedded SmolLM2 model.")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Run Python code that a model folder or Hub repo ships "
+                                                       "(auto_map in its config); off, such a model is refused.")
     cache_dir: str = Field("~/.cache/finetune-flow/models",
                            description="Where converted base models (e.g. the embedded GGUF) are kept.")
+    hf_token_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding a Hugging Face Hub token (gated or private models "
+        "and datasets); the flow puts its value in HF_TOKEN for the libraries at the start of a run. None = the "
+        "HF_TOKEN environment variable, if set. The token itself never goes in a config.")
 
 
 class LoraConfig(_Section):
@@ -77,9 +83,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_seq_length: int = Field(512, gt=0, description="Tokens per training sequence (prompt + answer, chat "
                                                        "template included).")
-    overlength: Literal["drop", "truncate"] = Field(
-        "drop", description="Training/validation examples longer than max_seq_length: drop them, or keep them cut "
-        "at max_seq_length (the end of the answer is lost). Counted in train.json and the report either way.")
+    overlength: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="Training/validation examples longer than max_seq_length: drop them, keep them cut "
+        "at max_seq_length (the end of the answer is lost), or stop before training naming the first one's file "
+        "and row. Counted in train.json and the report.")
     packing: bool = Field(False, description="Pack several examples into each max_seq_length sequence (TRL best-fit "
                                              "decreasing, padding-free); completion-only loss is kept. Keeps "
                                              "examples apart only with a flash-attention model (GPU); with "
@@ -185,6 +192,10 @@ class OutputConfig(_Section):
                                                          "None = <output.dir>/.prefect-results.")
 
 
+# A Hugging Face user access token ("hf_" + 34 letters/digits today): refused anywhere in a config.
+HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
+
+
 class FinetuneConfig(_Section):
     """The whole pipeline's configuration: one section per stage."""
 
@@ -200,6 +211,29 @@ class FinetuneConfig(_Section):
     retry: RetryConfig = RetryConfig()
     promotion: PromotionConfig = PromotionConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tokens(cls, tree: Any) -> Any:
+        """Refuse a value (or key) that looks like a Hugging Face token, naming where it is but not echoing it.
+        Runs before field validation, so no field error can print the value either."""
+        def find(node: Any, where: str) -> str | None:
+            if isinstance(node, str):
+                return where if HF_TOKEN_PATTERN.search(node) else None
+            items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+            for key, value in items:
+                if isinstance(key, str) and HF_TOKEN_PATTERN.search(key):
+                    return where or "<root>"
+                if found := find(value, f"{where}.{key}" if where else str(key)):
+                    return found
+            return None
+
+        if where := find(tree, ""):
+            raise PydanticCustomError(
+                "secret_in_config", "{where}: looks like a Hugging Face token; a secret must not be in a config "
+                "(configs are saved with the run): set HF_TOKEN in the environment, or save the token in a Prefect "
+                "Secret block and name the block in model.hf_token_secret", {"where": where})
+        return tree
 
     @model_validator(mode="after")
     def _check_eval_steps(self) -> "FinetuneConfig":
@@ -259,7 +293,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
-        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        shown = e["type"] != "missing" and not isinstance(e["input"], dict)
+        got = f" (got {e['input']!r})" if shown and not HF_TOKEN_PATTERN.search(repr(e["input"])) else ""
         parts.append(f"{where}: {e['msg']}{got}")
     return f"{source}: invalid config: " + "; ".join(parts)
 
@@ -322,6 +357,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             message names the file and the field's dotted path, e.g. ``train.learning_rate``.
     """
     path = Path(path) if path else CONFIG_DIR / "banking77.yaml"
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

@@ -15,14 +15,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
+from prefect.exceptions import MissingContextError
 
 from configs.schema import ConfigError, FinetuneConfig, load_config
 from flows import artifacts
 from flows.caching import cached, fingerprint, source_fingerprint, stage_key
 from flows.gpu import holds_gpu_slot
 from flows.retries import with_retries
-from tasks import base_model, evaluate, export, ingest, merge, predict, report, split, train
+from tasks import base_model, evaluate, export, ingest, merge, predict, report, split, train, validate
+from tasks.files import verify_folder
 
 logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
 
@@ -35,6 +37,7 @@ merge_task = task(holds_gpu_slot(merge.merge), name="merge")
 export_task = task(export.export, name="export")
 report_task = task(report.write_report, name="report")
 publish_task = task(report.update_latest, name="publish-latest")
+validate_task = task(validate.validate, name="validate")
 
 
 def run_dir_for(cfg: FinetuneConfig) -> Path:
@@ -51,9 +54,21 @@ def stage_dir(cfg: FinetuneConfig, stage_task, *key_parts) -> str:
 def run_stage(cfg: FinetuneConfig, stage_task, out_dir: str | Path, *args) -> tuple[object, dict]:
     """Run ``stage_task(*args)`` cached by content and retried on transient failures.
 
+    A cache hit is checked after the task returns (a run that waited for a concurrent one's lock finds the
+    folder it published): if ``out_dir`` is missing or fails ``tasks.files.verify_folder`` (truncated or
+    corrupted files), a warning names the reason and the task runs again with ``refresh_cache``.
+
     Returns ``(result, {"seconds": wall time, "state": "Completed" | "Cached"})``; raises the task's error."""
     start = time.perf_counter()
-    state = with_retries(cached(stage_task, cfg, out_dir), cfg.retry)(*args, return_state=True)
+    stage = with_retries(cached(stage_task, cfg), cfg.retry)
+    state = stage(*args, return_state=True)
+    if state.name == "Cached" and (problem := verify_folder(out_dir)):
+        try:
+            logger = get_run_logger()
+        except MissingContextError:
+            logger = logging.getLogger(__name__)
+        logger.warning("%s: the cached output is unusable (%s); running the stage again", stage_task.name, problem)
+        state = stage.with_options(refresh_cache=True)(*args, return_state=True)
     return state.result(), {"seconds": time.perf_counter() - start, "state": state.name}
 
 
@@ -66,20 +81,30 @@ def base_model_source(cfg: FinetuneConfig) -> tuple[str | None, str]:
     return gguf, stage_key(convert_task, fingerprint(gguf))
 
 
+def embedded_base_dir(cfg: FinetuneConfig, base_key: str) -> Path:
+    """Where the embedded GGUF is converted to: ``<model.cache_dir>/SmolLM2-135M-Instruct-<key>``."""
+    return Path(cfg.model.cache_dir).expanduser() / f"SmolLM2-135M-Instruct-{base_key}"
+
+
 def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, dict, str, str, dict]:
-    """The stages every training run starts with: prepare the base model, ingest, split.
+    """The stages every training run starts with: prepare the base model, validate (``tasks/validate.py``:
+    data, base model and sequence lengths, before anything is written under ``output.dir``), ingest, split.
 
     ``run(name, stage_task, out_dir, *args)`` runs one stage (cached, retried) and records its time.
 
     Returns:
         ``(base model path or id, base-model content key, ingest result, data fingerprint, split folder,
         split result)``.
+
+    Raises:
+        DataError, ModelError: from the validation; nothing has been written under ``output.dir`` then.
     """
     gguf, base_key = base_model_source(cfg)
     base = cfg.model.name_or_path
     if gguf:
-        base_dir = Path(cfg.model.cache_dir).expanduser() / f"SmolLM2-135M-Instruct-{base_key}"
+        base_dir = embedded_base_dir(cfg, base_key)
         base = run("prepare_base_model", convert_task, base_dir, gguf, str(base_dir))
+    validate_task(cfg, base)  # not cached: a persisted result store would keep its failures under output.dir
     data_fingerprint = fingerprint(cfg.data.path)
     ingest_dir = stage_dir(cfg, ingest_task, cfg.data, data_fingerprint)
     data = run("ingest", ingest_task, ingest_dir, cfg.data, ingest_dir)
@@ -92,7 +117,12 @@ def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, dict, str, str, dict]:
 def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     """Run the whole pipeline for ``cfg``; return ``metrics.json``'s content plus ``run_dir``, ``test_file``
     and ``source`` (see ``flows.caching.source_fingerprint``). ``publish_latest=False`` leaves
-    ``latest.json`` alone (the nightly retrain decides promotion itself)."""
+    ``latest.json`` alone (the nightly retrain decides promotion itself).
+
+    Raises:
+        ConfigError: ``model.hf_token_secret`` names no Prefect Secret block (before any stage runs).
+    """
+    base_model.use_hub_token(cfg.model)  # HF_TOKEN from the environment or model.hf_token_secret; never logged
     stages: dict[str, dict] = {}
 
     def run(name: str, stage_task, out_dir: str | Path, *args):
@@ -174,25 +204,51 @@ def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.path=../shared/data/banking77 (repeatable)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
+    p.add_argument("--dry-run", action="store_true", help="check the config, the data and the base model "
+                   "(tasks/validate.py) and stop: nothing is trained or written under output.dir")
     return p.parse_args(argv)
 
 
+def dry_run(cfg: FinetuneConfig) -> dict:
+    """``--dry-run``: resolve the base model (converting the embedded GGUF into ``model.cache_dir`` if it is not
+    there yet), run ``tasks.validate.validate`` without Prefect, and print what a run would train on.
+
+    Raises:
+        ConfigError, DataError, ModelError: as ``validate``.
+    """
+    base_model.use_hub_token(cfg.model)
+    gguf, base_key = base_model_source(cfg)
+    base = cfg.model.name_or_path
+    if gguf:
+        base = str(embedded_base_dir(cfg, base_key))
+        if not Path(base).is_dir():
+            base_model.convert_gguf(gguf, base)
+    checked = validate.validate(cfg, base)
+    lengths = "; ".join(f"{name}: {c['over_max_seq_length']} of {c['examples']} over "
+                        f"{cfg.train.max_seq_length} tokens (longest {c['longest']})"
+                        for name, c in checked["sequence_lengths"].items())
+    print(f"ok: {cfg.data.path}: {checked['format']} ({checked['task']}, {checked['labels']} labels), rows kept "
+          f"{ {k: v['kept'] for k, v in checked['counts'].items()} }, split {checked['split']}; {lengths}; "
+          f"base model {base}: ok. Nothing was trained or written.")
+    return checked
+
+
 def main(argv: list[str] | None = None, flow_fn=None, prog: str = "python -m flows.finetune",
-         description: str = __doc__.split("\n\n")[0], load=load_config) -> int:
+         description: str = __doc__.split("\n\n")[0], load=load_config, check=dry_run) -> int:
     """CLI entry point of ``flow_fn`` (default ``finetune``; any flow taking what ``load(--config, --set
     overrides)`` returns): exit 0 on success, 1 with a one-line reason on failure (``--debug`` for the
-    traceback)."""
+    traceback). ``--dry-run`` calls ``check`` on the loaded config instead of the flow."""
     flow_fn = flow_fn or finetune
     args = parse_args(argv, prog, description)
     if not args.debug:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_DropTraceback())
     try:
-        flow_fn(load(args.config, args.overrides))
+        (check if args.dry_run else flow_fn)(load(args.config, args.overrides))
     except Exception as e:  # noqa: BLE001 - the CLI's contract is one line per failure
         if args.debug:
             raise
-        kind = "" if isinstance(e, (ConfigError, ingest.DataError)) else f"{type(e).__name__}: "
+        kind = "" if isinstance(e, (ConfigError, ingest.DataError, validate.ModelError)) else f"{type(e).__name__}: "
         print(f"error: {kind}{e}", file=sys.stderr)
         return 1
     return 0

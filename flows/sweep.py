@@ -20,10 +20,10 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from configs.schema import FinetuneConfig, SweepConfig, load_sweep, trial_config
 from flows import artifacts
 from flows.caching import cached
-from flows.finetune import evaluate_task, main as finetune_main, prepare, run_dir_for, run_stage, stage_dir
+from flows.finetune import dry_run, evaluate_task, main as finetune_main, prepare, run_dir_for, run_stage, stage_dir
 from flows.gpu import holds_gpu_slot
 from flows.retries import with_retries
-from tasks import sweep as trials
+from tasks import base_model, sweep as trials
 
 trial_task = task(holds_gpu_slot(trials.run_trial), name="trial")
 
@@ -34,7 +34,7 @@ def run_wave(cfg: FinetuneConfig, base: str, base_key: str, split_dir: str, spli
     ``(result, None)`` or ``(None, error message)`` per trial, in order."""
     dirs = [stage_dir(c, trial_task, base_key, split_dir, kind, c.model, c.lora, c.train, c.merge, c.eval)
             for c in configs]
-    mapped = with_retries(cached(trial_task, cfg, dirs[0]), cfg.retry).with_options(
+    mapped = with_retries(cached(trial_task, cfg), cfg.retry).with_options(  # a missing trial folder: run again
         refresh_cache=not all(Path(d).exists() for d in dirs))
     futures = mapped.map(base, unmapped(splits), kind, configs, dirs, unmapped([artifacts.training_progress]))
     out = []
@@ -62,6 +62,7 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig) -> dict:
     def run(name: str, stage_task, out_dir, *args):
         return run_stage(baseline, stage_task, out_dir, *args)[0]
 
+    base_model.use_hub_token(baseline.model)  # before the trial processes start: they inherit HF_TOKEN
     base, base_key, data, _, split_dir, splits = prepare(baseline, run)
     kind = data["task"]
     metric, direction = trials.objective(spec, kind)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: ``--config`` names the sweep YAML (default ``configs/sweeps/banking77.yaml``); ``--set`` overrides
     its keys (``n_trials=8``, ``finetune.data.path=...``). Exit 0 on success, 1 with a one-line reason."""
     return finetune_main(argv, run_sweep, prog="python -m flows.sweep", description=__doc__.split("\n\n")[0],
-                         load=load_sweep)
+                         load=load_sweep, check=lambda loaded: dry_run(loaded[1]))
 
 
 if __name__ == "__main__":

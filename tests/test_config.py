@@ -87,7 +87,7 @@ def test_shipped_configs_ingest_their_real_data(name, shared_data, tmp_path):
     ("train.early_stopping_patience=2", "need train.eval_steps"),
     ("train.load_best_model_at_end=true", "need train.eval_steps"),
     ("eval.answer_pattern='####(('", "eval.answer_pattern: Value error, not a valid regular expression"),
-    ("train.overlength=cut", "train.overlength: Input should be 'drop' or 'truncate'"),
+    ("train.overlength=cut", "train.overlength: Input should be 'drop', 'truncate' or 'error'"),
 ])
 def test_new_training_and_eval_settings_are_validated(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -1,3 +1,8 @@
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from tasks.files import atomic_dir, read_jsonl, write_jsonl
@@ -35,3 +40,57 @@ def test_metrics_table_shows_base_tuned_and_delta():
     assert "| accuracy | 0.1000 | 0.7000 | 0.6000 |" in table
     assert "| eval_loss | 3.0000 | 1.0000 | -2.0000 |" in table
     assert "| n_examples | 10 | 10 | — |" in table
+
+
+def test_published_folders_carry_a_manifest_that_catches_truncation_and_corruption(tmp_path):
+    from tasks.files import MANIFEST, verify_folder
+
+    final = tmp_path / "model"
+    with atomic_dir(final) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "weights.bin").write_bytes(b"w" * 1000)
+        (tmp / "sub" / "config.json").write_text("{}")
+        (tmp / "link").symlink_to("weights.bin")
+    manifest = json.loads((final / MANIFEST).read_text())["files"]
+    assert set(manifest) == {"weights.bin", "sub/config.json", "link"} and manifest["link"] == {"link": "weights.bin"}
+    assert manifest["weights.bin"]["size"] == 1000
+    assert verify_folder(final) is None
+    (final / "extra.txt").write_text("not in the manifest: ignored")
+    assert verify_folder(final) is None
+
+    (final / "weights.bin").write_bytes(b"w" * 999)
+    assert "weights.bin: 999 bytes, the manifest says 1000" in verify_folder(final)
+    (final / "weights.bin").write_bytes(b"w" * 500 + b"x" + b"w" * 499)
+    assert "weights.bin: sha256 differs" in verify_folder(final)
+    (final / "weights.bin").write_bytes(b"w" * 1000)
+    (final / "sub" / "config.json").unlink()
+    assert "config.json: missing" in verify_folder(final)
+    (final / MANIFEST).write_text("{")
+    assert "unreadable manifest" in verify_folder(final)
+    (final / MANIFEST).unlink()
+    assert verify_folder(final) is None  # published before manifests existed: trusted
+    assert "does not exist" in verify_folder(tmp_path / "missing")
+
+
+def test_atomic_dir_removes_only_temporary_folders_of_dead_processes(tmp_path):
+    from tasks.files import HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    final = tmp_path / "model"
+    names = {
+        "dead": f".model.tmp-{HOST}-{dead.pid}-0123abcd",  # a writer killed mid-write
+        "dead-replace": f".model.old-{HOST}-{dead.pid}-0123abcd",  # killed while replacing the old folder
+        "live": f".model.tmp-{HOST}-{os.getpid()}-0123abcd",  # a concurrent writer, alive
+        "other-host": f".model.tmp-elsewhere-{dead.pid}-0123abcd",  # its processes cannot be seen from here
+        "other-folder": f".model2.tmp-{HOST}-{dead.pid}-0123abcd",
+        "old-style": ".model.tmp-0123abcd",  # owner unknown
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part").write_text("half")
+    with atomic_dir(final) as tmp:
+        assert tmp.name.startswith(f".model.tmp-{HOST}-{os.getpid()}-")
+        (tmp / "weights").write_text("v1")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"model"} | {names[k] for k in ("live", "other-host", "other-folder", "old-style")}

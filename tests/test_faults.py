@@ -1,0 +1,220 @@
+"""Crashes, a full disk and corrupted outputs: nothing partial or broken is published or handed out, and the
+next run completes, reusing the work that was done (the stages before the fault are ``Cached``)."""
+import errno
+import json
+import os
+import shutil
+
+import pytest
+
+from tasks.files import MANIFEST, verify_folder, write_manifest
+from tests.conftest import tiny_config, write_classification_dir
+from tests.faults import cli_env, linked_stage_folders, stage_states, stall_and_kill, temporaries, write_config
+
+
+def _published(out, stage: str) -> list[str]:
+    folder = out / "stages" / stage
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")
+                  and not p.name.endswith(".checkpoints")) if folder.is_dir() else []
+
+
+def _assert_intact(run_dir) -> None:
+    """The run folder and every stage folder it links to have a manifest and match it."""
+    assert verify_folder(run_dir) is None and (run_dir / MANIFEST).is_file()
+    for name, folder in linked_stage_folders(run_dir).items():
+        assert (folder / MANIFEST).is_file(), name
+        assert verify_folder(folder) is None, name
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A temporary Prefect server for the in-process runs of this module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="module")
+def good_run(prefect_server, tmp_path_factory, tiny_model_dir):
+    """A completed run (``run``) through the CLI in-process: ``(config file, output dir)``."""
+    from flows.finetune import main
+
+    root = tmp_path_factory.mktemp("faults")
+    out = root / "out"
+    cfg = tiny_config(write_classification_dir(root / "cls"), out, tiny_model_dir, eval={"evaluate_base": False},
+                      retry={"retries": 0})
+    config = write_config(root / "cfg.yaml", cfg)
+    assert main(["--config", str(config)]) == 0
+    return config, out
+
+
+def _cli(config, *overrides: str) -> list[str]:
+    return ["--config", str(config), *(a for o in overrides for a in ("--set", o))]
+
+
+def test_full_disk_while_merge_writes_publishes_nothing_then_next_run_reuses_stages(good_run, monkeypatch, capsys):
+    import safetensors.torch
+    import transformers.modeling_utils
+
+    from flows.finetune import main
+
+    config, out = good_run
+    latest, merged = (out / "latest.json").read_bytes(), _published(out, "merge")
+
+    def full_disk(tensors, filename, metadata=None):  # half the file reaches the disk, then ENOSPC
+        blob = safetensors.torch.save(tensors, metadata=metadata)
+        with open(filename, "wb") as f:
+            f.write(blob[: len(blob) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    capsys.readouterr()
+    assert main(_cli(config, "merge.logit_atol=0.002", "output.run_name=full")) == 1  # a new merge key
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], errors
+    assert _published(out, "merge") == merged and temporaries(out) == []
+    assert not (out / "full").exists() and (out / "latest.json").read_bytes() == latest
+
+    monkeypatch.undo()
+    assert main(_cli(config, "merge.logit_atol=0.002", "output.run_name=disk-freed")) == 0
+    states = stage_states(out / "disk-freed")
+    assert {states[s] for s in ("ingest", "split", "train")} == {"Cached"}, states
+    assert states["merge"] == "Completed", states
+    _assert_intact(out / "disk-freed")
+
+
+def test_sigkill_while_merge_then_export_publish_loses_no_work(good_run, tmp_path):
+    from flows.finetune import main
+
+    config, out = good_run
+    env, latest = cli_env(tmp_path / "prefect-home"), (out / "latest.json").read_bytes()
+    merged, exports = _published(out, "merge"), _published(out, "export")
+
+    # a changed merge setting (merge and what follows re-run), killed with the merged model written but not
+    # yet published
+    tmp = stall_and_kill(config, env, tmp_path / "merge.log", "merge", "merge.logit_atol=0.003",
+                         "output.run_name=killed-merge")
+    assert (tmp / "model.safetensors").is_file()  # complete-looking, never renamed into place
+    assert _published(out, "merge") == merged and not (out / "killed-merge").exists()
+    assert (out / "latest.json").read_bytes() == latest
+
+    assert main(_cli(config, "merge.logit_atol=0.003", "output.run_name=after-merge")) == 0  # the same command
+    states = stage_states(out / "after-merge")
+    assert {states[s] for s in ("ingest", "split", "train")} == {"Cached"}, states
+    assert {states[s] for s in ("merge", "evaluate_finetuned", "export_genai-int4")} == {"Completed"}, states
+    assert not tmp.exists() and temporaries(out) == []  # the dead run's temporary folder is gone
+    _assert_intact(out / "after-merge")
+    latest = (out / "latest.json").read_bytes()
+
+    # a changed export setting (only export re-runs), killed with the ONNX model written but not yet published
+    exports = _published(out, "export")
+    tmp = stall_and_kill(config, env, tmp_path / "export.log", "export", "export.n_check_prompts=2",
+                         "output.run_name=killed-export")
+    assert (tmp / "model.onnx").is_file()
+    assert _published(out, "export") == exports and not (out / "killed-export").exists()
+    assert (out / "latest.json").read_bytes() == latest
+
+    assert main(_cli(config, "export.n_check_prompts=2", "output.run_name=after-export")) == 0
+    states = stage_states(out / "after-export")
+    assert states.pop("export_genai-int4") == "Completed" and set(states.values()) == {"Cached"}, states
+    assert not tmp.exists() and temporaries(out) == []
+    _assert_intact(out / "after-export")
+    assert json.loads((out / "latest.json").read_text())["run_dir"].endswith("after-export")
+
+
+def _downstream_state(before: dict, folder) -> str:
+    """A stage re-run with the same key keeps its downstream cached iff it wrote the same bytes again (the
+    downstream cache keys cover the upstream folders' manifests)."""
+    return "Cached" if json.loads((folder / MANIFEST).read_text()) == before else "Completed"
+
+
+def test_corrupted_stage_outputs_are_rebuilt_not_handed_out(good_run, caplog):
+    from flows.finetune import main
+
+    config, out = good_run
+    links = linked_stage_folders(out / "run")
+    merged, adapter = links["merged"], links["adapter"]
+
+    # the merged weights truncated: merge runs again, the same bytes, so what was computed from them stays
+    merged_manifest = json.loads((merged / MANIFEST).read_text())
+    with open(merged / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    assert "model.safetensors" in verify_folder(merged)
+    assert main(_cli(config, "output.run_name=truncated")) == 0
+    states = stage_states(out / "truncated")
+    assert {states[s] for s in ("ingest", "split", "train")} == {"Cached"} and states["merge"] == "Completed"
+    assert "cached output is unusable" in caplog.text and "truncated" in caplog.text
+    downstream = _downstream_state(merged_manifest, merged)
+    assert states["evaluate_finetuned"] == states["export_genai-int4"] == downstream, states
+    _assert_intact(out / "truncated")
+
+    # bytes flipped inside the adapter's weights (same size): training runs again; its folder's content differs
+    # (train.json records wall time), so merge runs again, and what follows it if the merged bytes changed
+    merged_manifest = json.loads((merged / MANIFEST).read_text())
+    with open(adapter / "adapter_model.safetensors", "r+b") as f:
+        f.seek(-64, os.SEEK_END)
+        tail = f.read(8)
+        f.seek(-64, os.SEEK_END)
+        f.write(bytes(b ^ 0xFF for b in tail))
+    assert "sha256" in verify_folder(adapter)
+    assert main(_cli(config, "output.run_name=flipped")) == 0
+    states = stage_states(out / "flipped")
+    assert states["ingest"] == states["split"] == "Cached" and states["train"] == states["merge"] == "Completed"
+    downstream = _downstream_state(merged_manifest, merged)
+    assert states["evaluate_finetuned"] == states["export_genai-int4"] == downstream, states
+    _assert_intact(out / "flipped")
+
+
+def _trained(tmp_path, cfg, splits, checkpoints):
+    from tasks.train import train
+
+    train_cfg = cfg.train.model_copy(update={"num_train_epochs": 1, "save_steps": 2, "save_total_limit": 3})
+    shutil.rmtree(tmp_path / "adapter", ignore_errors=True)
+    return train(cfg.model.name_or_path, splits, cfg.model, cfg.lora, train_cfg, tmp_path / "adapter", checkpoints)
+
+
+def test_resume_skips_corrupted_and_cut_off_checkpoints(tmp_path, tiny_model_dir):
+    from tasks.ingest import ingest
+    from tasks.split import split
+
+    cfg = tiny_config(write_classification_dir(tmp_path / "cls"), tmp_path / "out", tiny_model_dir)
+    splits = split(ingest(cfg.data, tmp_path / "ingested"), cfg.split, tmp_path / "data")
+    checkpoints = tmp_path / "checkpoints"
+    first = _trained(tmp_path, cfg, splits, checkpoints)
+    assert first["steps"] == 5  # 38 rows / batch 8 = 5 steps; checkpoints at steps 2, 4 and 5
+    saved = sorted(p.name for p in checkpoints.glob("checkpoint-*"))
+    assert saved == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    assert all(verify_folder(checkpoints / name) is None and (checkpoints / name / MANIFEST).is_file()
+               for name in saved)  # the Trainer's checkpoints get a manifest once saved
+
+    with open(checkpoints / "checkpoint-5" / "adapter_model.safetensors", "r+b") as f:
+        f.truncate(100)  # corrupted after it was saved
+    (checkpoints / "checkpoint-4" / MANIFEST).unlink()  # cut off while saving: no manifest, no trainer state yet
+    (checkpoints / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')
+    resumed = _trained(tmp_path, cfg, splits, checkpoints)
+    assert resumed["resumed_from"] == str(checkpoints / "checkpoint-2") and resumed["steps"] == 5
+    assert verify_folder(tmp_path / "adapter") is None
+
+
+def test_no_intact_checkpoint_means_a_fresh_start(tmp_path):
+    from tasks.train import latest_complete_checkpoint
+
+    for step in (3, 6):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (folder / "adapter_model.safetensors").write_bytes(b"w" * 100)
+        write_manifest(folder)
+    legacy = tmp_path / "checkpoint-2"  # saved before manifests existed: trusted when its state is readable
+    legacy.mkdir()
+    (legacy / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    assert latest_complete_checkpoint(tmp_path) == (str(tmp_path / "checkpoint-6"), {"global_step": 6})
+
+    (tmp_path / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"x" * 100)  # same size, other bytes
+    (tmp_path / "checkpoint-3" / "trainer_state.json").unlink()
+    assert latest_complete_checkpoint(tmp_path) == (str(legacy), {"global_step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # the broken ones are deleted
+    (legacy / "trainer_state.json").write_text("")
+    assert latest_complete_checkpoint(tmp_path) == (None, {})
+    assert list(tmp_path.iterdir()) == []
