@@ -24,7 +24,7 @@ from flows.caching import cached, fingerprint, source_fingerprint, stage_key
 from flows.gpu import holds_gpu_slot
 from flows.retries import with_retries
 from tasks import base_model, evaluate, export, ingest, merge, predict, report, split, train, validate
-from tasks.files import verify_folder
+from tasks.files import content_digest, verify_folder
 
 logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
 
@@ -47,8 +47,13 @@ def run_dir_for(cfg: FinetuneConfig) -> Path:
 
 
 def stage_dir(cfg: FinetuneConfig, stage_task, *key_parts) -> str:
-    """The content-addressed folder ``<output.dir>/stages/<task name>/<key>`` of one stage's output."""
-    return str(Path(cfg.output.dir) / "stages" / stage_task.name / stage_key(stage_task, *key_parts))
+    """The content-addressed folder ``<output.dir>/stages/<task name>/<key>`` of one stage's output. A key part
+    that is an upstream stage folder counts with its published content (``tasks.files.content_digest``, from its
+    manifest), so an upstream folder rebuilt with different bytes gives this stage a new folder instead of
+    rewriting the one earlier runs link to."""
+    parts = [(p, content_digest(p)) if isinstance(p, str) and Path(p).is_dir() and content_digest(p) else p
+             for p in key_parts]
+    return str(Path(cfg.output.dir) / "stages" / stage_task.name / stage_key(stage_task, *parts))
 
 
 def run_stage(cfg: FinetuneConfig, stage_task, out_dir: str | Path, *args) -> tuple[object, dict]:
@@ -60,7 +65,10 @@ def run_stage(cfg: FinetuneConfig, stage_task, out_dir: str | Path, *args) -> tu
 
     Returns ``(result, {"seconds": wall time, "state": "Completed" | "Cached"})``; raises the task's error."""
     start = time.perf_counter()
-    stage = with_retries(cached(stage_task, cfg), cfg.retry)
+    # the converted base model is shared by every output.dir: its cache record lives beside it, in model.cache_dir
+    store = Path(cfg.model.cache_dir).expanduser().resolve() / ".prefect-results" if stage_task is convert_task \
+        else None
+    stage = with_retries(cached(stage_task, cfg, store), cfg.retry)
     state = stage(*args, return_state=True)
     if state.name == "Cached" and (problem := verify_folder(out_dir)):
         try:
@@ -221,7 +229,7 @@ def dry_run(cfg: FinetuneConfig) -> dict:
     base = cfg.model.name_or_path
     if gguf:
         base = str(embedded_base_dir(cfg, base_key))
-        if not Path(base).is_dir():
+        if verify_folder(base):  # missing, or truncated/corrupted since: convert again
             base_model.convert_gguf(gguf, base)
     checked = validate.validate(cfg, base)
     lengths = "; ".join(f"{name}: {c['over_max_seq_length']} of {c['examples']} over "

@@ -230,13 +230,26 @@ def _check_utf8(file: Path) -> None:
                                 f"{e.start + 1}); save the file as UTF-8") from None
 
 
+def _one_document(text: str) -> bool:
+    """Whether a .json file's text is one JSON document (an array, or an object over several lines) rather than
+    JSON lines saved as .json (``datasets`` reads both): it starts with ``[``, or its first line is not JSON."""
+    first = text.lstrip().split("\n", 1)[0]
+    if first.startswith("["):
+        return True
+    try:
+        json.loads(first)
+        return False
+    except json.JSONDecodeError:
+        return True
+
+
 def _raise_json_error(file: Path) -> None:
     text = file.read_text(encoding="utf-8-sig")
     try:
         json.loads(text)
         return
     except json.JSONDecodeError as e:
-        if file.suffix.lower() == ".json" and text.lstrip().startswith(("[", "{")):  # one JSON document
+        if file.suffix.lower() == ".json" and _one_document(text):
             raise DataError(f"{file}: line {e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():

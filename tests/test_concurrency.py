@@ -1,7 +1,7 @@
 """Two runs at once on one output folder, as from two terminals (each CLI starts its own temporary Prefect
 server, both on the same ``PREFECT_HOME``): identical runs compute each stage once (the second waits on the
-cache key's lock, then reuses the result), different runs do not clobber each other, and a lock left by a
-killed run does not block the next one."""
+cache key's lock, then reuses the result), different runs do not clobber each other, and the lock of a killed
+run does not block the next one."""
 import json
 import os
 import signal
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.caching import StaleAwareLockManager
+from flows.caching import ProcessLockManager
 from tasks.files import MANIFEST, verify_folder
 from tests.conftest import tiny_config, write_classification_dir
 from tests.faults import ROOT, cli_env, finish, linked_stage_folders, stage_states, start, temporaries, write_config
@@ -19,25 +19,26 @@ from tests.faults import ROOT, cli_env, finish, linked_stage_folders, stage_stat
 STAGES = ("ingest", "split", "train", "merge", "evaluate_finetuned", "export_genai-int4")
 
 
-def test_a_lock_held_by_a_dead_process_is_free_and_a_live_holder_keeps_it(tmp_path):
+def test_a_lock_held_by_a_killed_process_is_free_and_a_live_holder_keeps_it(tmp_path):
     locks = tmp_path / "locks"
-    hold = ("import sys, time; from pathlib import Path; from flows.caching import StaleAwareLockManager; "
-            f"StaleAwareLockManager(Path({str(locks)!r})).acquire_lock('key', 'holder'); print('held', flush=True); "
+    hold = ("import time; from pathlib import Path; from flows.caching import ProcessLockManager; "
+            f"manager = ProcessLockManager(Path({str(locks)!r})); manager.acquire_lock('key', 'holder'); "
+            "print('held', flush=True); "
             "time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        manager = StaleAwareLockManager(locks)
-        assert json.loads((locks / "key.lock").read_text())["holder"].split(":")[1] == str(holder.pid)
+        manager = ProcessLockManager(locks)
         assert manager.is_locked("key")
         assert not manager.acquire_lock("key", "me", acquire_timeout=0.5)  # a live holder keeps it
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
-    assert not manager.is_locked("key")  # killed: its lock is free, its file removed
+    assert (locks / "key.lock").exists() and not manager.is_locked("key")  # killed: the kernel dropped its lock
     assert manager.acquire_lock("key", "me", acquire_timeout=5) and manager.is_lock_holder("key", "me")
+    assert manager.is_locked("key") and not manager.is_lock_holder("key", "someone else")
     manager.release_lock("key", "me")
-    assert not (locks / "key.lock").exists()
+    assert not manager.is_locked("key")
 
 
 @pytest.fixture(scope="module")

