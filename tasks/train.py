@@ -145,6 +145,7 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         ValueError: no example fits ``cfg.max_seq_length``.
     """
     import peft
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = load_tokenizer(base_model, model_cfg.trust_remote_code)
@@ -195,6 +196,9 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_min_delta))
+    # TRL adds the LoRA weights (random lora_A) before the Trainer seeds the RNGs: seed them here, so that the
+    # same config gives the same adapter whatever ran before in this process
+    set_seed(cfg.seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
     resume, state = latest_complete_checkpoint(ckpt_dir)
