@@ -15,6 +15,7 @@ from pathlib import Path
 from configs.schema import FinetuneConfig
 from tasks.base_model import PICKLE_SUFFIXES
 from tasks.evaluate import tokenize_with_completion_mask
+from tasks.files import read_jsonl
 from tasks.ingest import DataError, SplitRecords, publish, read_records
 from tasks.split import split
 
@@ -66,8 +67,6 @@ def validate(cfg: FinetuneConfig, base_model: str) -> dict:
 def check_split_labels(files: dict[str, str], data_path: str) -> None:
     """Raise ``DataError`` when a validation/test label has no train example after splitting and subsampling
     (a rare label carved out whole, or dropped by ``split.max_train_examples``)."""
-    from tasks.files import read_jsonl
-
     train = {r["label"] for r in read_jsonl(files["train"])}
     for name in ("validation", "test"):
         missing = sorted({r["label"] for r in read_jsonl(files[name])} - train)
