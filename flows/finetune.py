@@ -51,8 +51,11 @@ def stage_dir(cfg: FinetuneConfig, stage_task, *key_parts) -> str:
     that is an upstream stage folder counts with its published content (``tasks.files.content_digest``, from its
     manifest), so an upstream folder rebuilt with different bytes gives this stage a new folder instead of
     rewriting the one earlier runs link to."""
-    parts = [(p, content_digest(p)) if isinstance(p, str) and Path(p).is_dir() and content_digest(p) else p
-             for p in key_parts]
+    def with_content(part):
+        digest = content_digest(part) if isinstance(part, str) and Path(part).is_dir() else None
+        return (part, digest) if digest else part
+
+    parts = [with_content(part) for part in key_parts]
     return str(Path(cfg.output.dir) / "stages" / stage_task.name / stage_key(stage_task, *parts))
 
 

@@ -162,22 +162,14 @@ def verify_folder(path: str | Path) -> str | None:
     return None
 
 
-def content_digest(path: str | Path) -> str | None:
-    """The published content of ``path`` as its manifest records it: for a folder with a manifest, the sha256 of
-    that manifest's entries; for a file listed in its folder's manifest, the file's sha256; else None (no
-    manifest: content unknown). Reads no file but the manifest."""
-    path = Path(path)
-    folder, name = (path, None) if path.is_dir() else (path.parent, path.name)
+def content_digest(folder: str | Path) -> str | None:
+    """The published content of ``folder``: the sha256 of its manifest's entries (see :func:`write_manifest`), or
+    None when it has no readable manifest (content unknown). Reads no file but the manifest."""
     try:
         files = read_manifest(folder)
     except ValueError:
         return None
-    if files is None:
-        return None
-    if name is None:
-        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    entry = files.get(name)
-    return entry.get("sha256") if isinstance(entry, dict) else None
+    return None if files is None else hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 @contextmanager
