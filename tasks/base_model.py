@@ -37,6 +37,12 @@ SMOLLM2_SPECIAL = {"pad": "<|endoftext|>", "bos": "<|im_start|>", "eos": "<|im_e
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def pickle_files(folder: str | Path) -> list[str]:
+    """Names of the pickle weight files (``PICKLE_SUFFIXES``) in ``folder``, sorted; [] if it is not a folder."""
+    folder = Path(folder)
+    return sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+
+
 class UnsafeModelError(ValueError):
     """A model or adapter would need what the security defaults refuse: pickle weights, or its own Python code
     without ``model.trust_remote_code``. Permanent (never retried)."""
@@ -177,9 +183,9 @@ def load_adapter(model: PreTrainedModel, adapter: str | Path) -> PeftModel:
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
     if not (Path(adapter) / SAFETENSORS_WEIGHTS_NAME).is_file():
-        found = sorted(f.name for f in Path(adapter).glob("*") if f.suffix in PICKLE_SUFFIXES)
-        raise UnsafeModelError(f"adapter {adapter}: no {SAFETENSORS_WEIGHTS_NAME}"
-                               + (f" (only pickle weights {', '.join(found)}, which are never loaded)" if found else ""))
+        found = pickle_files(adapter)
+        only = f" (only pickle weights {', '.join(found)}, which are never loaded)" if found else ""
+        raise UnsafeModelError(f"adapter {adapter}: no {SAFETENSORS_WEIGHTS_NAME}{only}")
     return PeftModel.from_pretrained(model, str(adapter))
 
 
@@ -198,7 +204,7 @@ def _explain_refusal(path: str):
                                "setting it") from e
     except OSError as e:
         folder = Path(path)
-        pickles = sorted(f.name for f in folder.glob("*") if f.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+        pickles = pickle_files(folder)
         if not pickles or any(folder.glob("*.safetensors")):
             raise
         raise UnsafeModelError(f"model.name_or_path: {path} has weights only as pickle ({', '.join(pickles)}), "

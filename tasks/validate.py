@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from configs.schema import FinetuneConfig
-from tasks.base_model import PICKLE_SUFFIXES
+from tasks.base_model import pickle_files
 from tasks.evaluate import tokenize_with_completion_mask
 from tasks.files import read_jsonl
 from tasks.ingest import DataError, SplitRecords, publish, read_records
@@ -162,7 +162,7 @@ def check_model_folder(name_or_path: str) -> None:
         if missing:
             raise ModelError(f"{where}: {missing[0]}: missing (named in model.safetensors.index.json)")
     if not weights:
-        pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        pickles = pickle_files(folder)
         what = (f"only pickle weights ({', '.join(pickles)}), which are never loaded because unpickling can run "
                 "code; convert them to safetensors") if pickles else "no *.safetensors weights"
         raise ModelError(f"{where}: {what}")
