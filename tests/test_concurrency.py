@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from flows.caching import ProcessLockManager
-from tasks.files import MANIFEST, verify_folder
 from tests.conftest import tiny_config, write_classification_dir
-from tests.faults import ROOT, cli_env, finish, linked_stage_folders, stage_states, start, temporaries, write_config
+from tests.faults import (ROOT, assert_intact, cli_env, finish, linked_stage_folders, stage_states, start,
+                          temporaries, write_config)
 
 STAGES = ("ingest", "split", "train", "merge", "evaluate_finetuned", "export_genai-int4")
 
@@ -65,12 +65,6 @@ def _run_two_at_once(shared, configs, name: str) -> list:
             for o in outputs]
 
 
-def _assert_complete(run_dir) -> None:
-    assert verify_folder(run_dir) is None and (run_dir / MANIFEST).is_file()
-    for name, folder in linked_stage_folders(run_dir).items():
-        assert (folder / MANIFEST).is_file() and verify_folder(folder) is None, name
-
-
 def test_two_identical_runs_at_once_compute_each_stage_once(shared, tiny_model_dir):
     config = _config(shared, "same", tiny_model_dir)
     first, second = _run_two_at_once(shared, [config, config], "same")
@@ -79,7 +73,7 @@ def test_two_identical_runs_at_once_compute_each_stage_once(shared, tiny_model_d
     for stage in STAGES:  # one run computed it, the other waited for the lock and reused the result
         assert sorted(s[stage] for s in states) == ["Cached", "Completed"], (stage, states)
     for run_dir in (first, second):
-        _assert_complete(run_dir)
+        assert_intact(run_dir)
     assert linked_stage_folders(first) == linked_stage_folders(second)
     assert temporaries(shared[1]) == []
 
@@ -93,7 +87,7 @@ def test_two_different_runs_at_once_do_not_clobber_each_other(shared, tiny_model
         assert json.loads((run_dir / "metrics.json").read_text())["config"]["lora"]["r"] == r
         assert json.loads((links["adapter"] / "adapter_config.json").read_text())["r"] == r
         assert stage_states(run_dir)["train"] == "Completed"
-        _assert_complete(run_dir)
+        assert_intact(run_dir)
     for link in ("adapter", "merged", "onnx/genai-int4"):
         assert folders[0][link] != folders[1][link], link
     assert folders[0]["data"] == folders[1]["data"]  # the same data: one split, shared

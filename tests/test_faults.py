@@ -9,21 +9,14 @@ import pytest
 
 from tasks.files import MANIFEST, verify_folder, write_manifest
 from tests.conftest import tiny_config, write_classification_dir
-from tests.faults import cli_env, linked_stage_folders, stage_states, stall_and_kill, temporaries, write_config
+from tests.faults import (assert_intact, cli_env, linked_stage_folders, stage_states, stall_and_kill, temporaries,
+                          write_config)
 
 
 def _published(out, stage: str) -> list[str]:
     folder = out / "stages" / stage
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")
                   and not p.name.endswith(".checkpoints")) if folder.is_dir() else []
-
-
-def _assert_intact(run_dir) -> None:
-    """The run folder and every stage folder it links to have a manifest and match it."""
-    assert verify_folder(run_dir) is None and (run_dir / MANIFEST).is_file()
-    for name, folder in linked_stage_folders(run_dir).items():
-        assert (folder / MANIFEST).is_file(), name
-        assert verify_folder(folder) is None, name
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +74,7 @@ def test_full_disk_while_merge_writes_publishes_nothing_then_next_run_reuses_sta
     states = stage_states(out / "disk-freed")
     assert {states[s] for s in ("ingest", "split", "train")} == {"Cached"}, states
     assert states["merge"] == "Completed", states
-    _assert_intact(out / "disk-freed")
+    assert_intact(out / "disk-freed")
 
 
 def test_sigkill_while_merge_then_export_publish_loses_no_work(good_run, tmp_path):
@@ -104,7 +97,7 @@ def test_sigkill_while_merge_then_export_publish_loses_no_work(good_run, tmp_pat
     assert {states[s] for s in ("ingest", "split", "train")} == {"Cached"}, states
     assert {states[s] for s in ("merge", "evaluate_finetuned", "export_genai-int4")} == {"Completed"}, states
     assert not tmp.exists() and temporaries(out) == []  # the dead run's temporary folder is gone
-    _assert_intact(out / "after-merge")
+    assert_intact(out / "after-merge")
     latest = (out / "latest.json").read_bytes()
 
     # a changed export setting (only export re-runs), killed with the ONNX model written but not yet published
@@ -119,7 +112,7 @@ def test_sigkill_while_merge_then_export_publish_loses_no_work(good_run, tmp_pat
     states = stage_states(out / "after-export")
     assert states.pop("export_genai-int4") == "Completed" and set(states.values()) == {"Cached"}, states
     assert not tmp.exists() and temporaries(out) == []
-    _assert_intact(out / "after-export")
+    assert_intact(out / "after-export")
     assert json.loads((out / "latest.json").read_text())["run_dir"].endswith("after-export")
 
 
@@ -147,7 +140,7 @@ def test_corrupted_stage_outputs_are_rebuilt_not_handed_out(good_run, caplog):
     assert "cached output is unusable" in caplog.text and "truncated" in caplog.text
     downstream = _downstream_state(merged_manifest, merged)
     assert states["evaluate_finetuned"] == states["export_genai-int4"] == downstream, states
-    _assert_intact(out / "truncated")
+    assert_intact(out / "truncated")
 
     # bytes flipped inside the adapter's weights (same size): training runs again into the same folder; its new
     # content (train.json records the wall time) gives merge and what follows new folders, so the merged model
@@ -166,8 +159,8 @@ def test_corrupted_stage_outputs_are_rebuilt_not_handed_out(good_run, caplog):
     flipped = linked_stage_folders(out / "flipped")
     assert flipped["adapter"] == adapter and flipped["merged"] != merged
     assert json.loads((merged / MANIFEST).read_text()) == merged_manifest and verify_folder(merged) is None
-    _assert_intact(out / "flipped")
-    _assert_intact(out / "truncated")  # the earlier run's links still lead to intact folders
+    assert_intact(out / "flipped")
+    assert_intact(out / "truncated")  # the earlier run's links still lead to intact folders
 
 
 def _trained(tmp_path, cfg, splits, checkpoints):

@@ -95,3 +95,13 @@ def linked_stage_folders(run_dir: Path) -> dict[str, Path]:
 def temporaries(out: Path) -> list[Path]:
     """Temporary and half-replaced folders (``.<name>.tmp-*``, ``.<name>.old-*``) anywhere under ``out``."""
     return [p for pattern in (".*.tmp-*", ".*.old-*") for p in out.rglob(pattern)]
+
+
+def assert_intact(run_dir: Path) -> None:
+    """The run folder and every stage folder it links to have a manifest and match it."""
+    from tasks.files import MANIFEST, verify_folder
+
+    assert verify_folder(run_dir) is None and (run_dir / MANIFEST).is_file()
+    for name, folder in linked_stage_folders(run_dir).items():
+        assert (folder / MANIFEST).is_file(), name
+        assert verify_folder(folder) is None, name
