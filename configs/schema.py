@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,13 +62,25 @@ class ModelConfig(_Section):
         None, description="Name of a Prefect Secret block holding a Hugging Face Hub token (gated or private models "
         "and datasets); the flow puts its value in HF_TOKEN for the libraries at the start of a run. None = the "
         "HF_TOKEN environment variable, if set. The token itself never goes in a config.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel for training: auto = flash_attention_2 on a GPU where the flash-attn "
+        "package is installed, else PyTorch SDPA.")
 
 
 class LoraConfig(_Section):
+    method: Literal["lora", "qlora", "dora"] = Field(
+        "lora", description="lora: LoRA on the float32 base (Hu et al. 2021); qlora: LoRA on a 4-bit "
+        "bitsandbytes base (Dettmers et al. 2023, settings below; the merge reloads the base in float32); dora: "
+        "weight-decomposed LoRA (Liu et al. 2024, peft use_dora).")
     r: int = Field(16, gt=0)
     lora_alpha: float = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: 4-bit data type (QLoRA paper: nf4).")
+    bnb_4bit_use_double_quant: bool = Field(True, description="qlora: quantize the quantization constants too "
+                                                              "(double quantization, ~0.4 bit/parameter saved).")
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="qlora: dtype the 4-bit weights are de-quantized to for each matmul.")
 
 
 class TrainConfig(_Section):
@@ -87,13 +99,27 @@ class TrainConfig(_Section):
         "drop", description="Training/validation examples longer than max_seq_length: drop them, keep them cut "
         "at max_seq_length (the end of the answer is lost), or stop before training naming the first one's file "
         "and row. Counted in train.json and the report.")
+    padding_free: bool = Field(True, description="Lay each batch's examples end to end instead of padding them to "
+                                                 "the longest: position ids restart at every example and no example "
+                                                 "attends to another. Same batches, same loss, no compute spent on "
+                                                 "padding (tasks/padding_free.py).")
     packing: bool = Field(False, description="Pack several examples into each max_seq_length sequence (TRL best-fit "
-                                             "decreasing, padding-free); completion-only loss is kept. Keeps "
-                                             "examples apart only with a flash-attention model (GPU); with "
-                                             "sdpa/eager attention (CPU) packed examples can attend to each other "
-                                             "(TRL warns).")
+                                             "decreasing, padding-free), so a step holds more examples than "
+                                             "per_device_train_batch_size. Examples never attend to each other "
+                                             "(flash-attention varlen on a GPU; with sdpa/eager, transformers builds "
+                                             "a block-diagonal mask from the position ids).")
     bf16: Literal["auto"] | bool = Field("auto", description="bf16 autocast; auto = where the CPU/GPU supports it.")
-    group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
+    group_by_length: bool = Field(True, description="Batch examples of similar length (less padding); only used "
+                                                    "with padding_free: false.")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="Recompute activations in the backward pass (less memory, ~30 % more compute); auto = "
+        "on for qlora (its purpose is memory), off otherwise.")
+    use_liger_kernel: Literal["auto"] | bool = Field(
+        "auto", description="Liger Triton kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU) through TRL; "
+        "auto = on a GPU where liger-kernel is installed.")
+    num_processes: Literal["auto"] | Annotated[int, Field(gt=0)] = Field(
+        "auto", description="Training processes (one per GPU, data parallel, started with torchrun by the train "
+        "task); auto = the number of visible GPUs, 1 on a CPU.")
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="Eval-loss interval in steps; None = once per epoch.")
     save_steps: int = Field(200, gt=0, description="Checkpoint interval in steps.")
@@ -144,6 +170,10 @@ class MergeConfig(_Section):
     logit_atol: float = Field(1e-3, gt=0, description="Max abs difference allowed between merged and "
                                                       "base+adapter logits.")
     n_check_prompts: int = Field(4, gt=0)
+    min_qlora_top1_agreement: float = Field(
+        0.9, ge=0, le=1, description="qlora: the merged float32 model must pick the same next token as the "
+        "adapter on the 4-bit base (the model as trained) at this fraction of the check prompts' answer positions "
+        "at least; the two differ by the base's 4-bit rounding error.")
 
 
 class ExportConfig(_Section):

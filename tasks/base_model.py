@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from configs.schema import EMBEDDED_MODEL, ConfigError, ModelConfig
+from configs.schema import EMBEDDED_MODEL, ConfigError, LoraConfig, ModelConfig
 from tasks.files import atomic_dir
 
 if TYPE_CHECKING:
@@ -152,9 +152,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tok
 
 
-def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a causal LM from safetensors only (never pickle), in eval mode, on CPU or the first GPU
-    (``dtype`` default: torch.float32).
+def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
+               attn_implementation: str | None = None, quantization_config=None) -> PreTrainedModel:
+    """Load a causal LM from safetensors only (never pickle), in eval mode, on CPU or this process's GPU
+    (``device()``). ``dtype`` default: torch.float32; ``attn_implementation``: transformers' name ("sdpa",
+    "flash_attention_2", ...; None = transformers' default); ``quantization_config``: e.g. a
+    ``transformers.BitsAndBytesConfig`` for a 4-bit base (QLoRA, ``load_4bit``).
 
     Raises:
         UnsafeModelError: a local folder has only pickle weights (``pytorch_model.bin``...), or the model needs
@@ -164,10 +167,43 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype | 
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
+    placement = {"device_map": {"": device()}} if quantization_config is not None else {}
     with _explain_refusal(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-    return model.to(device()).eval()
+                                                     trust_remote_code=trust_remote_code,
+                                                     attn_implementation=attn_implementation,
+                                                     quantization_config=quantization_config, **placement)
+    return (model if placement else model.to(device())).eval()
+
+
+def load_4bit(path: str, lora_cfg: LoraConfig, trust_remote_code: bool = False,
+              attn_implementation: str | None = None) -> PreTrainedModel:
+    """The base model with its linear layers quantized to 4 bits by bitsandbytes as QLoRA does (Dettmers et al.
+    2023, arXiv:2305.14314): ``lora_cfg.bnb_4bit_quant_type`` (nf4), double quantization, matmuls in
+    ``bnb_4bit_compute_dtype`` (bf16); the other weights (embeddings, norms, LM head) stay float32 — peft's
+    ``prepare_model_for_kbit_training`` would cast them to float32 anyway. Works on CPU (bitsandbytes >= 0.49)
+    and CUDA. Raises as ``load_model``."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = getattr(torch, lora_cfg.bnb_4bit_compute_dtype)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora_cfg.bnb_4bit_quant_type,
+                                      bnb_4bit_use_double_quant=lora_cfg.bnb_4bit_use_double_quant,
+                                      bnb_4bit_compute_dtype=compute_dtype)
+    return load_model(path, trust_remote_code, attn_implementation=attn_implementation,
+                      quantization_config=quantization)
+
+
+def attention_implementation(setting: str, bf16: bool) -> str:
+    """Resolve ``model.attn_implementation``: ``"auto"`` is ``"flash_attention_2"`` on a GPU with the
+    ``flash_attn`` package installed and bf16 autocast on (FlashAttention takes no float32), else ``"sdpa"``
+    (PyTorch's fused attention; on CPU its flash kernel)."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    flash = bf16 and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if flash else "sdpa"
 
 
 def load_adapter(model: PreTrainedModel, adapter: str | Path) -> PeftModel:
@@ -213,10 +249,13 @@ def _explain_refusal(path: str):
 
 
 def device() -> torch.device:
-    """The first CUDA GPU if one is visible, else the CPU."""
+    """This process's GPU if one is visible (``cuda:$LOCAL_RANK`` under torchrun, else the first), else the
+    CPU."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def use_bf16(setting: str | bool) -> bool:

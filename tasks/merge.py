@@ -1,11 +1,17 @@
-"""merge: fold the LoRA adapter into the base weights (peft ``merge_and_unload``) and check the result."""
+"""merge: fold the LoRA adapter into the base weights (peft ``merge_and_unload``) and check the result.
+
+A QLoRA adapter is never merged into 4-bit weights (rounding the sum back to 4 bits would lose most of the
+adapter): the base is reloaded in float32, merged there, and the merged model is compared with the adapter on the
+4-bit base, the model as trained.
+"""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
-from configs.schema import MergeConfig
-from tasks.base_model import load_adapter, load_model, load_tokenizer
+from configs.schema import LoraConfig, MergeConfig
+from tasks.base_model import load_4bit, load_adapter, load_model, load_tokenizer
 from tasks.evaluate import tokenize_with_completion_mask
 from tasks.files import atomic_dir, read_jsonl
 
@@ -22,13 +28,17 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
 
     Checks, before anything is published: (1) some merged weight differs from the base weight; (2) on the
     first ``cfg.n_check_prompts`` examples of ``check_file`` the merged model's logits match the
-    base+adapter model's logits within ``cfg.logit_atol`` (max abs difference over non-pad positions).
+    base+adapter model's logits within ``cfg.logit_atol`` (max abs difference over non-pad positions); (3) for
+    a QLoRA adapter (``method: qlora`` in the adapter's ``train.json``), the merged float32 model's next-token
+    choice agrees with the adapter on the 4-bit base at ``cfg.min_qlora_top1_agreement`` of the answer
+    positions at least (:func:`compare_with_4bit`; the logit differences are reported).
 
     Returns:
-        ``{"merged": path, "max_abs_logit_diff": float, "max_abs_weight_diff": float}``.
+        ``{"merged": path, "max_abs_logit_diff": float, "max_abs_weight_diff": float, "method": str,
+        "qlora_vs_4bit": see ``compare_with_4bit`` | None}``.
 
     Raises:
-        MergeCheckError: either check fails; nothing is written to ``out_dir`` then.
+        MergeCheckError: a check fails; nothing is written to ``out_dir`` then.
     """
     import torch
 
@@ -39,6 +49,7 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
     rows = tokenize_with_completion_mask(tokenizer, read_jsonl(check_file)[: cfg.n_check_prompts])
     batch = tokenizer.pad({"input_ids": [ids for ids, _ in rows]}, padding=True, return_tensors="pt",
                           padding_side="right").to(base.device)
+    trained = _train_record(adapter)
     with torch.inference_mode():
         adapter_logits = tuned(**batch).logits
         merged = tuned.merge_and_unload()
@@ -53,7 +64,62 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
     if not logit_diff <= cfg.logit_atol:
         raise MergeCheckError(f"merge: merged logits differ from base+adapter logits by {logit_diff:.3g} "
                               f"> merge.logit_atol={cfg.logit_atol:g}")
+    del before, adapter_logits
+    vs_4bit = None
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    return {"merged": str(out_dir), "max_abs_logit_diff": logit_diff, "max_abs_weight_diff": weight_diff}
+        if trained.get("method") == "qlora":
+            answers = torch.zeros_like(mask)
+            for i, (ids, prompt_len) in enumerate(rows):  # logits at t predict token t+1: the answer's predictors
+                answers[i, prompt_len - 1:len(ids) - 1] = True
+            merged_answers = merged_logits[answers].float().cpu()
+            del base, tuned, merged, merged_logits  # saved: free the float32 model before loading the 4-bit one
+            _free_memory()
+            vs_4bit = compare_with_4bit(merged_answers, answers, base_model, adapter,
+                                        LoraConfig(method="qlora", **trained["bnb_4bit"]), batch, trust_remote_code)
+            log.info("merge: merged float32 vs adapter on the 4-bit base: %s", json.dumps(vs_4bit))
+            if vs_4bit["top1_agreement"] < cfg.min_qlora_top1_agreement:
+                raise MergeCheckError(
+                    f"merge: the merged model picks the same next token as the adapter on the 4-bit base at "
+                    f"{vs_4bit['top1_agreement']:.1%} of the answer positions < merge.min_qlora_top1_agreement="
+                    f"{cfg.min_qlora_top1_agreement:.0%}")
+    return {"merged": str(out_dir), "max_abs_logit_diff": logit_diff, "max_abs_weight_diff": weight_diff,
+            "method": trained.get("method", "lora"), "qlora_vs_4bit": vs_4bit}
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def compare_with_4bit(merged_answers, answers, base_model: str, adapter: str, lora_cfg: LoraConfig, batch: dict,
+                      trust_remote_code: bool = False) -> dict:
+    """Compare the merged model's logits at the answer positions (float32, shape (positions, vocab), on CPU) with
+    those of ``adapter`` on the base quantized as in training (``tasks.base_model.load_4bit``) on ``batch``, at the
+    positions where ``answers`` (bool, (batch, seq)) is True.
+
+    Returns:
+        ``{"top1_agreement": fraction of positions with the same argmax token, "max_abs_logit_diff",
+        "mean_abs_logit_diff": float, "positions": int}``.
+    """
+    import torch
+
+    quantized = load_adapter(load_4bit(base_model, lora_cfg, trust_remote_code), adapter).eval()
+    with torch.inference_mode():
+        logits_4bit = quantized(**batch.to(quantized.device)).logits[answers.to(quantized.device)].float().cpu()
+    diff = (merged_answers - logits_4bit).abs()
+    same = merged_answers.argmax(-1) == logits_4bit.argmax(-1)
+    return {"top1_agreement": same.float().mean().item(), "max_abs_logit_diff": diff.max().item(),
+            "mean_abs_logit_diff": diff.mean().item(), "positions": int(answers.sum())}
+
+
+def _train_record(adapter: str) -> dict:
+    """The adapter's ``train.json`` (written by the train task: method, 4-bit settings), or {} without one."""
+    path = Path(adapter) / "train.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

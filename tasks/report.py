@@ -11,6 +11,15 @@ N_SAMPLES = 5  # test prompts shown base vs fine-tuned in report.md and the samp
 QUALITY_KEYS = {"classification": ("accuracy", "macro_f1"), "generation": ("rouge_l", "bleu", "exact_match")}
 
 
+def qlora_line(vs_4bit: dict | None) -> str:
+    """The report's line on a QLoRA merge (merged float32 vs the adapter on the 4-bit base), or ""."""
+    if not vs_4bit:
+        return ""
+    return (f"- qlora: merged float32 model vs adapter on the 4-bit base (as trained): same next token at "
+            f"{vs_4bit['top1_agreement']:.1%} of {vs_4bit['positions']} answer positions, logit diff mean "
+            f"{vs_4bit['mean_abs_logit_diff']:.3g} / max {vs_4bit['max_abs_logit_diff']:.3g}\n")
+
+
 def build_metrics(config: dict, task: str, base: dict | None, finetuned: dict, train: dict, merge: dict,
                   onnx: dict | None, data: dict, stages: dict[str, float]) -> dict:
     """Assemble the ``metrics.json`` contract: base, finetuned, onnx, train, merge, data, stages, config."""
@@ -21,8 +30,10 @@ def build_metrics(config: dict, task: str, base: dict | None, finetuned: dict, t
         "onnx": onnx,
         "train": {k: train.get(k) for k in ("train_tokens", "tokens_per_second", "wall_seconds", "steps",
                                              "train_loss", "eval_loss", "bf16", "resumed_from", "stopped_early",
-                                             "best_checkpoint", "sequence_lengths")},
-        "merge": {k: merge[k] for k in ("max_abs_logit_diff", "max_abs_weight_diff")},
+                                             "best_checkpoint", "sequence_lengths", "method", "padding_free",
+                                             "attn_implementation", "gradient_checkpointing", "liger_kernel", "processes",
+                                             "bnb_4bit", "peak_memory_bytes")},
+        "merge": {k: merge.get(k) for k in ("max_abs_logit_diff", "max_abs_weight_diff", "qlora_vs_4bit")},
         "data": data,
         "stage_seconds": stages,
         "config": config,
@@ -183,15 +194,16 @@ Base model: `{cfg['model']['name_or_path']}` · data: `{cfg['data']['path']}` ·
 {samples_markdown(samples or [])}
 
 ## Training
-- LoRA r={cfg['lora']['r']}, lora_alpha={cfg['lora']['lora_alpha']}, target_modules={cfg['lora']['target_modules']}
+- {cfg['lora'].get('method', 'lora')}: r={cfg['lora']['r']}, lora_alpha={cfg['lora']['lora_alpha']}, target_modules={cfg['lora']['target_modules']}
 - {train['steps']} steps, {train['train_tokens']} tokens in {train['wall_seconds']:.0f} s \
-({train['tokens_per_second']:.1f} tokens/s), bf16 autocast: {train['bf16']}
+({train['tokens_per_second']:.1f} tokens/s), bf16 autocast: {train['bf16']}, padding-free: \
+{train.get('padding_free')}, attention: {train.get('attn_implementation')}
 - final train loss {_fmt(train['train_loss'])}, validation loss {_fmt(train['eval_loss'])}
 {"".join(f"- {line}{chr(10)}" for line in length_lines(train))}{"![loss curve](loss_curve.png)" if has_curve else ""}
 
 ## Checks
 - merge: max abs logit diff merged vs base+adapter {metrics['merge']['max_abs_logit_diff']:.3g}
-{onnx_lines}
+{qlora_line(metrics['merge'].get('qlora_vs_4bit'))}{onnx_lines}
 
 ## Wall time per stage (s)
 | stage | seconds |

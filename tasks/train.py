@@ -1,17 +1,24 @@
-"""train: LoRA fine-tuning with TRL's SFTTrainer, completion-only loss on the model's chat template."""
+"""train: LoRA / QLoRA / DoRA fine-tuning with TRL's SFTTrainer, completion-only loss on the model's chat
+template; padding-free batches; one process per GPU (torchrun) when several are visible."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from configs.schema import LoraConfig, ModelConfig, TrainConfig
-from tasks.base_model import load_model, load_tokenizer, use_bf16
+from tasks.base_model import attention_implementation, load_4bit, load_model, load_tokenizer, use_bf16
 from tasks.evaluate import tokenize_with_completion_mask
 from tasks.files import atomic_dir, read_jsonl, verify_folder, write_json, write_manifest
+from tasks.padding_free import PaddingFreeCollator
 
 if TYPE_CHECKING:
     import datasets
@@ -83,6 +90,10 @@ def checkpoint_manifest_callback():
 
     class CheckpointManifest(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every rank has written its part (rng_state_<rank>.pth) before it is hashed
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and folder.is_dir():
                 write_manifest(folder)
@@ -119,42 +130,62 @@ def latest_complete_checkpoint(checkpoint_dir: str | Path) -> tuple[str | None, 
 
 def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainConfig,
           out_dir: str | Path, checkpoint_dir: str | Path, callback_factories: list | None = None) -> dict:
-    """Train a LoRA adapter on ``splits["files"]["train"]``, with eval loss on the validation split.
+    """Train a LoRA, QLoRA or DoRA adapter (``lora_cfg.method``) on ``splits["files"]["train"]``, with eval loss
+    on the validation split.
 
-    Examples longer than ``cfg.max_seq_length`` are dropped or truncated as ``cfg.overlength`` says (counted in
-    the result). With ``cfg.early_stopping_patience`` training stops once validation loss has not improved for
-    that many evaluations; with it or ``cfg.load_best_model_at_end`` the published adapter is the checkpoint
-    with the lowest validation loss. Checkpoints go to ``checkpoint_dir`` every ``cfg.save_steps`` steps; a run
-    restarted with the same ``checkpoint_dir`` resumes from the latest one (optimizer, scheduler, RNG and data
-    position). With
-    ``cfg.group_by_length`` (on by default: much less padding) a resume in the middle of an epoch sees a
+    Batches are padding-free by default (``cfg.padding_free``: examples end to end, position ids restarting, no
+    cross-example attention; same loss as padded batches). Examples longer than ``cfg.max_seq_length`` are
+    dropped or truncated as ``cfg.overlength`` says (counted in the result). With
+    ``cfg.early_stopping_patience`` training stops once validation loss has not improved for that many
+    evaluations; with it or ``cfg.load_best_model_at_end`` the published adapter is the checkpoint with the
+    lowest validation loss. Checkpoints go to ``checkpoint_dir`` every ``cfg.save_steps`` steps; a run restarted
+    with the same ``checkpoint_dir`` resumes from the latest one (optimizer, scheduler, RNG and data position).
+    With ``padding_free: false`` and ``cfg.group_by_length`` a resume in the middle of an epoch sees a
     different batch order for the rest of that epoch, because transformers' LengthGroupedSampler draws its
-    permutation from the global RNG; turn it off for bit-exact resumes. The adapter (safetensors + tokenizer)
-    and the trainer's log history (``train_log.json``) are published atomically in ``out_dir``.
-    ``callback_factories`` are zero-argument callables returning extra ``transformers.TrainerCallback``
-    objects (e.g. progress reporting), called here so that their callers need not import transformers.
+    permutation from the global RNG. With ``cfg.num_processes`` (auto: the visible GPUs) above 1, this call runs
+    itself in that many torchrun processes (``launch_processes``). The adapter (safetensors + tokenizer), the
+    trainer's log history (``train_log.json``) and the result (``train.json``) are published atomically in
+    ``out_dir``. ``callback_factories`` are zero-argument callables returning extra
+    ``transformers.TrainerCallback`` objects (e.g. progress reporting), called here so that their callers need
+    not import transformers.
 
     Returns:
-        ``{"adapter": path, "train_tokens": non-pad tokens seen, "tokens_per_second": float,
-        "wall_seconds": float, "steps": int, "train_loss": float, "eval_loss": float | None (the published
-        adapter's: the best one's with load_best_model_at_end), "bf16": bool, "resumed_from": checkpoint path |
-        None, "stopped_early": bool, "best_checkpoint": folder name | None, "sequence_lengths": see
+        ``{"adapter": path, "train_tokens": non-pad tokens seen (padding-free: tokens other than the pad token),
+        "tokens_per_second": float, "wall_seconds": float (training, with its evaluations), "steps": int,
+        "train_loss": float, "eval_loss": float | None (the published adapter's: the best one's with
+        load_best_model_at_end), "bf16": bool, "method": str, "bnb_4bit": qlora's 4-bit settings | None,
+        "attn_implementation": str, "padding_free": bool, "gradient_checkpointing": bool, "liger_kernel": bool,
+        "processes": int, "peak_memory_bytes": int (see ``peak_memory_bytes``), "resumed_from": checkpoint path
+        | None, "stopped_early": bool, "best_checkpoint": folder name | None, "sequence_lengths": see
         ``sequence_lengths``}``.
 
     Raises:
         ValueError: no example fits ``cfg.max_seq_length``.
+        RuntimeError: a torchrun training process failed.
     """
-    import peft
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    processes = num_processes(cfg.num_processes)
+    if processes > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_processes(processes, base_model, splits, model_cfg, lora_cfg, cfg, out_dir, checkpoint_dir)
     tokenizer = load_tokenizer(base_model, model_cfg.trust_remote_code)
     tokenizer.padding_side = "right"
-    model = load_model(base_model, model_cfg.trust_remote_code)
+    bf16 = use_bf16(cfg.bf16)
+    attn = attention_implementation(model_cfg.attn_implementation, bf16)
+    checkpointing = gradient_checkpointing(lora_cfg, cfg)
+    model = base_for_training(base_model, model_cfg.trust_remote_code, lora_cfg, attn, checkpointing)
     records, lengths = sequence_lengths(tokenizer, splits["files"], cfg)
     train_ds, eval_ds = to_prompt_completion(records["train"]), to_prompt_completion(records["validation"])
-    bf16 = use_bf16(cfg.bf16)
     best = cfg.load_best_model_at_end or cfg.early_stopping_patience is not None
+    flash = attn.startswith("flash")
+    # flash attention: TRL's padding-free collator (one row per batch, varlen kernel); sdpa/eager: rows of
+    # max_seq_length (tasks/padding_free.py); TRL packing brings its own
+    collator = None
+    if cfg.padding_free and not flash and not cfg.packing:
+        collator = PaddingFreeCollator(tokenizer.pad_token_id, cfg.max_seq_length)
+    liger = (model.device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+             if cfg.use_liger_kernel == "auto" else cfg.use_liger_kernel)
     ckpt_dir = Path(checkpoint_dir)
     args = SFTConfig(
         output_dir=str(ckpt_dir),
@@ -164,13 +195,17 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_ratio=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         max_length=cfg.max_seq_length,
         completion_only_loss=True,
         packing=cfg.packing,
-        group_by_length=cfg.group_by_length,
+        padding_free=cfg.padding_free and flash,
+        group_by_length=cfg.group_by_length and not cfg.padding_free,
+        use_liger_kernel=liger,
         bf16=bf16,
         fp16=False,
         use_cpu=model.device.type == "cpu",
@@ -188,9 +223,8 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if processes > 1 else None,
     )
-    lora = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
-                           target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
     callbacks = [make() for make in callback_factories or []] + [checkpoint_manifest_callback()]
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
@@ -200,7 +234,8 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
     # same config gives the same adapter whatever ran before in this process
     set_seed(cfg.seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
+                         processing_class=tokenizer, peft_config=peft_config(lora_cfg), callbacks=callbacks,
+                         data_collator=collator)
     resume, state = latest_complete_checkpoint(ckpt_dir)
     tokens_before = int(state.get("num_input_tokens_seen", 0))
     if resume:
@@ -221,11 +256,22 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         "train_loss": output.training_loss,
         "eval_loss": trainer.state.best_metric if best else (eval_losses[-1] if eval_losses else None),
         "bf16": bf16,
+        "method": lora_cfg.method,
+        "bnb_4bit": lora_cfg.model_dump(include={"bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+                                                 "bnb_4bit_compute_dtype"}) if lora_cfg.method == "qlora" else None,
+        "attn_implementation": attn,
+        "padding_free": cfg.padding_free or cfg.packing,
+        "gradient_checkpointing": checkpointing,
+        "liger_kernel": liger,
+        "processes": int(os.environ.get("WORLD_SIZE", 1)),
+        "peak_memory_bytes": peak_memory_bytes(model.device),
         "resumed_from": resume,
         "stopped_early": trainer.state.global_step < trainer.state.max_steps,
         "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if best else None,
         "sequence_lengths": lengths,
     }
+    if not trainer.is_world_process_zero():
+        return result
     with atomic_dir(out_dir) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -233,3 +279,93 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         write_json(tmp / "train.json", result)
     log.info("train: %s", json.dumps(result))
     return result
+
+
+def base_for_training(path: str, trust_remote_code: bool, lora_cfg: LoraConfig, attn: str,
+                      checkpointing: bool):
+    """The base model to put the adapter on: float32 for lora/dora (bf16 autocast does the matmuls), or 4-bit
+    (``tasks.base_model.load_4bit``) run through peft's ``prepare_model_for_kbit_training`` for qlora (the
+    non-quantized weights in float32, input gradients on, gradient checkpointing as ``checkpointing``)."""
+    if lora_cfg.method != "qlora":
+        return load_model(path, trust_remote_code, attn_implementation=attn)
+    from peft import prepare_model_for_kbit_training
+
+    model = load_4bit(path, lora_cfg, trust_remote_code, attn_implementation=attn)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def peft_config(lora_cfg: LoraConfig):
+    """The ``peft.LoraConfig`` for ``lora_cfg`` (``use_dora`` for method dora)."""
+    import peft
+
+    return peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
+                           target_modules=lora_cfg.target_modules, use_dora=lora_cfg.method == "dora",
+                           task_type="CAUSAL_LM")
+
+
+def gradient_checkpointing(lora_cfg: LoraConfig, cfg: TrainConfig) -> bool:
+    """Resolve ``train.gradient_checkpointing``: ``"auto"`` is on for qlora (its point is memory), else off."""
+    return lora_cfg.method == "qlora" if cfg.gradient_checkpointing == "auto" else cfg.gradient_checkpointing
+
+
+def num_processes(setting) -> int:
+    """Resolve ``train.num_processes``: ``"auto"`` is the number of visible GPUs (at least 1).
+
+    Raises:
+        ValueError: more processes than visible GPUs asked for on a GPU machine (CPU processes are not limited).
+    """
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if setting == "auto":
+        return max(gpus, 1)
+    if gpus and setting > gpus:
+        raise ValueError(f"train.num_processes={setting} but only {gpus} GPUs are visible (one process per GPU)")
+    return setting
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak memory of this process so far, in bytes: ``torch.cuda.max_memory_allocated`` on a GPU, the peak
+    resident set size (``ru_maxrss``, KiB on Linux) on a CPU."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def launch_processes(processes: int, base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraConfig,
+                     cfg: TrainConfig, out_dir: str | Path, checkpoint_dir: str | Path) -> dict:
+    """Run :func:`train` in ``processes`` data-parallel processes (``torchrun --standalone``, one per GPU; on a
+    CPU, gloo) and return what rank 0 published in ``out_dir/train.json``. Progress callbacks stay in this
+    process and are not forwarded.
+
+    Raises:
+        RuntimeError: a training process failed (its exit status; its output went to this process's stderr).
+    """
+    latest_complete_checkpoint(checkpoint_dir)  # drop broken checkpoints once, before the processes look
+    request = {"base_model": base_model, "splits": splits, "model": model_cfg.model_dump(),
+               "lora": lora_cfg.model_dump(), "train": cfg.model_dump(), "out_dir": str(out_dir),
+               "checkpoint_dir": str(checkpoint_dir)}
+    with tempfile.TemporaryDirectory() as tmp:
+        request_file = Path(tmp) / "train-request.json"
+        request_file.write_text(json.dumps(request))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "tasks.train", str(request_file)]
+        log.info("train: %d processes: %s", processes, " ".join(command))
+        root = str(Path(__file__).resolve().parents[1])
+        env = {"OMP_NUM_THREADS": str(max((os.cpu_count() or 1) // processes, 1)),  # torchrun's default: 1
+               **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        done = subprocess.run(command, cwd=root, env=env)
+    if done.returncode:
+        raise RuntimeError(f"train: torchrun with {processes} processes exited with status {done.returncode}")
+    return json.loads((Path(out_dir) / "train.json").read_text())
+
+
+if __name__ == "__main__":  # one torchrun process of launch_processes
+    job = json.loads(Path(sys.argv[1]).read_text())
+    train(job["base_model"], job["splits"], ModelConfig(**job["model"]), LoraConfig(**job["lora"]),
+          TrainConfig(**job["train"]), job["out_dir"], job["checkpoint_dir"])
