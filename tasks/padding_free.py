@@ -8,7 +8,7 @@ block-diagonal causal mask, so no example attends to another and the loss equals
 
 TRL's own padding-free collator flattens the whole batch into one row: right for flash-attention's varlen kernel
 (the train task uses it there), but with SDPA the mask then spans the whole batch (attention cost grows with the
-square of batch × length). Rows of ``max_length`` keep that cost at the padded batch's.
+square of batch × length). Rows of ``max_length`` keep each row's attention within ``max_length`` tokens.
 """
 from __future__ import annotations
 
