@@ -132,10 +132,10 @@ def run_baseline(cfg: FinetuneConfig, base: str, splits: dict, out: Path) -> dic
     from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments,
                               set_seed)
 
-    from tasks.base_model import load_tokenizer, use_bf16
+    from tasks.base_model import load_tokenizer, quantization_config, use_bf16
     from tasks.evaluate import tokenize_with_completion_mask
     from tasks.files import read_jsonl
-    from tasks.train import fit_to_length, gradient_checkpointing
+    from tasks.train import fit_to_length, gradient_checkpointing, peft_config
 
     t, lora = cfg.train, cfg.lora
     tokenizer = load_tokenizer(base)
@@ -149,23 +149,14 @@ def run_baseline(cfg: FinetuneConfig, base: str, splits: dict, out: Path) -> dic
 
     train_rows, eval_rows = dataset("train"), dataset("validation")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    quantization = None
-    if lora.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora.bnb_4bit_quant_type,
-                                          bnb_4bit_use_double_quant=lora.bnb_4bit_use_double_quant,
-                                          bnb_4bit_compute_dtype=getattr(torch, lora.bnb_4bit_compute_dtype))
+    quantization = quantization_config(lora) if lora.method == "qlora" else None
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=quantization,
                                                  device_map={"": device})
     checkpointing = gradient_checkpointing(lora, t)
     if quantization is not None:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     set_seed(t.seed)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha,
-                                                       lora_dropout=lora.lora_dropout,
-                                                       target_modules=lora.target_modules,
-                                                       use_dora=lora.method == "dora", task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(model, peft_config(lora))
     if quantization is not None:  # as TRL's SFTTrainer does on a 4-bit base (QLoRA paper: bf16 adapters)
         for p in model.parameters():
             if p.requires_grad:

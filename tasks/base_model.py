@@ -178,20 +178,23 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype | 
 
 def load_4bit(path: str, lora_cfg: LoraConfig, trust_remote_code: bool = False,
               attn_implementation: str | None = None) -> PreTrainedModel:
-    """The base model with its linear layers quantized to 4 bits by bitsandbytes as QLoRA does (Dettmers et al.
-    2023, arXiv:2305.14314): ``lora_cfg.bnb_4bit_quant_type`` (nf4), double quantization, matmuls in
-    ``bnb_4bit_compute_dtype`` (bf16); the other weights (embeddings, norms, LM head) stay float32 — peft's
+    """The base model with its linear layers quantized to 4 bits by bitsandbytes as QLoRA does
+    (``quantization_config``); the other weights (embeddings, norms, LM head) stay float32 — peft's
     ``prepare_model_for_kbit_training`` would cast them to float32 anyway. Works on CPU (bitsandbytes >= 0.49)
     and CUDA. Raises as ``load_model``."""
+    return load_model(path, trust_remote_code, attn_implementation=attn_implementation,
+                      quantization_config=quantization_config(lora_cfg))
+
+
+def quantization_config(lora_cfg: LoraConfig):
+    """``transformers.BitsAndBytesConfig`` for QLoRA (Dettmers et al. 2023, arXiv:2305.14314):
+    ``lora_cfg.bnb_4bit_quant_type`` (nf4), double quantization, matmuls in ``bnb_4bit_compute_dtype`` (bf16)."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    compute_dtype = getattr(torch, lora_cfg.bnb_4bit_compute_dtype)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora_cfg.bnb_4bit_quant_type,
-                                      bnb_4bit_use_double_quant=lora_cfg.bnb_4bit_use_double_quant,
-                                      bnb_4bit_compute_dtype=compute_dtype)
-    return load_model(path, trust_remote_code, attn_implementation=attn_implementation,
-                      quantization_config=quantization)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora_cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=lora_cfg.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, lora_cfg.bnb_4bit_compute_dtype))
 
 
 def attention_implementation(setting: str, bf16: bool) -> str:
