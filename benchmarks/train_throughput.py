@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs.schema import FinetuneConfig, load_config  # noqa: E402
+from tasks.files import read_json, write_json  # noqa: E402
 
 # Published architecture configs (config.json of meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B).
 LLAMA_CONFIGS = {
@@ -117,7 +118,7 @@ def run_ours(cfg: FinetuneConfig, base: str, splits: dict, out: Path) -> dict:
     from tasks.train import train
 
     result = train(base, splits, cfg.model, cfg.lora, cfg.train, out / "adapter", out / "checkpoints")
-    history = json.loads((out / "adapter" / "train_log.json").read_text())
+    history = read_json(out / "adapter" / "train_log.json")
     eval_seconds = sum(h.get("eval_runtime", 0.0) for h in history)
     return {"tokens": result["train_tokens"], "train_seconds": result["wall_seconds"] - eval_seconds,
             "eval_loss": result["eval_loss"], "steps": result["steps"],
@@ -203,7 +204,7 @@ def arm(args) -> None:
     # no checkpoint inside the timed window (the baseline saves none) and one process: a like-for-like pair
     cfg = load_config(args.config, args.set + [f"train.max_steps={args.steps}", f"train.eval_steps={args.steps}",
                                                f"train.save_steps={2 * args.steps}", "train.num_processes=1"])
-    splits = json.loads((Path(args.work) / "splits.json").read_text())
+    splits = read_json(Path(args.work) / "splits.json")
     run = run_baseline if args.arm == "baseline" else run_ours
     result = run(cfg, args.base, splits, Path(args.work) / f"{args.arm}-{args.round}")
     result["tokens_per_second"] = result["tokens"] / result["train_seconds"]
@@ -222,7 +223,8 @@ def mfu(tokens_per_second: float, parameters: int, gpu: str | None) -> str:
     peak = next((v for k, v in GPU_BF16_PEAK.items() if gpu and k in gpu), None)
     if not peak:
         return "n/a"
-    return f"{600 * parameters * tokens_per_second / peak:.1f} % (4N: {400 * parameters * tokens_per_second / peak:.1f} %)"
+    flops = parameters * tokens_per_second / peak
+    return f"{600 * flops:.1f} % (4N: {400 * flops:.1f} %)"
 
 
 def machine() -> str:
@@ -258,7 +260,7 @@ def main() -> None:
     results = {"baseline": [], "ours": []}
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as work:
         splits = prepare_data(cfg, Path(work), args.seq_len)
-        (Path(work) / "splits.json").write_text(json.dumps(splits))
+        write_json(Path(work) / "splits.json", splits)
         for r in range(args.rounds):
             for name in (["baseline", "ours"] if r % 2 == 0 else ["ours", "baseline"]):
                 command = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),

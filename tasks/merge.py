@@ -13,7 +13,7 @@ from pathlib import Path
 from configs.schema import LoraConfig, MergeConfig
 from tasks.base_model import load_4bit, load_adapter, load_model, load_tokenizer
 from tasks.evaluate import tokenize_with_completion_mask
-from tasks.files import atomic_dir, read_jsonl
+from tasks.files import atomic_dir, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -122,4 +122,4 @@ def compare_with_4bit(merged_answers, answers, base_model: str, adapter: str, lo
 def _train_record(adapter: str) -> dict:
     """The adapter's ``train.json`` (written by the train task: method, 4-bit settings), or {} without one."""
     path = Path(adapter) / "train.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}

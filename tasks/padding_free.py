@@ -37,8 +37,9 @@ class PaddingFreeCollator:
     """Collate TRL-tokenized examples (``input_ids``, optional ``completion_mask``: 1 on completion tokens) into
     ``{"input_ids", "position_ids", "labels"}``, each int64 of shape (rows, width), width = the fullest row's
     length (<= ``max_length`` unless one example is longer). Labels are the input ids on completion tokens
-    (every token without a completion mask) and -100 elsewhere and on each example's first token; row tails are ``pad_token_id`` with label -100
-    and positions 0, 1, ... of their own (a separate sequence that no example attends to)."""
+    (every token without a completion mask) and -100 elsewhere and on each example's first token; row tails are
+    ``pad_token_id`` with label -100 and positions 0, 1, ... of their own (a separate sequence that no example
+    attends to)."""
 
     pad_token_id: int
     max_length: int
@@ -55,8 +56,9 @@ class PaddingFreeCollator:
                 ids = torch.as_tensor(examples[i]["input_ids"], dtype=torch.long)
                 end = start + len(ids)
                 input_ids[r, start:end] = ids
-                mask = torch.as_tensor(examples[i].get("completion_mask", [1] * len(ids)), dtype=torch.bool)
-                labels[r, start:end] = torch.where(mask, ids, -100)
+                mask = examples[i].get("completion_mask")
+                labels[r, start:end] = ids if mask is None else torch.where(torch.as_tensor(mask, dtype=torch.bool),
+                                                                           ids, -100)
                 labels[r, start] = -100  # nothing precedes an example's first token: never a target (as in TRL)
                 position_ids[r, start:end] = torch.arange(len(ids))
                 start = end

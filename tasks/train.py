@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from configs.schema import LoraConfig, ModelConfig, TrainConfig
 from tasks.base_model import attention_implementation, load_4bit, load_model, load_tokenizer, use_bf16
 from tasks.evaluate import tokenize_with_completion_mask
-from tasks.files import atomic_dir, read_jsonl, verify_folder, write_json, write_manifest
+from tasks.files import atomic_dir, read_json, read_jsonl, verify_folder, write_json, write_manifest
 from tasks.padding_free import PaddingFreeCollator
 
 if TYPE_CHECKING:
@@ -362,10 +362,10 @@ def launch_processes(processes: int, base_model: str, splits: dict, model_cfg: M
         done = subprocess.run(command, cwd=root, env=env)
     if done.returncode:
         raise RuntimeError(f"train: torchrun with {processes} processes exited with status {done.returncode}")
-    return json.loads((Path(out_dir) / "train.json").read_text())
+    return read_json(Path(out_dir) / "train.json")
 
 
 if __name__ == "__main__":  # one torchrun process of launch_processes
-    job = json.loads(Path(sys.argv[1]).read_text())
+    job = read_json(sys.argv[1])
     train(job["base_model"], job["splits"], ModelConfig(**job["model"]), LoraConfig(**job["lora"]),
           TrainConfig(**job["train"]), job["out_dir"], job["checkpoint_dir"])
