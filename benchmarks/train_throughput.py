@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py --config configs/banking77.yaml --set data.path=../shared/data/banking77 \
         [--model embedded | llama-3.2-1b | llama-3.1-8b | <folder>] [--steps 20] [--rounds 2] [--seq-len N] \
-        [--set lora.method=qlora ...]
+        [--set lora.method=qlora ...] [--arms baseline,ours] [--tokenizer FOLDER] [--tiny] [--json FILE]
 
 Both arms train the same model on the same training rows (the config's ingest + split), with the same LoRA
 settings, learning rate, schedule, batch size, seed, precision and number of steps, then compute the loss on the
@@ -23,8 +23,10 @@ to 1.5x: the table prints the 6N figure, as asked, and the 4N one.
 
 ``--model llama-3.2-1b`` / ``llama-3.1-8b`` build random-initialised models from those models' published configs
 (speed and memory do not depend on the weight values; no hub), with the embedded SmolLM2 tokenizer (its ids are
-all below Llama-3's vocabulary size). ``--seq-len N`` makes every example ~N tokens long (each user turn is the
-config's training queries joined) for the sequence-length memory figures.
+all below Llama-3's vocabulary size), or the one in ``--tokenizer``; ``--tiny`` shrinks those configs to 2 layers
+of width 64 (the CPU dry run of ``benchmarks/gpu_check.sh``). ``--seq-len N`` makes every example ~N tokens long (each user turn is the
+config's training queries joined) for the sequence-length memory figures. ``--json FILE`` also writes every
+round and the summary as JSON.
 """
 from __future__ import annotations
 
@@ -58,39 +60,58 @@ LLAMA_CONFIGS = {
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
+# --tiny: the same architectures at toy width (a CPU smoke test of the GPU benchmark, not a figure)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16)
 # dense bf16 tensor-core peaks, FLOP/s (NVIDIA H100 / H200 datasheets; first matching name wins)
 GPU_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12}
 
 
-def model_folder(name: str, cache: Path) -> str:
+def model_folder(name: str, cache: Path, tokenizer_dir: str | None = None, tiny: bool = False) -> str:
     """A loadable folder for ``--model``: the embedded SmolLM2 (converted once), a random-initialised Llama
-    config (built once, bf16), or a folder given as is."""
-    from tasks.base_model import convert_gguf, embedded_gguf
-
-    smollm2 = cache / "SmolLM2-135M-Instruct-benchmark"
-    if not (smollm2 / "config.json").is_file():
-        convert_gguf(embedded_gguf(), smollm2)
-    if name == "embedded":
-        return str(smollm2)
-    if name not in LLAMA_CONFIGS:
+    config (built once, bf16, with ``tokenizer_dir``'s tokenizer or the embedded SmolLM2's; ``tiny``: at toy
+    width), or a folder given as is."""
+    if name not in LLAMA_CONFIGS and name != "embedded":
         return name
-    folder = cache / f"random-{name}"
+    tokenizer_dir = tokenizer_dir or smollm2_folder(cache)
+    if name == "embedded":
+        return tokenizer_dir
+    folder = cache / f"random-{name}{'-tiny' if tiny else ''}"
     if not (folder / "config.json").is_file():
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
         from tasks.files import atomic_dir
 
-        tokenizer = AutoTokenizer.from_pretrained(smollm2)
-        config = LlamaConfig(**LLAMA_CONFIGS[name], bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = LlamaConfig(**{**LLAMA_CONFIGS[name], **(TINY if tiny else {})},
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(0)
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: the 8B config is 16 GB, not 32
+        try:
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
         with atomic_dir(folder) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # this process stays alive while the arms run
     return str(folder)
+
+
+def smollm2_folder(cache: Path) -> str:
+    """The embedded SmolLM2-135M-Instruct converted to a folder under ``cache`` (once)."""
+    from tasks.base_model import convert_gguf, embedded_gguf
+
+    smollm2 = cache / "SmolLM2-135M-Instruct-benchmark"
+    if not (smollm2 / "config.json").is_file():
+        convert_gguf(embedded_gguf(), smollm2)
+    return str(smollm2)
 
 
 def prepare_data(cfg: FinetuneConfig, out: Path, seq_len: int | None) -> dict:
@@ -247,6 +268,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--cache", default="~/.cache/finetune-flow/models")
+    parser.add_argument("--arms", default="baseline,ours", help="comma-separated: baseline, ours")
+    parser.add_argument("--tokenizer", help="tokenizer folder for the random Llama configs (default: SmolLM2's)")
+    parser.add_argument("--tiny", action="store_true", help="toy-width Llama configs (CPU dry run)")
+    parser.add_argument("--json", help="also write the rounds and the summary to this JSON file")
     parser.add_argument("--arm", choices=["baseline", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -256,13 +281,14 @@ def main() -> None:
         return arm(args)
 
     cfg = load_config(args.config, args.set)
-    base = model_folder(args.model, Path(args.cache).expanduser())
-    results = {"baseline": [], "ours": []}
+    base = model_folder(args.model, Path(args.cache).expanduser(), args.tokenizer, args.tiny)
+    arms = args.arms.split(",")
+    results = {name: [] for name in arms}
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as work:
         splits = prepare_data(cfg, Path(work), args.seq_len)
         write_json(Path(work) / "splits.json", splits)
         for r in range(args.rounds):
-            for name in (["baseline", "ours"] if r % 2 == 0 else ["ours", "baseline"]):
+            for name in (arms if r % 2 == 0 else arms[::-1]):
                 command = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
                            "--arm", name, "--round", str(r), "--work", work, "--base", base]
                 command += [item for s in args.set for item in ("--set", s)]
@@ -276,26 +302,39 @@ def main() -> None:
                 print(f"round {r} {name:8s} {got['tokens_per_second']:8.1f} tokens/s  {got['tokens']} tokens in "
                       f"{got['train_seconds']:.1f} s  eval loss {got['eval_loss']:.4f}  peak "
                       f"{got['peak_memory_gib']:.2f} GiB", flush=True)
-    report(args, cfg, base, results)
+    summary = report(args, cfg, base, results)
+    if args.json:
+        write_json(Path(args.json), {"model": args.model, "steps": args.steps, "rounds": args.rounds,
+                                     "overrides": args.set, "machine": machine(), "rounds_results": results,
+                                     "summary": summary})
 
 
-def report(args, cfg: FinetuneConfig, base: str, results: dict) -> None:
+def report(args, cfg: FinetuneConfig, base: str, results: dict) -> dict:
+    """Print the table (median tokens/s, max peak memory, median eval loss, MFU per arm) and return it as
+    ``{"parameters", "arms": {arm: {...}}, "speed_ratio", "eval_loss_difference_pct"}`` (the last two only
+    with both arms)."""
     n = parameter_count(base)
-    gpu = results["ours"][0].get("gpu")
+    gpu = next(iter(results.values()))[0].get("gpu")
     print(f"\nmodel {args.model} ({n / 1e6:.1f} M parameters), method {cfg.lora.method}, {args.steps} steps x "
           f"batch {cfg.train.per_device_train_batch_size}, {args.rounds} rounds; {machine()}")
-    print(f"ours: {json.dumps(results['ours'][0].get('settings'))}")
+    if "ours" in results:
+        print(f"ours: {json.dumps(results['ours'][0].get('settings'))}")
     print("| arm | tokens/s (median) | peak memory GiB (max) | eval loss | MFU |\n|---|---|---|---|---|")
-    summary = {}
+    summary = {"parameters": n, "arms": {}}
     for name, runs in results.items():
         speed = statistics.median(r["tokens_per_second"] for r in runs)
-        summary[name] = speed
-        print(f"| {name} | {speed:.1f} | {max(r['peak_memory_gib'] for r in runs):.2f} | "
-              f"{statistics.median(r['eval_loss'] for r in runs):.4f} | {mfu(speed, n, gpu)} |")
-    loss = [statistics.median(r["eval_loss"] for r in results[k]) for k in ("ours", "baseline")]
-    print(f"\nspeed ratio ours / baseline: {summary['ours'] / summary['baseline']:.2f}x; eval loss difference "
-          f"{100 * (loss[0] - loss[1]) / loss[1]:+.2f} %; tokens trained per arm: "
-          f"{sorted({r['tokens'] for runs in results.values() for r in runs})}")
+        row = {"tokens_per_second": speed, "peak_memory_gib": max(r["peak_memory_gib"] for r in runs),
+               "eval_loss": statistics.median(r["eval_loss"] for r in runs), "mfu": mfu(speed, n, gpu)}
+        summary["arms"][name] = row
+        print(f"| {name} | {speed:.1f} | {row['peak_memory_gib']:.2f} | {row['eval_loss']:.4f} | {row['mfu']} |")
+    if {"ours", "baseline"} <= results.keys():
+        ours, baseline = summary["arms"]["ours"], summary["arms"]["baseline"]
+        summary["speed_ratio"] = ours["tokens_per_second"] / baseline["tokens_per_second"]
+        summary["eval_loss_difference_pct"] = 100 * (ours["eval_loss"] - baseline["eval_loss"]) / baseline["eval_loss"]
+        print(f"\nspeed ratio ours / baseline: {summary['speed_ratio']:.2f}x; eval loss difference "
+              f"{summary['eval_loss_difference_pct']:+.2f} %; tokens trained per arm: "
+              f"{sorted({r['tokens'] for runs in results.values() for r in runs})}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,0 +1,403 @@
+"""The prepared GPU check: every GPU figure of docs/benchmarks.md from one command on a bare, short-lived GPU box.
+
+    benchmarks/gpu_check.sh prepare          # here (CPU, network to PyPI): the wheels, tokenizer and data to carry
+    benchmarks/gpu_check.sh run [OUT]        # on the GPU box: install the carried wheels, run every step
+    benchmarks/gpu_check.sh dry-run OUT      # here: the same steps on toy-width models, no CUDA (tests/)
+
+``prepare`` fills the git-ignored kit folder ``.gpu-check/`` (carry it): ``wheels/`` (CPython 3.12 manylinux
+x86-64 wheels of exactly the packages the GPU image lacks or has at a version this project does not run with,
+at the versions of this environment, the tested set; bitsandbytes slimmed to its CPU and CUDA 13 libraries),
+``tokenizer/`` (the embedded SmolLM2 tokenizer, for the random-initialised Llama configs) and ``data/banking77``.
+It prints each wheel with its size and the total against the 64 MiB the device tool carries.
+
+``run`` runs the steps below in order, each in its own process with a time box, and rewrites ``results.json``
+and ``results.md`` in the output folder after every step, so that a step that fails or runs out of time leaves
+the figures of the steps before it; every step's output goes to ``log.txt``:
+
+1. ``environment``: GPU, driver, CUDA, Python and library versions;
+2. ``throughput-llama-3.2-1b``: ``benchmarks/train_throughput.py`` baseline vs ours, bf16, banking77 rows;
+3. ``liger-llama-3.2-1b``: ours again with Liger's kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU);
+4. ``qlora-llama-3.1-8b``: ours, QLoRA (nf4, double quantization) at 2,048 tokens, batch 1;
+5. ``cuda-oom-retry``: a real CUDA out-of-memory raised inside the train task under a Prefect flow: the task's
+   retry policy (``flows.retries``) must retry it, and the retry must resume from the checkpoint;
+6. ``banking77-smollm2``: recorded as not run (the model does not fit the carry limit; see ``STEP6_NOT_RUN``).
+
+The completion-only logits path (issue 19) does not exist yet; step 3 says so in its result.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CARRY_LIMIT = 64 * 2**20  # the device tool carries tree + wheels up to 64 MiB
+# What the GPU image holds (the device tool's KINDS.md, read 2026-11-17): not carried, unless listed below.
+BOX_HAS = set("""absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs build certifi
+charset-normalizer click cloudpickle colorama contourpy cycler filelock flatbuffers fonttools frozenlist fsspec
+h11 hf-xet httpcore httpx huggingface-hub humanize idna jinja2 joblib kiwisolver markdown markdown-it-py
+markupsafe matplotlib mdurl ml-dtypes mpmath msgpack multidict networkx numpy onnx onnx-ir onnxruntime packaging
+pandas pathspec peft pillow pip pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pygments
+pyparsing python-dateutil pyyaml regex requests rich sacrebleu safetensors scikit-learn scipy sentencepiece
+setuptools shellingham six sympy tabulate threadpoolctl tokenizers torch tqdm transformers triton typer
+typing-extensions urllib3 wheel wrapt xxhash yarl zipp""".split())
+# On the image at versions this project does not run with: transformers 5.x (we pin 4.57), and with it
+# tokenizers 0.23 / huggingface_hub 1.x (transformers 4.57 needs < 0.23 / < 1.0); peft and fsspec at the tested
+# versions (peft's LoRA layers and datasets' fsspec bound).
+CARRY_ANYWAY = {"transformers", "tokenizers", "huggingface-hub", "peft", "fsspec"}
+# The roots of what the steps import; their dependency closure (from this environment's metadata) is carried.
+ROOTS = ["transformers", "tokenizers", "huggingface-hub", "peft", "trl", "datasets", "pydantic", "prefect",
+         "bitsandbytes", "fsspec"]
+SKIP = {"asyncpg"}  # Prefect's PostgreSQL driver: the check's temporary Prefect server uses SQLite
+EXTRA_WHEELS = ["liger-kernel==0.6.4"]  # not installed on CPU machines (its kernels are Triton)
+PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312"] + [
+    arg for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+                  "manylinux2014_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64", "any")
+    for arg in ("--platform", p)]
+BNB_KEEP = re.compile(r"libbitsandbytes_(cpu|cuda13\d)\.so$")  # the image has CUDA 13
+
+STEP6_NOT_RUN = ("not run: the embedded SmolLM2-135M-Instruct does not fit the device tool's 64 MiB carry limit "
+                 "beside the wheels (its GGUF is 93 MB, the converted folder 517 MB in fp32, 270 MB in bf16), and "
+                 "the GPU box has no network to fetch it")
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def closure(roots: list[str]) -> dict[str, str]:
+    """``{distribution: installed version}`` for ``roots`` and everything they require (no extras), read from
+    this environment's package metadata; requirements whose markers exclude Python 3.12 / Linux are skipped.
+
+    Raises:
+        importlib.metadata.PackageNotFoundError: a root is not installed here.
+    """
+    from packaging.requirements import Requirement
+
+    env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+           "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+           "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
+    found: dict[str, str] = {}
+    todo = list(roots)
+    while todo:
+        name = norm(todo.pop())
+        if name in found:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            if name in map(norm, roots):
+                raise
+            continue  # a dependency of another platform or Python that pip did not install here
+        found[name] = dist.version
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate(env):
+                todo.append(req.name)
+    return found
+
+
+def slim_bitsandbytes(wheel: Path) -> None:
+    """Rewrite the bitsandbytes wheel in place with only its CPU and CUDA 13 libraries (and RECORD to match):
+    the full wheel carries one ~20 MB library per CUDA release and does not fit the carry limit."""
+    tmp = wheel.with_suffix(".tmp")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            name = item.filename
+            if name.endswith(".so") and not BNB_KEEP.search(name):
+                continue
+            data = src.read(item)
+            if name.endswith(".dist-info/RECORD"):
+                keep = [ln for ln in data.decode().splitlines()
+                        if not (".so," in ln and not BNB_KEEP.search(ln.split(",")[0]))]
+                data = ("\n".join(keep) + "\n").encode()
+            dst.writestr(item, data)
+    tmp.replace(wheel)
+
+
+def prepare(kit: Path) -> None:
+    """Fill ``kit`` (wheels, tokenizer, banking77 data) and print the wheel list with sizes."""
+    wheels = kit / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    pins = [f"{n}=={v}" for n, v in sorted(closure(ROOTS).items()) if n not in SKIP and (n not in BOX_HAS or n in CARRY_ANYWAY)]
+    pins += EXTRA_WHEELS
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *PLATFORM, "-d", str(wheels), *pins],
+                   check=True)
+    for wheel in wheels.glob("bitsandbytes-*.whl"):
+        slim_bitsandbytes(wheel)
+
+    from transformers import AutoTokenizer
+
+    from benchmarks.train_throughput import smollm2_folder
+
+    folder = smollm2_folder(Path("~/.cache/finetune-flow/models").expanduser())
+    shutil.rmtree(kit / "tokenizer", ignore_errors=True)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(kit / "tokenizer")
+    shared = ROOT.parent / "shared" / "data" / "banking77"
+    shutil.rmtree(kit / "data", ignore_errors=True)
+    shutil.copytree(shared, kit / "data" / "banking77")  # git-ignored, carried, never committed
+
+    files = sorted(wheels.iterdir(), key=lambda f: -f.stat().st_size)
+    for f in files:
+        print(f"{f.stat().st_size / 2**20:7.2f} MiB  {f.name}")
+    total = sum(f.stat().st_size for f in kit.rglob("*") if f.is_file())
+    tracked = [ROOT / p for p in subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                                cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+               if p and (ROOT / p).is_file()]
+    tree = sum(p.stat().st_size for p in tracked)
+    print(f"\n{len(files)} wheels {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB; kit {total / 2**20:.1f} "
+          f"MiB + source tree {tree / 2**20:.1f} MiB = {(total + tree) / 2**20:.1f} MiB of the "
+          f"{CARRY_LIMIT / 2**20:.0f} MiB carry limit")
+    if total + tree > CARRY_LIMIT:
+        sys.exit("over the carry limit")
+    print(f"carry: {kit.relative_to(ROOT) if kit.is_relative_to(ROOT) else kit}")
+
+
+# ----------------------------------------------------------------------------------------------------- run
+
+
+class Results:
+    """``results.json`` (a list of step records) and ``results.md``, rewritten after every step."""
+
+    def __init__(self, out: Path, header: dict):
+        self.out, self.header, self.steps = out, header, []
+        out.mkdir(parents=True, exist_ok=True)
+        self.log = out / "log.txt"
+
+    def add(self, record: dict) -> None:
+        self.steps.append(record)
+        (self.out / "results.json").write_text(json.dumps({**self.header, "steps": self.steps}, indent=2))
+        lines = [f"# GPU check ({self.header['mode']})", "", f"started {self.header['started']}, "
+                 f"`{self.header['command']}`", "", "| step | status | seconds | figures |", "|---|---|---|---|"]
+        for s in self.steps:
+            figures = "; ".join(f"{k}: {v}" for k, v in s.get("figures", {}).items()) or s.get("note", "")
+            lines.append(f"| {s['step']} | {s['status']} | {s.get('seconds', 0):.0f} | {figures} |")
+        (self.out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def run_command(command: list[str], budget: float, log: Path, env: dict | None = None) -> tuple[str, float]:
+    """Run ``command`` with its output appended to ``log``; kill its whole process group after ``budget``
+    seconds. Returns ``(status, seconds)``: "ok", "failed (exit N)" or "timed out"."""
+    start = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(command)}\n")
+        out.flush()
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        try:
+            code = proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return "timed out", time.perf_counter() - start
+    return ("ok" if code == 0 else f"failed (exit {code})"), time.perf_counter() - start
+
+
+def environment() -> dict:
+    """GPU, driver, CUDA and library versions of this process's environment."""
+    import torch
+
+    figures = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("transformers", "tokenizers", "huggingface-hub", "trl", "peft", "accelerate", "datasets",
+                 "bitsandbytes", "liger-kernel", "prefect", "pydantic", "triton", "flash-attn"):
+        try:
+            figures[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            figures[name] = "not installed"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        figures["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                              "--format=csv,noheader"], capture_output=True, text=True)
+        figures["driver, max SM clock, power limit"] = smi.stdout.strip() or smi.stderr.strip()
+    else:
+        figures["gpu"] = "none (CPU dry run)"
+    broken = []
+    for module in ("transformers", "trl", "peft", "datasets", "bitsandbytes", "prefect", "liger_kernel"):
+        try:
+            __import__(module)
+        except Exception as e:  # noqa: BLE001 - recorded, the steps that need it will fail with the details
+            broken.append(f"{module}: {type(e).__name__}: {str(e)[:200]}")
+    figures["imports"] = "; ".join(broken) or "all import"
+    figures["cpu"] = platform.processor() or platform.machine()
+    figures["cpus"] = os.cpu_count()
+    return figures
+
+
+def throughput_figures(path: Path) -> dict:
+    """The summary of a ``train_throughput.py --json`` file as short table cells."""
+    data = json.loads(path.read_text())
+    summary, figures = data["summary"], {}
+    figures["parameters"] = f"{summary['parameters'] / 1e6:.1f} M"
+    for arm, row in summary["arms"].items():
+        figures[arm] = (f"{row['tokens_per_second']:.0f} tokens/s, peak {row['peak_memory_gib']:.2f} GiB, "
+                        f"eval loss {row['eval_loss']:.4f}, MFU {row['mfu']}")
+    if "speed_ratio" in summary:
+        figures["ratio ours/baseline"] = f"{summary['speed_ratio']:.2f}x"
+    figures["settings (ours)"] = json.dumps(next(iter(data["rounds_results"].get("ours", [{}])), {}).get("settings"))
+    return figures
+
+
+def oom_retry(args) -> None:
+    """Step 5, in its own process: the train task under a Prefect flow with the project's retry policy; a
+    callback raises a real out-of-memory error (a CUDA allocation far beyond the card; on a CPU dry run,
+    ``torch.OutOfMemoryError`` raised directly) once, after the first checkpoint. Prints ``RESULT {json}``."""
+    import torch
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from transformers import TrainerCallback
+
+    from configs.schema import RetryConfig, load_config
+    from flows.retries import with_retries
+    from tasks.ingest import ingest
+    from tasks.split import split
+    from tasks.train import train
+
+    work = Path(args.work)
+    marker = work / "oom-raised"
+    attempts = []
+
+    class RaiseOutOfMemory(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kwargs):
+            if state.global_step == 3 and not marker.exists():
+                marker.write_text("1")
+                if torch.cuda.is_available():
+                    torch.empty(2**44, dtype=torch.uint8, device="cuda")  # 16 TiB: a real CUDA OOM
+                raise torch.OutOfMemoryError("CUDA out of memory (raised by the CPU dry run)")
+
+    def train_once(base, splits, cfg, out):
+        attempts.append(time.time())
+        return train(base, splits, cfg.model, cfg.lora, cfg.train, out / "adapter", out / "checkpoints",
+                     callback_factories=[RaiseOutOfMemory])
+
+    cfg = load_config(args.config, args.set + ["train.max_steps=4", "train.save_steps=2", "train.eval_steps=2",
+                                               "train.per_device_train_batch_size=8", "train.num_processes=1"])
+    train_task = with_retries(task(train_once, name="train", cache_policy=NO_CACHE),
+                              RetryConfig(retries=1, delay_seconds=1))
+
+    @flow(name="gpu-check-oom-retry")
+    def check():
+        return train_task(args.base, split(ingest(cfg.data, work / "ingested"), cfg.split, work / "data"), cfg, work)
+
+    result = check()
+    print("RESULT " + json.dumps({"attempts": len(attempts), "oom_raised": marker.exists(),
+                                  "resumed_from": result["resumed_from"], "steps": result["steps"],
+                                  "device": "cuda" if torch.cuda.is_available() else "cpu"}), flush=True)
+
+
+def run(args) -> None:
+    """Run every step in order (see the module docstring), each time-boxed, appending to the results."""
+    kit, out = Path(args.kit), Path(args.out)
+    dry = args.dry_run
+    data = Path(args.data or kit / "data" / "banking77").resolve()
+    tokenizer = str(Path(args.tokenizer or kit / "tokenizer").resolve())
+    cache = Path(args.cache or tempfile.mkdtemp(prefix="gpu-check-models-"))
+    header = {"mode": "CPU dry run (toy-width models)" if dry else "GPU", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": "benchmarks/gpu_check.sh " + ("dry-run" if dry else "run")}
+    results = Results(out, header)
+    start = time.perf_counter()
+    results.add({"step": "environment", "status": "ok", "seconds": 0.0, "figures": environment()})
+
+    py = sys.executable
+    data_set = ["--set", f"data.path={data}"]
+    bench = [py, "benchmarks/train_throughput.py", "--config", "configs/banking77.yaml", *data_set,
+             "--tokenizer", tokenizer, "--cache", str(cache), "--rounds", "1"]
+    if dry:
+        bench += ["--tiny", "--set", "split.max_train_examples=120", "--set", "split.max_validation_examples=16"]
+    steps_1b = "3" if dry else "30"
+    batch_1b = "8" if dry else "128"
+    common_1b = ["--model", "llama-3.2-1b", "--steps", steps_1b, "--set", "train.bf16=auto",
+                 "--set", f"train.per_device_train_batch_size={batch_1b}"]
+    seq = "64" if dry else "2048"  # every example cut to exactly this many tokens (overlength: truncate)
+    benchmarks = [
+        ("throughput-llama-3.2-1b", 120 if dry else 140, common_1b + ["--arms", "baseline,ours"], None),
+        ("liger-llama-3.2-1b", 30 if dry else 60,
+         common_1b + ["--arms", "ours", "--set", "train.use_liger_kernel=true"],
+         "the completion-only logits path (issue 19) is not built yet: not measured"),
+        ("qlora-llama-3.1-8b", 90 if dry else 150,
+         ["--model", "llama-3.1-8b", "--arms", "ours", "--steps", "3" if dry else "10", "--seq-len", seq,
+          "--set", "lora.method=qlora", "--set", f"train.max_seq_length={seq}", "--set", "train.overlength=truncate",
+          "--set", "train.per_device_train_batch_size=1", "--set", "train.bf16=auto"], None),
+    ]
+    for name, budget, extra, note in benchmarks:
+        if name.startswith("liger") and not dry and metadata_version("liger-kernel") is None:
+            results.add({"step": name, "status": "skipped", "note": "liger-kernel is not installed"})
+            continue
+        if name.startswith("liger") and dry:
+            results.add({"step": name, "status": "skipped", "note": f"Liger's kernels are Triton (GPU only); {note}"})
+            continue
+        json_file = out / f"{name}.json"
+        status, seconds = run_command(bench + extra + ["--json", str(json_file)], budget, results.log)
+        record = {"step": name, "status": status, "seconds": seconds, "command": " ".join(extra)}
+        if json_file.is_file():
+            record["figures"] = throughput_figures(json_file)
+            json_file.unlink()
+        if note:
+            record["note"] = note
+        results.add(record)
+
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-oom-"))
+    base = str(cache / ("random-llama-3.2-1b" + ("-tiny" if dry else "")))
+    oom_log = work / "oom.log"
+    status, seconds = run_command([py, "benchmarks/gpu_check.py", "oom-retry", "--config", "configs/banking77.yaml",
+                                   *data_set, "--set", "split.max_train_examples=120",
+                                   "--set", "split.max_validation_examples=16", "--base", base, "--work", str(work)],
+                                  60 if dry else 75, oom_log, env={"PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    text = oom_log.read_text()
+    with open(results.log, "a") as log:
+        log.write(text)
+    line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
+    figures = json.loads(line[len("RESULT "):]) if line else {}
+    ok = status == "ok" and figures.get("attempts") == 2 and figures.get("oom_raised") and figures.get("resumed_from")
+    retried = "Retry" in text or "Awaiting" in text
+    results.add({"step": "cuda-oom-retry", "status": status if not ok else "ok", "seconds": seconds,
+                 "figures": {**figures, "prefect_logged_retry": retried},
+                 "note": "retried and resumed from the checkpoint" if ok else "the retry path did not complete"})
+    results.add({"step": "banking77-smollm2", "status": "not run", "note": STEP6_NOT_RUN})
+    print(f"gpu check done in {time.perf_counter() - start:.0f} s: {out / 'results.md'}")
+    print((out / "results.md").read_text())
+
+
+def metadata_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="fill the kit folder to carry (wheels, tokenizer, data)")
+    p.add_argument("--kit", default=str(ROOT / ".gpu-check"))
+    r = sub.add_parser("run", help="run the steps (on the GPU box, or --dry-run here)")
+    r.add_argument("--kit", default=str(ROOT / ".gpu-check"))
+    r.add_argument("--out", required=True)
+    r.add_argument("--dry-run", action="store_true", help="toy-width models, no CUDA needed")
+    r.add_argument("--data", help="banking77 folder (default: the kit's)")
+    r.add_argument("--tokenizer", help="tokenizer folder (default: the kit's)")
+    r.add_argument("--cache", help="where the random models are built (default: a new temporary folder)")
+    o = sub.add_parser("oom-retry", help=argparse.SUPPRESS)
+    for name in ("--config", "--base", "--work"):
+        o.add_argument(name, required=True)
+    o.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    {"prepare": lambda a: prepare(Path(a.kit)), "run": run, "oom-retry": oom_retry}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
