@@ -88,6 +88,7 @@ def model_folder(name: str, cache: Path, tokenizer_dir: str | None = None, tiny:
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(0)
+        start = time.perf_counter()
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: the 8B config is 16 GB, not 32
         try:
@@ -99,6 +100,7 @@ def model_folder(name: str, cache: Path, tokenizer_dir: str | None = None, tiny:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         del model
+        print(f"built and saved {folder.name} in {time.perf_counter() - start:.0f} s", flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # this process stays alive while the arms run
     return str(folder)

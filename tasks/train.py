@@ -164,7 +164,7 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         RuntimeError: a torchrun training process failed.
     """
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     processes = num_processes(cfg.num_processes)
     if processes > 1 and "LOCAL_RANK" not in os.environ:
@@ -222,6 +222,7 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         data_seed=cfg.seed,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
+        prediction_loss_only=True,  # evaluation needs the loss only: no logits gathered
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if processes > 1 else None,
     )
@@ -233,7 +234,7 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
     # TRL adds the LoRA weights (random lora_A) before the Trainer seeds the RNGs: seed them here, so that the
     # same config gives the same adapter whatever ran before in this process
     set_seed(cfg.seed)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config(lora_cfg), callbacks=callbacks,
                          data_collator=collator)
     resume, state = latest_complete_checkpoint(ckpt_dir)
@@ -279,6 +280,27 @@ def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraC
         write_json(tmp / "train.json", result)
     log.info("train: %s", json.dumps(result))
     return result
+
+
+def sft_trainer_class():
+    """TRL's ``SFTTrainer``, asking Liger's fused linear cross-entropy for its loss in evaluation too.
+
+    Liger computes the loss without logits only in training mode (``skip_logits`` defaults to
+    ``self.training``); in evaluation it returns logits and no token accuracy, which TRL 0.26's ``compute_loss``
+    reads whenever ``use_liger_kernel`` is on (``AttributeError: 'NoneType' object has no attribute 'mean'``,
+    seen on an H200 by ``benchmarks/gpu_check.sh``). Passing ``skip_logits=True`` whenever there are labels gives
+    the same loss, the token accuracy TRL logs, and no [batch, length, vocabulary] logits in evaluation.
+    """
+    from trl import SFTTrainer
+
+    class SFTTrainerLigerEval(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.args.use_liger_kernel and "labels" in inputs:
+                inputs["skip_logits"] = True
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return SFTTrainerLigerEval
 
 
 def base_for_training(path: str, trust_remote_code: bool, lora_cfg: LoraConfig, attn: str,
