@@ -323,7 +323,8 @@ def run(args) -> None:
     batch_1b = "8" if dry else "128"
     common_1b = ["--model", "llama-3.2-1b", "--steps", steps_1b, "--set", "train.bf16=auto",
                  "--set", f"train.per_device_train_batch_size={batch_1b}"]
-    seq = "64" if dry else "2048"  # every example cut to exactly this many tokens (overlength: truncate)
+    # every example cut to max_seq_length (overlength: truncate); the dry run's toy tokenizer needs more room
+    seq, max_len = ("32", "256") if dry else ("2048", "2048")
     benchmarks = [
         ("throughput-llama-3.2-1b", 120 if dry else 110, common_1b + ["--arms", "baseline,ours"], None),
         ("ours-without-liger-llama-3.2-1b", 30 if dry else 45,
@@ -331,7 +332,7 @@ def run(args) -> None:
          "the completion-only logits path (issue 19) is not built yet: not measured"),
         ("qlora-llama-3.1-8b", 90 if dry else 170,
          ["--model", "llama-3.1-8b", "--arms", "ours", "--steps", "3" if dry else "10", "--seq-len", seq,
-          "--set", "lora.method=qlora", "--set", f"train.max_seq_length={seq}", "--set", "train.overlength=truncate",
+          "--set", "lora.method=qlora", "--set", f"train.max_seq_length={max_len}", "--set", "train.overlength=truncate",
           "--set", "train.per_device_train_batch_size=1", "--set", "train.per_device_eval_batch_size=1",
           "--set", "split.max_validation_examples=16", "--set", "train.bf16=auto"], None),
     ]
