@@ -12,6 +12,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from tasks.metrics import ALL_METRICS, TASK_KINDS
+
+# choices read from the metric registry (tasks/metrics.py): a new task kind or metric is valid config at once
+EvalTask = Literal[("auto", *TASK_KINDS)]
+SweepMetric = Literal[("auto", *ALL_METRICS)]
+
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -143,7 +149,8 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    task: Literal["auto", "classification", "generation"] = "auto"
+    task: EvalTask = Field("auto", description="auto (the data's kind) or a task kind of tasks/metrics.py: "
+                                               "classification or generation.")
     batch_size: int = Field(64, gt=0)
     max_new_tokens: int | None = Field(None, gt=0, description="None = longest label + 2 tokens for "
                                                               "classification, 256 for generation.")
@@ -307,7 +314,7 @@ class SweepConfig(_Section):
     n_trials: int = Field(4, gt=0, description="Sampled trials (grid: at most the grid's size); the baseline "
                                                "(the config's own values) runs in addition.")
     seed: int = 0
-    metric: Literal["auto", "accuracy", "macro_f1", "rouge_l", "bleu", "exact_match", "eval_loss", "perplexity"] = \
+    metric: SweepMetric = \
         Field("auto", description="Validation metric to optimise; auto = accuracy (classification) or rouge_l.")
     max_parallel: int = Field(1, gt=0, description="Trials run at once (mapped Prefect tasks); each trial also "
                                                    "holds a `gpu` concurrency slot where the worker sets one.")

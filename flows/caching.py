@@ -1,15 +1,18 @@
-"""Caching by content, not by run: content-addressed stage folders plus Prefect's own cache.
+"""Caching by content, not by run: one Prefect cache policy (``StageCache``) and content-addressed stage folders.
 
-Every stage publishes into ``<output.dir>/stages/<stage>/<key>``. The key hashes the stage's source file,
-the config it reads and its inputs: the content fingerprint of the dataset and base model, and the published
-content (manifest) of the upstream stage folders (``flows.finetune.stage_dir``): a Merkle chain, so changing a
-file, a setting, a stage's code or an upstream stage's output changes the key of that stage and of everything
-downstream, and nothing else — a rebuilt upstream folder with new bytes gives new downstream folders, never a
-rewrite of the ones earlier runs link to. Prefect does the caching itself: each task is cached on its inputs
-(which include that folder) and its source, with results persisted in the result store so a later run, or
-another worker sharing the store, finds them. A cache hit whose folder has been deleted, or no longer matches
-its manifest (``tasks.files.verify_folder``), is run again (``flows.finetune.run_stage``) instead of handing
-out a path that no longer exists or holds broken weights.
+Every stage publishes into ``<output.dir>/stages/<stage>/<key>``. The key (``stage_key``) is derived from the
+stage's declaration (``flows/stages.py``): its name, the config sections it reads (the data's content, never its
+path), the published content (manifest) of its upstream folders and any other inputs the flow names, the source of
+**every first-party module in the import closure of its function** (``code_fingerprint``: editing a helper the
+stage imports, directly or not, changes the key; editing an unrelated module does not) and the versions of the
+libraries that shape its result (``library_versions``). A Merkle chain: changing a file, a setting, a stage's
+code, a library or an upstream stage's output changes the key of that stage and of everything downstream, and
+nothing else — a rebuilt upstream folder with new bytes gives new downstream folders, never a rewrite of the
+ones earlier runs link to.
+
+Prefect does the caching itself with ``StageCache``, whose key is that folder key, with results persisted in the
+result store so a later run, or another worker sharing the store, finds them. A cache hit whose folder has been
+deleted, or no longer matches its manifest (``tasks.files.verify_folder``), is run again (``run_stage``).
 
 Concurrent runs (two terminals, several workers sharing ``output.dir``): the cache records are SERIALIZABLE
 transactions locked per cache key (``ProcessLockManager``: kernel file locks beside the result store), so a
@@ -18,24 +21,35 @@ computing it again. The kernel drops a lock when its process dies, so a killed r
 """
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.metadata
 import inspect
+import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from filelock import FileLock, Timeout
-from prefect import Task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import CachePolicy
+from prefect.exceptions import MissingContextError
 from prefect.locking.protocol import LockManager
 from prefect.utilities.hashing import hash_objects
 
 from configs.schema import FinetuneConfig
+from flows.retries import with_retries
+from tasks.files import content_digest, verify_folder
+
+if TYPE_CHECKING:
+    from flows.stages import Stage
 
 KEY_LENGTH = 16
-
-
-# progress-reporting callbacks do not change results, and are not hashable
-CACHE_POLICY = INPUTS - "callback_factories" + TASK_SOURCE
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_PARTY = ("configs", "flows", "tasks")
+# config fields that say where things are, not what they are: never part of a key
+NOT_CONTENT = {"data": {"path"}, "model": {"cache_dir", "hf_token_secret"}}
 
 
 def fingerprint(path_or_id: str) -> str:
@@ -57,12 +71,112 @@ def fingerprint(path_or_id: str) -> str:
     return digest.hexdigest()[:KEY_LENGTH]
 
 
-def stage_key(task: Task, *parts) -> str:
-    """Key of one stage's output: its name, its module's source and ``parts`` (config sections, upstream
-    keys). Pydantic models are hashed through their JSON form."""
-    source = hashlib.sha256(Path(inspect.getsourcefile(inspect.unwrap(task.fn))).read_bytes()).hexdigest()
-    plain = [p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts]
-    return hash_objects(task.name, source, *plain, raise_on_failure=True)[:KEY_LENGTH]
+def module_file(module: str) -> Path | None:
+    """The source file of a first-party module (``tasks.train`` → ``tasks/train.py``, a package → its
+    ``__init__.py``), or None for anything else."""
+    if module.split(".")[0] not in FIRST_PARTY:
+        return None
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported(path: Path) -> set[str]:
+    """Module names ``path`` imports anywhere (top level, inside functions, under TYPE_CHECKING): for
+    ``from a.b import c`` both ``a.b`` and ``a.b.c`` (``c`` may be a submodule)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_closure(module: str) -> list[Path]:
+    """The source files of ``module`` and of every first-party module it imports, directly or through others,
+    with their packages' ``__init__.py``; sorted. Read from the sources (``ast``), so lazy imports inside
+    functions count too."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # the module and its parent packages
+            path = module_file(".".join(parts[:i]))
+            if path is not None and path not in seen:
+                seen.add(path)
+                todo.extend(_imported(path))
+    return sorted(seen)
+
+
+def code_fingerprint(fn) -> str:
+    """sha256 (16 hex) of the relative path and bytes of every file in the import closure of ``fn``'s module
+    (``inspect.unwrap``: wrappers such as the gpu slot do not count)."""
+    digest = hashlib.sha256()
+    for path in import_closure(inspect.unwrap(fn).__module__):
+        digest.update(f"{path.relative_to(ROOT)}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:KEY_LENGTH]
+
+
+def library_versions(names) -> dict[str, str | None]:
+    """``{distribution: installed version or None}`` for ``names``."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def config_section(cfg: FinetuneConfig, name: str) -> dict:
+    """One config section as JSON, without the fields that only say where things are (``NOT_CONTENT``)."""
+    return getattr(cfg, name).model_dump(mode="json", exclude=NOT_CONTENT.get(name))
+
+
+def stage_key(stage: Stage, cfg: FinetuneConfig | None, *parts) -> str:
+    """Key of one stage's output: its name, code (``code_fingerprint``), library versions, the config sections
+    its declaration names (read from ``cfg``) and ``parts`` (upstream keys or folders, other inputs). A part that
+    is an existing folder counts with its published content (``tasks.files.content_digest``, from its manifest);
+    pydantic models are hashed through their JSON form.
+
+    Raises:
+        ValueError: a part cannot be hashed.
+    """
+    def plain(part):
+        if hasattr(part, "model_dump"):
+            return part.model_dump(mode="json")
+        digest = content_digest(part) if isinstance(part, str) and Path(part).is_dir() else None
+        return (part, digest) if digest else part
+
+    sections = [config_section(cfg, name) for name in stage.sections] if cfg is not None else []
+    return hash_objects(stage.name, code_fingerprint(stage.fn), library_versions(stage.libraries), sections,
+                        *map(plain, parts), raise_on_failure=True)[:KEY_LENGTH]
+
+
+def stage_dir(cfg: FinetuneConfig, stage: Stage, *parts) -> str:
+    """The content-addressed folder ``<output.dir>/stages/<stage>/<stage_key>`` of one stage's output."""
+    return str(Path(cfg.output.dir) / "stages" / stage.name / stage_key(stage, cfg, *parts))
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """The one cache policy of every stage: the Prefect cache key is the stage's content key — the name of its
+    ``out_dir`` argument (``stage_dir``) — or ``key`` for a stage that publishes no folder (validate). So the
+    cache hit and the folder can never disagree, and inputs that only say where things are (paths, progress
+    callbacks) do not count. Configure it with ``isolation_level`` and a ``lock_manager`` (``cached``)."""
+
+    key: str | None = None
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
+        if self.key:
+            return self.key
+        return hash_objects(task_ctx.task.name, Path(inputs["out_dir"]).name, raise_on_failure=True)
 
 
 # the config sections a trained model (and its test split) is a function of; eval/merge/export only measure it
@@ -73,7 +187,7 @@ def source_fingerprint(cfg: FinetuneConfig, data: str, base_model: str) -> dict:
     """What a trained model is made from: ``{"data", "base_model", "config"}`` — the data's and the base
     model's content keys and the hash of the config sections in ``MODEL_SECTIONS``. Recorded in
     ``latest.json``; the nightly retrain skips when it is unchanged."""
-    sections = [getattr(cfg, name).model_dump(mode="json") for name in MODEL_SECTIONS]
+    sections = [config_section(cfg, name) for name in MODEL_SECTIONS]
     return {"data": data, "base_model": base_model,
             "config": hash_objects(*sections, raise_on_failure=True)[:KEY_LENGTH]}
 
@@ -159,14 +273,40 @@ def lock_dir(cfg: FinetuneConfig) -> Path:
     return result_storage(cfg) / "locks"
 
 
-def cached(task: Task, cfg: FinetuneConfig, store: Path | None = None) -> Task:
-    """``task`` cached by content (``CACHE_POLICY``), results persisted in ``store`` (default
+def cached(task, cfg: FinetuneConfig, store: Path | None = None, key: str | None = None):
+    """``task`` cached by ``StageCache`` (``key``: see there), results persisted in ``store`` (default
     ``result_storage(cfg)``), each cache key a SERIALIZABLE transaction locked by ``ProcessLockManager`` in
     ``<store>/locks`` (default ``lock_dir(cfg)``): a concurrent identical run waits, then reuses the result.
 
-    Whether a cache hit's folder is still there and intact is checked after the task returns
-    (``flows.finetune.run_stage``), not before: a run that waited for another's lock must find the folder that
-    run published."""
+    Whether a cache hit's folder is still there and intact is checked after the task returns (``run_stage``),
+    not before: a run that waited for another's lock must find the folder that run published."""
     locks = ProcessLockManager(store / "locks" if store else lock_dir(cfg))
-    policy = CACHE_POLICY.configure(isolation_level="SERIALIZABLE", lock_manager=locks)
+    policy = StageCache(key=key).configure(isolation_level="SERIALIZABLE", lock_manager=locks)
     return task.with_options(cache_policy=policy, persist_result=True, result_storage=store or result_storage(cfg))
+
+
+def run_stage(cfg: FinetuneConfig, stage: Stage, out_dir: str | Path | None, *args, label: str | None = None,
+              store: Path | None = None, key: str | None = None) -> tuple[object, dict]:
+    """Run ``stage`` on ``args`` cached by content (``cached``) and retried on transient failures
+    (``cfg.retry``), as a task run named ``label`` (default: the stage name), e.g. ``evaluate-base``.
+
+    A cache hit is checked after the task returns (a run that waited for a concurrent one's lock finds the
+    folder it published): if ``out_dir`` is missing or fails ``tasks.files.verify_folder`` (truncated or
+    corrupted files), a warning names the reason and the task runs again with ``refresh_cache``. ``out_dir``
+    None (with ``key``): a stage that publishes no folder.
+
+    Returns ``(result, {"seconds": wall time, "state": "Completed" | "Cached"})``; raises the task's error."""
+    start = time.perf_counter()
+    stage_task = with_retries(cached(stage.task, cfg, store, key), cfg.retry)
+    stage_task = stage_task.with_options(task_run_name=label or stage.name)
+    state = stage_task(*args, return_state=True)
+    if state.name == "Cached" and out_dir is not None and (problem := verify_folder(out_dir)):
+        try:
+            from prefect import get_run_logger
+
+            logger = get_run_logger()
+        except MissingContextError:
+            logger = logging.getLogger(__name__)
+        logger.warning("%s: the cached output is unusable (%s); running the stage again", stage.name, problem)
+        state = stage_task.with_options(refresh_cache=True)(*args, return_state=True)
+    return state.result(), {"seconds": time.perf_counter() - start, "state": state.name}

@@ -1,9 +1,9 @@
-"""The fine-tuning DAG: prepare base model → ingest → split → evaluate base → train → merge → evaluate tuned →
-export → report → publish. Run it with ``python -m flows.finetune [--config PATH] [--set dotted.key=value ...]``.
+"""The fine-tuning DAG: prepare base model → validate → ingest → split → evaluate base → train → merge → evaluate
+tuned → export → report → publish. Run it with ``python -m flows.finetune [--config PATH] [--set dotted.key=value]``.
 
-Each stage is a plain function in ``tasks/``; here they become Prefect tasks, cached by content
-(``flows/caching.py``) and retried on transient failures (``flows/retries.py``). Tasks pass paths and small
-JSON-able dicts, never models or tensors.
+Each stage is declared once in ``flows/stages.py`` (its plain function in ``tasks/``, the config it reads, what it
+needs upstream, whether it holds the GPU slot); here each is one ``run(...)`` line, cached by content and retried
+on transient failures (``flows/caching.py``). Tasks pass paths and small JSON-able dicts, never models or tensors.
 """
 from __future__ import annotations
 
@@ -11,33 +11,20 @@ import argparse
 import logging
 import secrets
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.exceptions import MissingContextError
+from prefect import flow
 
 from configs.schema import ConfigError, FinetuneConfig, load_config
 from flows import artifacts
-from flows.caching import cached, fingerprint, source_fingerprint, stage_key
-from flows.gpu import holds_gpu_slot
-from flows.retries import with_retries
-from tasks import base_model, evaluate, export, ingest, merge, predict, report, split, train, validate
-from tasks.files import content_digest, verify_folder
+from flows.caching import fingerprint, run_stage, source_fingerprint, stage_dir, stage_key
+from flows.stages import (EVALUATE, EXPORT, INGEST, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, REPORT, SPLIT,
+                          TRAIN, VALIDATE)
+from tasks import base_model, ingest, predict, report, validate
+from tasks.files import verify_folder
 
 logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
-
-convert_task = task(base_model.convert_gguf, name="prepare-base-model")
-ingest_task = task(ingest.ingest, name="ingest")
-split_task = task(split.split, name="split")
-train_task = task(holds_gpu_slot(train.train), name="train")  # GPU stages hold a `gpu` slot (flows/gpu.py)
-evaluate_task = task(holds_gpu_slot(evaluate.evaluate), name="evaluate")
-merge_task = task(holds_gpu_slot(merge.merge), name="merge")
-export_task = task(export.export, name="export")
-report_task = task(report.write_report, name="report")
-publish_task = task(report.update_latest, name="publish-latest")
-validate_task = task(validate.validate, name="validate")
 
 
 def run_dir_for(cfg: FinetuneConfig) -> Path:
@@ -46,41 +33,10 @@ def run_dir_for(cfg: FinetuneConfig) -> Path:
     return Path(cfg.output.dir) / name
 
 
-def stage_dir(cfg: FinetuneConfig, stage_task, *key_parts) -> str:
-    """The content-addressed folder ``<output.dir>/stages/<task name>/<key>`` of one stage's output. A key part
-    that is an upstream stage folder counts with its published content (``tasks.files.content_digest``, from its
-    manifest), so an upstream folder rebuilt with different bytes gives this stage a new folder instead of
-    rewriting the one earlier runs link to."""
-    def with_content(part):
-        digest = content_digest(part) if isinstance(part, str) and Path(part).is_dir() else None
-        return (part, digest) if digest else part
-
-    parts = [with_content(part) for part in key_parts]
-    return str(Path(cfg.output.dir) / "stages" / stage_task.name / stage_key(stage_task, *parts))
-
-
-def run_stage(cfg: FinetuneConfig, stage_task, out_dir: str | Path, *args) -> tuple[object, dict]:
-    """Run ``stage_task(*args)`` cached by content and retried on transient failures.
-
-    A cache hit is checked after the task returns (a run that waited for a concurrent one's lock finds the
-    folder it published): if ``out_dir`` is missing or fails ``tasks.files.verify_folder`` (truncated or
-    corrupted files), a warning names the reason and the task runs again with ``refresh_cache``.
-
-    Returns ``(result, {"seconds": wall time, "state": "Completed" | "Cached"})``; raises the task's error."""
-    start = time.perf_counter()
-    # the converted base model is shared by every output.dir: its cache record lives beside it, in model.cache_dir
-    store = Path(cfg.model.cache_dir).expanduser().resolve() / ".prefect-results" if stage_task is convert_task \
-        else None
-    stage = with_retries(cached(stage_task, cfg, store), cfg.retry)
-    state = stage(*args, return_state=True)
-    if state.name == "Cached" and (problem := verify_folder(out_dir)):
-        try:
-            logger = get_run_logger()
-        except MissingContextError:
-            logger = logging.getLogger(__name__)
-        logger.warning("%s: the cached output is unusable (%s); running the stage again", stage_task.name, problem)
-        state = stage.with_options(refresh_cache=True)(*args, return_state=True)
-    return state.result(), {"seconds": time.perf_counter() - start, "state": state.name}
+def shared_store(cfg: FinetuneConfig) -> Path:
+    """The result store of what is shared by every ``output.dir`` and must not write under it: the converted base
+    model and the validation (a bad input leaves ``output.dir`` absent)."""
+    return Path(cfg.model.cache_dir).expanduser().resolve() / ".prefect-results"
 
 
 def base_model_source(cfg: FinetuneConfig) -> tuple[str | None, str]:
@@ -89,7 +45,7 @@ def base_model_source(cfg: FinetuneConfig) -> tuple[str | None, str]:
     if not base_model.is_embedded(cfg.model):
         return None, fingerprint(cfg.model.name_or_path)
     gguf = str(base_model.embedded_gguf())
-    return gguf, stage_key(convert_task, fingerprint(gguf))
+    return gguf, stage_key(PREPARE_BASE_MODEL, None, fingerprint(gguf))
 
 
 def embedded_base_dir(cfg: FinetuneConfig, base_key: str) -> Path:
@@ -99,9 +55,10 @@ def embedded_base_dir(cfg: FinetuneConfig, base_key: str) -> Path:
 
 def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, dict, str, str, dict]:
     """The stages every training run starts with: prepare the base model, validate (``tasks/validate.py``:
-    data, base model and sequence lengths, before anything is written under ``output.dir``), ingest, split.
+    data, base model and sequence lengths, before anything is written under ``output.dir``; cached by content in
+    ``shared_store``), ingest, split.
 
-    ``run(name, stage_task, out_dir, *args)`` runs one stage (cached, retried) and records its time.
+    ``run(stage, out_dir, *args, **options)`` runs one stage (cached, retried) and records its time.
 
     Returns:
         ``(base model path or id, base-model content key, ingest result, data fingerprint, split folder,
@@ -114,13 +71,13 @@ def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, dict, str, str, dict]:
     base = cfg.model.name_or_path
     if gguf:
         base_dir = embedded_base_dir(cfg, base_key)
-        base = run("prepare_base_model", convert_task, base_dir, gguf, str(base_dir))
-    validate_task(cfg, base)  # not cached: a persisted result store would keep its failures under output.dir
+        base = run(PREPARE_BASE_MODEL, base_dir, gguf, str(base_dir), store=shared_store(cfg))
     data_fingerprint = fingerprint(cfg.data.path)
-    ingest_dir = stage_dir(cfg, ingest_task, cfg.data, data_fingerprint)
-    data = run("ingest", ingest_task, ingest_dir, cfg.data, ingest_dir)
-    split_dir = stage_dir(cfg, split_task, ingest_dir, cfg.split)
-    splits = run("split", split_task, split_dir, data, cfg.split, split_dir)
+    run(VALIDATE, None, cfg, base, store=shared_store(cfg), key=stage_key(VALIDATE, cfg, data_fingerprint, base_key))
+    ingest_dir = stage_dir(cfg, INGEST, data_fingerprint)
+    data = run(INGEST, ingest_dir, cfg.data, ingest_dir)
+    split_dir = stage_dir(cfg, SPLIT, ingest_dir)
+    splits = run(SPLIT, split_dir, data, cfg.split, split_dir)
     return base, base_key, data, data_fingerprint, split_dir, splits
 
 
@@ -136,52 +93,49 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     base_model.use_hub_token(cfg.model)  # HF_TOKEN from the environment or model.hf_token_secret; never logged
     stages: dict[str, dict] = {}
 
-    def run(name: str, stage_task, out_dir: str | Path, *args):
-        result, stages[name] = run_stage(cfg, stage_task, out_dir, *args)
+    def run(stage, out_dir, *args, label: str | None = None, **options):
+        # metrics.json names: evaluate-base -> evaluate_base, export-genai-int4 -> export_genai-int4
+        name = stage.name.replace("-", "_") + (label or stage.name).removeprefix(stage.name).replace("-", "_", 1)
+        result, stages[name] = run_stage(cfg, stage, out_dir, *args, label=label, **options)
         return result
-
-    def out(stage_task, *key_parts) -> str:
-        return stage_dir(cfg, stage_task, *key_parts)
 
     trc = cfg.model.trust_remote_code
     base, base_key, data, data_fingerprint, split_dir, splits = prepare(cfg, run)
-    test_file = splits["files"]["test"]
+    test_file, kind = splits["files"]["test"], data["task"]
 
     base_metrics = None
     if cfg.eval.evaluate_base:
-        base_eval_dir = out(evaluate_task, base_key, split_dir, data["task"], cfg.eval, trc)
-        base_metrics = run("evaluate_base", evaluate_task, base_eval_dir, base, test_file, data["task"], cfg.eval,
-                           base_eval_dir, trc)
-
-    adapter_dir = out(train_task, base_key, split_dir, cfg.model, cfg.lora, cfg.train)
-    trained = run("train", train_task, adapter_dir, base, splits, cfg.model, cfg.lora, cfg.train, adapter_dir,
-                  adapter_dir + ".checkpoints", [artifacts.training_progress])
-    merged_dir = out(merge_task, base_key, adapter_dir, cfg.merge, trc)
-    merged = run("merge", merge_task, merged_dir, base, adapter_dir, test_file, cfg.merge, merged_dir, trc)
-    tuned_eval_dir = out(evaluate_task, merged_dir, split_dir, data["task"], cfg.eval, trc)
-    tuned_metrics = run("evaluate_finetuned", evaluate_task, tuned_eval_dir, merged_dir, test_file, data["task"],
-                        cfg.eval, tuned_eval_dir, trc)
+        base_eval = stage_dir(cfg, EVALUATE, base_key, split_dir, kind, trc)
+        base_metrics = run(EVALUATE, base_eval, base, test_file, kind, cfg.eval, base_eval, trc, label="evaluate-base")
+    adapter = stage_dir(cfg, TRAIN, base_key, split_dir)
+    trained = run(TRAIN, adapter, base, splits, cfg.model, cfg.lora, cfg.train, adapter, adapter + ".checkpoints",
+                  [artifacts.training_progress])
+    merged = stage_dir(cfg, MERGE, base_key, adapter, trc)
+    merge_result = run(MERGE, merged, base, adapter, test_file, cfg.merge, merged, trc)
+    tuned_eval = stage_dir(cfg, EVALUATE, merged, split_dir, kind, trc)
+    tuned_metrics = run(EVALUATE, tuned_eval, merged, test_file, kind, cfg.eval, tuned_eval, trc,
+                        label="evaluate-finetuned")
     onnx = {}
-    inference = predict.inference_settings(cfg.data, data["task"], tuned_metrics["max_new_tokens"])
+    inference = predict.inference_settings(cfg.data, tuned_metrics["task"], tuned_metrics["max_new_tokens"])
     for target in cfg.export.targets if cfg.export.enabled else []:
-        onnx_dir = out(export_task, merged_dir, tuned_eval_dir, target, cfg.export, inference, trc)
-        onnx[target] = run(f"export_{target}", export_task, onnx_dir, target, merged_dir, test_file,
-                           tuned_eval_dir, inference, cfg.export, onnx_dir, trc)
+        onnx_dir = stage_dir(cfg, EXPORT, merged, tuned_eval, target, inference, trc)
+        onnx[target] = run(EXPORT, onnx_dir, target, merged, test_file, tuned_eval, inference, cfg.export, onnx_dir,
+                           trc, label=f"export-{target}")
 
     metrics = report.build_metrics(
-        cfg.model_dump(mode="json"), data["task"], base_metrics, tuned_metrics, trained, merged, onnx or None,
-        {"ingest": data["counts"], "split": splits["counts"], "leaked_dropped": splits["leaked_dropped"],
-         "labels": len(data["labels"]), "fingerprint": data_fingerprint},
+        cfg.model_dump(mode="json"), tuned_metrics["task"], base_metrics, tuned_metrics, trained, merge_result,
+        onnx or None, {"ingest": data["counts"], "split": splits["counts"], "leaked_dropped": splits["leaked_dropped"],
+                       "labels": len(data["labels"]), "fingerprint": data_fingerprint},
         {k: v["seconds"] for k, v in stages.items()})
     metrics["stage_states"] = {k: v["state"] for k, v in stages.items()}
-    links = {"data": split_dir, "adapter": adapter_dir, "merged": merged_dir, "eval/finetuned": tuned_eval_dir}
-    links |= {"eval/base": base_eval_dir} if base_metrics else {}
+    links = {"data": split_dir, "adapter": adapter, "merged": merged, "eval/finetuned": tuned_eval}
+    links |= {"eval/base": base_eval} if base_metrics else {}
     links |= {f"onnx/{target}": result["path"] for target, result in onnx.items()}
     run_dir = run_dir_for(cfg)
-    paths = report_task(run_dir, metrics, links, str(Path(adapter_dir) / "train_log.json"))
+    paths = REPORT.task(run_dir, metrics, links, str(Path(adapter) / "train_log.json"))
     source = source_fingerprint(cfg, data_fingerprint, base_key)
     if publish_latest:
-        publish_task(cfg.output.dir, run_dir, source)
+        PUBLISH_LATEST.task(cfg.output.dir, run_dir, source)
     artifacts.publish(run_dir, metrics, paths)
     print(summary(run_dir, metrics, paths))
     return metrics | {"run_dir": str(run_dir), "test_file": test_file, "source": source}

@@ -20,9 +20,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from configs.schema import ConfigError, FinetuneConfig
-from flows.caching import fingerprint, source_fingerprint
-from flows.finetune import (base_model_source, evaluate_task, finetune, main as finetune_main, publish_task,
-                            run_stage, stage_dir)
+from flows.caching import fingerprint, run_stage, source_fingerprint, stage_dir
+from flows.finetune import base_model_source, finetune, main as finetune_main
+from flows.stages import EVALUATE, PUBLISH_LATEST
 from tasks import promote
 from tasks.files import read_json
 
@@ -60,7 +60,7 @@ def nightly_retrain(cfg: FinetuneConfig) -> dict:
                              cfg.promotion.margin)
         decision |= {"run_dir": result["run_dir"], "source": source}
         if decision["promote"]:
-            publish_task(cfg.output.dir, result["run_dir"], source)
+            PUBLISH_LATEST.task(cfg.output.dir, result["run_dir"], source)
     _record(decision)
     return decision
 
@@ -87,9 +87,9 @@ def incumbent_metrics(cfg: FinetuneConfig, promoted: dict, result: dict) -> dict
             old["config"]["eval"] == result["config"]["eval"]:
         return old["finetuned"]
     trc = cfg.model.trust_remote_code
-    out_dir = stage_dir(cfg, evaluate_task, str(merged), str(split_dir), result["task"], cfg.eval, trc)
-    metrics, _ = run_stage(cfg, evaluate_task, out_dir, str(merged), result["test_file"], result["task"],
-                           cfg.eval, out_dir, trc)
+    out_dir = stage_dir(cfg, EVALUATE, str(merged), str(split_dir), result["task"], trc)
+    metrics, _ = run_stage(cfg, EVALUATE, out_dir, str(merged), result["test_file"], result["task"], cfg.eval,
+                           out_dir, trc, label="evaluate-promoted")
     return metrics
 
 

@@ -13,28 +13,25 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from prefect import flow, task, unmapped
+from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from configs.schema import FinetuneConfig, SweepConfig, load_sweep, trial_config
 from flows import artifacts
-from flows.caching import cached
-from flows.finetune import dry_run, evaluate_task, main as finetune_main, prepare, run_dir_for, run_stage, stage_dir
-from flows.gpu import holds_gpu_slot
+from flows.caching import cached, run_stage, stage_dir
+from flows.finetune import dry_run, main as finetune_main, prepare, run_dir_for
 from flows.retries import with_retries
+from flows.stages import EVALUATE, TRIAL
 from tasks import base_model, sweep as trials
-
-trial_task = task(holds_gpu_slot(trials.run_trial), name="trial")
 
 
 def run_wave(cfg: FinetuneConfig, base: str, base_key: str, split_dir: str, splits: dict, kind: str,
              configs: list[FinetuneConfig]) -> list[tuple[dict | None, str | None]]:
     """Run one wave of trials as mapped tasks (cached by content, retried on transient errors); return
     ``(result, None)`` or ``(None, error message)`` per trial, in order."""
-    dirs = [stage_dir(c, trial_task, base_key, split_dir, kind, c.model, c.lora, c.train, c.merge, c.eval)
-            for c in configs]
-    mapped = with_retries(cached(trial_task, cfg), cfg.retry).with_options(  # a missing trial folder: run again
+    dirs = [stage_dir(c, TRIAL, base_key, split_dir, kind) for c in configs]
+    mapped = with_retries(cached(TRIAL.task, cfg), cfg.retry).with_options(  # a missing trial folder: run again
         refresh_cache=not all(Path(d).exists() for d in dirs))
     futures = mapped.map(base, unmapped(splits), kind, configs, dirs, unmapped([artifacts.training_progress]))
     out = []
@@ -59,8 +56,8 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig) -> dict:
     Raises:
         RuntimeError: every trial failed.
     """
-    def run(name: str, stage_task, out_dir, *args):
-        return run_stage(baseline, stage_task, out_dir, *args)[0]
+    def run(stage, out_dir, *args, **options):
+        return run_stage(baseline, stage, out_dir, *args, **options)[0]
 
     base_model.use_hub_token(baseline.model)  # before the trial processes start: they inherit HF_TOKEN
     base, base_key, data, _, split_dir, splits = prepare(baseline, run)
@@ -77,10 +74,10 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig) -> dict:
     baseline_trial = done.get("baseline")
     measured = [best] + ([baseline_trial] if baseline_trial is not None and baseline_trial is not best else [])
     for entry in measured:
-        eval_dir = stage_dir(entry["cfg"], evaluate_task, entry["merged"], split_dir, kind, entry["cfg"].eval,
-                             entry["cfg"].model.trust_remote_code)
-        entry["test"] = run(f"test_{entry['trial']}", evaluate_task, eval_dir, entry["merged"], test_file, kind,
-                            entry["cfg"].eval, eval_dir, entry["cfg"].model.trust_remote_code)
+        trc = entry["cfg"].model.trust_remote_code
+        eval_dir = stage_dir(entry["cfg"], EVALUATE, entry["merged"], split_dir, kind, trc)
+        entry["test"] = run(EVALUATE, eval_dir, entry["merged"], test_file, kind, entry["cfg"].eval, eval_dir, trc,
+                            label=f"evaluate-{entry['trial']}")
     run_dir = run_dir_for(baseline.model_copy(update={"name": f"{baseline.name}-sweep"}))
     text = summary(spec, metric, rows, measured)
     paths = trials.write_results(run_dir, rows, _public(best, metric), best["cfg"], text)

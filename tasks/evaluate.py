@@ -77,7 +77,8 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
         task: ``"classification"`` or ``"generation"`` (``cfg.task`` overrides it unless ``"auto"``).
 
     Returns:
-        ``{"accuracy", "macro_f1"}`` or ``{"rouge_l", "bleu", "exact_match"}`` (and ``"answer_found"`` with
+        ``{"task": the kind scored, ...}`` with that kind's metrics (``tasks.metrics.TASK_KINDS``:
+        ``"accuracy", "macro_f1"`` or ``"rouge_l", "bleu", "exact_match"``; and ``"answer_found"`` with
         ``cfg.answer_pattern``), plus ``eval_loss`` (mean nats per completion token), ``perplexity``,
         ``n_examples``, ``bf16``, ``max_new_tokens`` and ``wall_seconds``.
     """
@@ -97,7 +98,7 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
         scores = classification_metrics(predictions, references)
     else:
         scores = generation_metrics(predictions, references, cfg.answer_pattern)
-    metrics = {**scores, "eval_loss": loss, "perplexity": math.exp(loss), "n_examples": len(records),
+    metrics = {"task": task, **scores, "eval_loss": loss, "perplexity": math.exp(loss), "n_examples": len(records),
                "bf16": bf16, "max_new_tokens": max_new, "wall_seconds": time.perf_counter() - start}
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "predictions.jsonl", [{"prompt": r["messages"][:-1], "reference": ref, "prediction": p}

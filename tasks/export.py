@@ -39,7 +39,7 @@ from tasks.base_model import load_model, load_tokenizer
 from tasks.evaluate import classification_metrics, extract_answer, generate, generation_metrics, normalise_answer
 from tasks.files import atomic_dir, read_json, read_jsonl, write_json
 from tasks.predict import INFERENCE_FILE, Predictor
-from tasks.promote import PRIMARY_METRIC
+from tasks.metrics import task_kind
 
 log = logging.getLogger(__name__)
 ONNX_EVAL_BATCH_SIZE = 32  # optimum's ORT model generates left-padded batches like PyTorch
@@ -178,8 +178,8 @@ def check_export(target: str, folder: str | Path, merged_model: str, test_file: 
     records = read_jsonl(test_file)
     reference = read_json(Path(reference_eval) / "metrics.json")
     ref_predictions = [r["prediction"] for r in read_jsonl(Path(reference_eval) / "predictions.jsonl")]
-    task = "classification" if "accuracy" in reference else "generation"
-    primary = PRIMARY_METRIC[task]
+    task = reference["task"]  # the kind the reference evaluation scored (tasks.evaluate.evaluate)
+    primary = task_kind(task).primary
     tokenizer = load_tokenizer(merged_model, trust_remote_code)
     expected = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True) for r in records]
     runner = GenAIRunner(folder) if TARGETS[target].tool == "genai" else OptimumRunner(folder)

@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.files import read_json
-
-PRIMARY_METRIC = {"classification": "accuracy", "generation": "rouge_l"}
+from tasks.metrics import task_kind
 
 
 def read_promoted(output_dir: str | Path) -> dict | None:
@@ -38,9 +37,7 @@ def quality_gate(task: str, candidate: dict, base: dict | None, incumbent: dict 
     Raises:
         ValueError: ``task`` is unknown.
     """
-    if task not in PRIMARY_METRIC:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(PRIMARY_METRIC)}")
-    key = PRIMARY_METRIC[task]
+    key = task_kind(task).primary
     new = candidate[key]
     old = incumbent[key] if incumbent else None
     floor = base[key] if base else None

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 from tasks.files import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
+from tasks.metrics import LOSS_METRICS, task_kind
 
 N_SAMPLES = 5  # test prompts shown base vs fine-tuned in report.md and the sample-generations artifact
-QUALITY_KEYS = {"classification": ("accuracy", "macro_f1"), "generation": ("rouge_l", "bleu", "exact_match")}
 
 
 def qlora_line(vs_4bit: dict | None) -> str:
@@ -145,7 +145,7 @@ def metrics_rows(metrics: dict) -> list[dict]:
     """One row per quality metric, eval loss and perplexity: base, fine-tuned and the delta (4 decimals)."""
     base, tuned = metrics["base"] or {}, metrics["finetuned"]
     rows = []
-    for key in (*QUALITY_KEYS[metrics["task"]], "eval_loss", "perplexity"):
+    for key in (*task_kind(metrics["task"]).metrics, *LOSS_METRICS):
         b, t = base.get(key), tuned[key]
         rows.append({"metric": key, "base": None if b is None else round(b, 4), "fine-tuned": round(t, 4),
                      "delta": None if b is None else round(t - b, 4)})

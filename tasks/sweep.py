@@ -14,18 +14,25 @@ from configs.schema import FinetuneConfig, SearchDimension, SweepConfig, get_dot
 from tasks.evaluate import evaluate
 from tasks.files import atomic_dir, write_json, write_text_atomic
 from tasks.merge import merge
+from tasks.metrics import LOSS_METRICS, greater_is_better, task_kind
 from tasks.train import train
 
 if TYPE_CHECKING:
     import optuna
 
-MINIMISED = ("eval_loss", "perplexity")
-
-
 def objective(sweep: SweepConfig, task: str) -> tuple[str, str]:
-    """``(validation metric, "maximize" | "minimize")``: ``sweep.metric``, or accuracy / rouge_l for auto."""
-    metric = sweep.metric if sweep.metric != "auto" else ("accuracy" if task == "classification" else "rouge_l")
-    return metric, "minimize" if metric in MINIMISED else "maximize"
+    """``(validation metric, "maximize" | "minimize")``: ``sweep.metric``, or for auto the task kind's primary
+    metric (``tasks.metrics``).
+
+    Raises:
+        ValueError: ``task`` is no task kind, or ``sweep.metric`` is not one ``task`` reports.
+    """
+    kind = task_kind(task)
+    metric = kind.primary if sweep.metric == "auto" else sweep.metric
+    if metric not in kind.metrics + LOSS_METRICS:
+        raise ValueError(f"sweep.metric {metric!r} is not reported for {task} (it reports "
+                         f"{', '.join(kind.metrics + LOSS_METRICS)})")
+    return metric, "maximize" if greater_is_better(metric) else "minimize"
 
 
 def make_study(sweep: SweepConfig, direction: str) -> optuna.Study:

@@ -12,7 +12,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.finetune import finetune, main
 from tests.conftest import tiny_config, write_classification_dir
 
-ALL_STAGES = {"ingest", "split", "evaluate_base", "train", "merge", "evaluate_finetuned", "export_genai-int4"}
+ALL_STAGES = {"validate", "ingest", "split", "evaluate_base", "train", "merge", "evaluate_finetuned", "export_genai-int4"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,6 +121,26 @@ def test_changed_data_reruns_from_ingest_and_a_deleted_output_is_rebuilt(flow_ru
     states = finetune(_rename(cfg, "rebuilt"))["stage_states"]
     assert states["merge"] == "Completed" and states["train"] == "Cached", states
     assert (out / "rebuilt" / "merged" / "model.safetensors").is_file()
+
+
+def test_the_same_data_at_another_path_reuses_every_stage(flow_run, tmp_path):
+    cfg, _, out = flow_run
+    moved = tmp_path / "elsewhere" / "cls"
+    shutil.copytree(cfg.data.path, moved)
+    result = finetune(_rename(cfg, "moved-data", data={"path": str(moved)}))
+    assert set(result["stage_states"].values()) == {"Cached"}, result["stage_states"]
+    assert (out / "moved-data" / "adapter").resolve() == (out / "run" / "adapter").resolve()
+
+
+def test_generation_scoring_on_classification_data_reports_generation_metrics(flow_run):
+    cfg, _, out = flow_run
+    result = finetune(_rename(cfg, "gen-eval", eval={"task": "generation"}, export={"enabled": False}),
+                      publish_latest=False)
+    assert result["task"] == "generation"
+    metrics = json.loads((out / "gen-eval" / "metrics.json").read_text())
+    assert {"rouge_l", "bleu", "exact_match"} <= set(metrics["finetuned"]) and "accuracy" not in metrics["finetuned"]
+    assert "| rouge_l |" in (out / "gen-eval" / "report.md").read_text()
+    assert result["stage_states"]["train"] == "Cached"
 
 
 def test_latest_points_at_the_last_good_run_and_a_failed_run_leaves_it(flow_run, tmp_path, capsys):

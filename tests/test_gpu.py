@@ -7,6 +7,7 @@ from prefect import flow, task
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.caching import stage_key
+from flows.stages import Stage
 from flows.gpu import GPU_SLOT_ENV, holds_gpu_slot
 from tasks import train
 
@@ -31,7 +32,7 @@ def test_wrapper_keeps_signature_source_and_stage_key():
     wrapped = holds_gpu_slot(train.train)
     assert inspect.signature(wrapped) == inspect.signature(train.train)
     assert inspect.getsource(wrapped) == inspect.getsource(train.train)
-    assert stage_key(task(wrapped, name="train"), "x") == stage_key(task(train.train, name="train"), "x")
+    assert stage_key(Stage("train", wrapped), None, "x") == stage_key(Stage("train", train.train), None, "x")
 
 
 def test_a_missing_limit_is_an_error_not_a_free_for_all(monkeypatch, prefect_server):
