@@ -21,6 +21,7 @@ run: install
 	$(BIN)/python -m flows.finetune --config configs/banking77.yaml --set data.path=$(DATA) $(ARGS)
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(ARGS)
 
 .PHONY: install run test

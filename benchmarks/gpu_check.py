@@ -134,7 +134,8 @@ def prepare(kit: Path) -> None:
     wheels = kit / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
-    pins = [f"{n}=={v}" for n, v in sorted(closure(ROOTS).items()) if n not in SKIP and (n not in BOX_HAS or n in CARRY_ANYWAY)]
+    pins = [f"{n}=={v}" for n, v in sorted(closure(ROOTS).items())
+            if n not in SKIP and (n not in BOX_HAS or n in CARRY_ANYWAY)]
     pins += EXTRA_WHEELS
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *PLATFORM, "-d", str(wheels), *pins],
                    check=True)
@@ -332,7 +333,8 @@ def run(args) -> None:
          "the completion-only logits path (issue 19) is not built yet: not measured"),
         ("qlora-llama-3.1-8b", 90 if dry else 170,
          ["--model", "llama-3.1-8b", "--arms", "ours", "--steps", "3" if dry else "10", "--seq-len", seq,
-          "--set", "lora.method=qlora", "--set", f"train.max_seq_length={max_len}", "--set", "train.overlength=truncate",
+          "--set", "lora.method=qlora", "--set", f"train.max_seq_length={max_len}",
+          "--set", "train.overlength=truncate",
           "--set", "train.per_device_train_batch_size=1", "--set", "train.per_device_eval_batch_size=1",
           "--set", "split.max_validation_examples=16", "--set", "train.bf16=auto"], None),
     ]

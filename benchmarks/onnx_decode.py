@@ -7,8 +7,9 @@ GenAI int4, on the same prompts, alternating engines round by round.
 ``--set 'export.targets=[onnx-fp32,genai-int4]'`` (its ``merged/``, ``onnx/<target>/`` and ``data/test.jsonl``).
 Each prompt decodes exactly ``--new-tokens`` greedy tokens (end-of-sequence ignored), one sequence at a time
 with a KV cache; PyTorch runs as the pipeline loads it (``tasks.base_model.load_model``: fp32, SDPA attention),
-GenAI through ``tasks.predict.Predictor`` (as ``flows.predict`` does). Time to first token (TTFT) = prompt processing + first token; decode rate = tokens after the
-first / time after the first. Prints medians over all prompts and rounds, ratios to PyTorch fp32, and the
+GenAI through ``tasks.predict.Predictor`` (as ``flows.predict`` does). Time to first token (TTFT) = prompt
+processing + first token; decode rate = tokens after the first / time after the first. Prints medians over all
+prompts and rounds, ratios to PyTorch fp32, and the
 machine. Run it on an otherwise idle machine: a concurrent job skews the ratios.
 """
 from __future__ import annotations

@@ -298,7 +298,7 @@ def _detect_format(origin: str, columns: Iterable[str]) -> str:
         if set(keys) <= columns:
             return fmt
     hint = ""
-    for fmt, keys in FORMAT_KEYS.items():  # a format with all but a misspelt key: name the key and the typo
+    for keys in FORMAT_KEYS.values():  # a format with all but a misspelt key: name the key and the typo
         missing = [k for k in keys if k not in columns]
         close = difflib.get_close_matches(missing[0], sorted(columns), n=1, cutoff=0.6) if len(missing) == 1 else []
         if close and len(missing) < len(keys):

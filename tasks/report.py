@@ -194,7 +194,8 @@ Base model: `{cfg['model']['name_or_path']}` · data: `{cfg['data']['path']}` ·
 {samples_markdown(samples or [])}
 
 ## Training
-- {cfg['lora'].get('method', 'lora')}: r={cfg['lora']['r']}, lora_alpha={cfg['lora']['lora_alpha']}, target_modules={cfg['lora']['target_modules']}
+- {cfg['lora'].get('method', 'lora')}: r={cfg['lora']['r']}, lora_alpha={cfg['lora']['lora_alpha']}, \
+target_modules={cfg['lora']['target_modules']}
 - {train['steps']} steps, {train['train_tokens']} tokens in {train['wall_seconds']:.0f} s \
 ({train['tokens_per_second']:.1f} tokens/s), bf16 autocast: {train['bf16']}, padding-free: \
 {train.get('padding_free')}, attention: {train.get('attn_implementation')}

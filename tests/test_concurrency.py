@@ -16,6 +16,8 @@ from tests.conftest import tiny_config, write_classification_dir
 from tests.faults import (ROOT, assert_intact, cli_env, finish, linked_stage_folders, stage_states, start,
                           temporaries, write_config)
 
+pytestmark = pytest.mark.slow
+
 STAGES = ("ingest", "split", "train", "merge", "evaluate_finetuned", "export_genai-int4")
 
 

@@ -30,6 +30,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from configs.schema import FinetuneConfig, load_config
 from tests.conftest import require, tiny_config, write_classification_dir
 
+pytestmark = pytest.mark.service
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deployments"
 POSTGRES_URL = os.environ.get("FINETUNE_TEST_POSTGRES_URL")

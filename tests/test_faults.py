@@ -12,6 +12,8 @@ from tests.conftest import tiny_config, write_classification_dir
 from tests.faults import (assert_intact, cli_env, linked_stage_folders, stage_states, stall_and_kill, temporaries,
                           write_config)
 
+pytestmark = pytest.mark.slow
+
 
 def _published(out, stage: str) -> list[str]:
     folder = out / "stages" / stage

@@ -12,7 +12,10 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.finetune import finetune, main
 from tests.conftest import tiny_config, write_classification_dir
 
-ALL_STAGES = {"validate", "ingest", "split", "evaluate_base", "train", "merge", "evaluate_finetuned", "export_genai-int4"}
+pytestmark = pytest.mark.slow
+
+ALL_STAGES = {"validate", "ingest", "split", "evaluate_base", "train", "merge", "evaluate_finetuned",
+              "export_genai-int4"}
 
 
 @pytest.fixture(scope="module", autouse=True)

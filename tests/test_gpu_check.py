@@ -39,6 +39,7 @@ def test_closure_follows_requirements_and_names_the_roots():
     assert all(v and v[0].isdigit() for v in found.values())
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_goes_through_every_step(tmp_path, shared_data, tiny_model_dir):
     out = tmp_path / "out"
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "dry-run", str(out), "--data",

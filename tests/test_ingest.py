@@ -103,7 +103,8 @@ def test_malformed_json_line_is_located(tmp_path):
 
 def test_unknown_columns_empty_file_missing_path_and_bad_extension(tmp_path):
     f = write_jsonl(tmp_path / "u.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"u.jsonl: cannot tell the record format from columns \['answer', 'question'\]"):
+    with pytest.raises(DataError,
+                       match=r"u.jsonl: cannot tell the record format from columns \['answer', 'question'\]"):
         _ingest(tmp_path, f)
     (tmp_path / "e.csv").write_text("")
     with pytest.raises(DataError, match="e.csv: empty file"):

@@ -13,6 +13,8 @@ from flows.nightly import nightly_retrain
 from tasks.promote import quality_gate
 from tests.conftest import classification_rows, tiny_config, write_classification_dir
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_server():

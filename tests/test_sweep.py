@@ -15,6 +15,8 @@ from configs.schema import load_config, load_sweep, trial_config
 from flows.sweep import sweep
 from tests.conftest import tiny_config, write_classification_dir
 
+pytestmark = pytest.mark.slow
+
 SPACE = {"train.learning_rate": {"log_uniform": [1e-3, 3e-2]}, "lora.r": {"choice": [4, 8]},
          "train.per_device_train_batch_size": {"choice": [4, 8]}}
 
