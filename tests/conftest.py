@@ -111,7 +111,8 @@ def tiny_config(data_path, output_dir, model_dir: str, **sections):
         "name": "tiny",
         "data": {"path": str(data_path)},
         "split": {"validation_size": 0.2},
-        "model": {"name_or_path": model_dir},
+        # the converted base model's and validate's cache live in model.cache_dir: beside the run, not in $HOME
+        "model": {"name_or_path": model_dir, "cache_dir": str(Path(output_dir).parent / "model-cache")},
         "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         "train": {"learning_rate": 1e-2, "num_train_epochs": 3, "per_device_train_batch_size": 8,
                   "max_seq_length": 64, "logging_steps": 1, "save_steps": 4, "bf16": False, "seed": 0},

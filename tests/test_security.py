@@ -6,6 +6,7 @@ The server's loopback-only binding is tests/test_deployments.py::test_server_lis
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from prefect import task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
                                             FlowRunFilterId, LogFilter, LogFilterFlowRunId)
@@ -79,7 +79,7 @@ def secured_run(request, prefect_server, tmp_path_factory, tiny_model_dir) -> di
     capture.read_global_capture()  # start from an empty terminal capture
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_TOKEN", ENV_TOKEN)
-        mp.setattr(flows.finetune, "ingest_task", task(_ingest_seeing_the_token, name="ingest"))
+        mp.setattr(flows.finetune, "INGEST", dataclasses.replace(flows.finetune.INGEST, fn=_ingest_seeing_the_token))
         state = finetune(cfg, return_state=True)
         APILogHandler().flush()
     terminal = capture.read_global_capture()
