@@ -9,8 +9,8 @@ Each prompt decodes exactly ``--new-tokens`` greedy tokens (end-of-sequence igno
 with a KV cache; PyTorch runs as the pipeline loads it (``tasks.base_model.load_model``: fp32, SDPA attention),
 GenAI through ``tasks.predict.Predictor`` (as ``flows.predict`` does). Time to first token (TTFT) = prompt
 processing + first token; decode rate = tokens after the first / time after the first. Prints medians over all
-prompts and rounds, ratios to PyTorch fp32, and the
-machine. Run it on an otherwise idle machine: a concurrent job skews the ratios.
+prompts and rounds, ratios to PyTorch fp32, and the machine. Run it on an otherwise idle machine: a concurrent
+job skews the ratios.
 """
 from __future__ import annotations
 

@@ -26,8 +26,7 @@ to 1.5x: the table prints the 6N figure, as asked, and the 4N one.
 all below Llama-3's vocabulary size), or the one in ``--tokenizer``; ``--tiny`` shrinks those configs to 2 layers
 of width 64 (the CPU dry run of ``benchmarks/gpu_check.sh``). ``--seq-len N`` makes every example ~N tokens long
 (each user turn is the config's training queries joined) for the sequence-length memory figures. ``--json FILE``
-also writes every
-round and the summary as JSON.
+also writes every round and the summary as JSON.
 """
 from __future__ import annotations
 

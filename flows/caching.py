@@ -22,6 +22,7 @@ computing it again. The kernel drops a lock when its process dies, so a killed r
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from filelock import FileLock, Timeout
+from prefect import get_run_logger
 from prefect.cache_policies import CachePolicy
 from prefect.exceptions import MissingContextError
 from prefect.locking.protocol import LockManager
@@ -83,17 +85,19 @@ def module_file(module: str) -> Path | None:
     return None
 
 
-def _imported(path: Path) -> set[str]:
-    """Module names ``path`` imports anywhere (top level, inside functions, under TYPE_CHECKING): for
-    ``from a.b import c`` both ``a.b`` and ``a.b.c`` (``c`` may be a submodule)."""
+@functools.lru_cache(maxsize=256)
+def _imports_in(source: bytes) -> frozenset[str]:
+    """Module names ``source`` imports anywhere (top level, inside functions, under TYPE_CHECKING): for
+    ``from a.b import c`` both ``a.b`` and ``a.b.c`` (``c`` may be a submodule). Cached by content: a flow run
+    keys ~10 stages whose closures share most files, and an edited file is parsed again."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
+    return frozenset(names)
 
 
 def import_closure(module: str) -> list[Path]:
@@ -109,7 +113,7 @@ def import_closure(module: str) -> list[Path]:
             path = module_file(".".join(parts[:i]))
             if path is not None and path not in seen:
                 seen.add(path)
-                todo.extend(_imported(path))
+                todo.extend(_imports_in(path.read_bytes()))
     return sorted(seen)
 
 
@@ -302,8 +306,6 @@ def run_stage(cfg: FinetuneConfig, stage: Stage, out_dir: str | Path | None, *ar
     state = stage_task(*args, return_state=True)
     if state.name == "Cached" and out_dir is not None and (problem := verify_folder(out_dir)):
         try:
-            from prefect import get_run_logger
-
             logger = get_run_logger()
         except MissingContextError:
             logger = logging.getLogger(__name__)
