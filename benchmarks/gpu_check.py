@@ -296,7 +296,7 @@ def oom_retry(args) -> None:
 
     result = check()
     print("RESULT " + json.dumps({"attempts": len(attempts), "oom_raised": marker.exists(),
-                                  "resumed_from": result["resumed_from"], "steps": result["steps"],
+                                  "resumed_from": result.resumed_from, "steps": result.steps,
                                   "device": "cuda" if torch.cuda.is_available() else "cpu"}), flush=True)
 
 

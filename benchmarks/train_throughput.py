@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from configs.schema import FinetuneConfig, load_config  # noqa: E402
 from tasks.files import read_json, write_json  # noqa: E402
+from tasks.split import SplitResult  # noqa: E402
 
 # Published architecture configs (config.json of meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B).
 LLAMA_CONFIGS = {
@@ -116,7 +117,7 @@ def smollm2_folder(cache: Path) -> str:
     return str(smollm2)
 
 
-def prepare_data(cfg: FinetuneConfig, out: Path, seq_len: int | None) -> dict:
+def prepare_data(cfg: FinetuneConfig, out: Path, seq_len: int | None) -> SplitResult:
     """The config's ingest + split into ``out``; with ``seq_len``, training/validation user turns are the
     training queries joined until each example is about ``seq_len`` tokens (same answers)."""
     from tasks.files import read_jsonl, write_jsonl
@@ -125,31 +126,31 @@ def prepare_data(cfg: FinetuneConfig, out: Path, seq_len: int | None) -> dict:
 
     splits = split(ingest(cfg.data, out / "ingested"), cfg.split, out / "data")
     if seq_len:
-        queries = [r["messages"][-2]["content"] for r in read_jsonl(splits["files"]["train"])]
+        queries = [r["messages"][-2]["content"] for r in read_jsonl(splits.files["train"])]
         words_per_example = int(seq_len * 0.7)  # ~1.4 tokens per English word with these tokenizers
         words = " ".join(queries).split()
         for name in ("train", "validation"):
-            rows = read_jsonl(splits["files"][name])
+            rows = read_jsonl(splits.files[name])
             for i, row in enumerate(rows):
                 start = (i * 97) % max(len(words) - words_per_example, 1)
                 row["messages"][-2]["content"] = " ".join(words[start:start + words_per_example])
-            write_jsonl(splits["files"][name], rows)
+            write_jsonl(splits.files[name], rows)
     return splits
 
 
-def run_ours(cfg: FinetuneConfig, base: str, splits: dict, out: Path) -> dict:
+def run_ours(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> dict:
     from tasks.train import train
 
     result = train(base, splits, cfg.model, cfg.lora, cfg.train, out / "adapter", out / "checkpoints")
     history = read_json(out / "adapter" / "train_log.json")
     eval_seconds = sum(h.get("eval_runtime", 0.0) for h in history)
-    return {"tokens": result["train_tokens"], "train_seconds": result["wall_seconds"] - eval_seconds,
-            "eval_loss": result["eval_loss"], "steps": result["steps"],
-            "settings": {k: result[k] for k in ("method", "attn_implementation", "padding_free",
-                                                 "gradient_checkpointing", "liger_kernel", "bf16")}}
+    return {"tokens": result.train_tokens, "train_seconds": result.wall_seconds - eval_seconds,
+            "eval_loss": result.eval_loss, "steps": result.steps,
+            "settings": result.model_dump(include={"method", "attn_implementation", "padding_free",
+                                                   "gradient_checkpointing", "liger_kernel", "bf16"})}
 
 
-def run_baseline(cfg: FinetuneConfig, base: str, splits: dict, out: Path) -> dict:
+def run_baseline(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> dict:
     """Plain transformers.Trainer + peft, padded batches: what a Hugging Face tutorial does."""
     import peft
     import torch
@@ -157,7 +158,7 @@ def run_baseline(cfg: FinetuneConfig, base: str, splits: dict, out: Path) -> dic
                               set_seed)
 
     from tasks.base_model import load_tokenizer, quantization_config, use_bf16
-    from tasks.evaluate import tokenize_with_completion_mask
+    from tasks.chat import tokenize_with_completion_mask
     from tasks.files import read_jsonl
     from tasks.train import fit_to_length, gradient_checkpointing, peft_config
 
@@ -166,7 +167,7 @@ def run_baseline(cfg: FinetuneConfig, base: str, splits: dict, out: Path) -> dic
     tokenizer.padding_side = "right"
 
     def dataset(name: str) -> list[dict]:
-        records, _ = fit_to_length(tokenizer, read_jsonl(splits["files"][name]), t.max_seq_length, t.overlength)
+        records, _ = fit_to_length(tokenizer, read_jsonl(splits.files[name]), t.max_seq_length, t.overlength)
         rows = [(ids[:t.max_seq_length], ([-100] * p + ids[p:])[:t.max_seq_length])  # as TRL truncates
                 for ids, p in tokenize_with_completion_mask(tokenizer, records)]
         return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels} for ids, labels in rows]
@@ -227,7 +228,7 @@ def arm(args) -> None:
     # no checkpoint inside the timed window (the baseline saves none) and one process: a like-for-like pair
     cfg = load_config(args.config, args.set + [f"train.max_steps={args.steps}", f"train.eval_steps={args.steps}",
                                                f"train.save_steps={2 * args.steps}", "train.num_processes=1"])
-    splits = read_json(Path(args.work) / "splits.json")
+    splits = SplitResult.model_validate(read_json(Path(args.work) / "splits.json"))
     run = run_baseline if args.arm == "baseline" else run_ours
     result = run(cfg, args.base, splits, Path(args.work) / f"{args.arm}-{args.round}")
     result["tokens_per_second"] = result["tokens"] / result["train_seconds"]
@@ -288,7 +289,7 @@ def main() -> None:
     results = {name: [] for name in arms}
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as work:
         splits = prepare_data(cfg, Path(work), args.seq_len)
-        write_json(Path(work) / "splits.json", splits)
+        write_json(Path(work) / "splits.json", splits.model_dump(mode="json"))
         for r in range(args.rounds):
             for name in (arms if r % 2 == 0 else arms[::-1]):
                 command = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),

@@ -146,8 +146,8 @@ def config_section(cfg: FinetuneConfig, name: str) -> dict:
 def stage_key(stage: Stage, cfg: FinetuneConfig | None, *parts) -> str:
     """Key of one stage's output: its name, code (``code_fingerprint``), library versions, the config sections
     its declaration names (read from ``cfg``) and ``parts`` (upstream keys or folders, other inputs). A part that
-    is an existing folder counts with its published content (``tasks.files.content_digest``, from its manifest);
-    pydantic models are hashed through their JSON form.
+    is a published folder counts by its content (``tasks.files.content_digest``, from its manifest), not by its
+    path; pydantic models are hashed through their JSON form.
 
     Raises:
         ValueError: a part cannot be hashed.
@@ -156,7 +156,7 @@ def stage_key(stage: Stage, cfg: FinetuneConfig | None, *parts) -> str:
         if hasattr(part, "model_dump"):
             return part.model_dump(mode="json")
         digest = content_digest(part) if isinstance(part, str) and Path(part).is_dir() else None
-        return (part, digest) if digest else part
+        return ("folder", digest) if digest else part  # a published folder counts by content, not by its path
 
     sections = [config_section(cfg, name) for name in stage.sections] if cfg is not None else []
     return hash_objects(stage.name, code_fingerprint(stage.fn), library_versions(stage.libraries), sections,
@@ -289,26 +289,48 @@ def cached(task, cfg: FinetuneConfig, store: Path | None = None, key: str | None
     return task.with_options(cache_policy=policy, persist_result=True, result_storage=store or result_storage(cfg))
 
 
-def run_stage(cfg: FinetuneConfig, stage: Stage, out_dir: str | Path | None, *args, label: str | None = None,
-              store: Path | None = None, key: str | None = None) -> tuple[object, dict]:
-    """Run ``stage`` on ``args`` cached by content (``cached``) and retried on transient failures
-    (``cfg.retry``), as a task run named ``label`` (default: the stage name), e.g. ``evaluate-base``.
+@dataclass(frozen=True)
+class StageRun:
+    """One stage run by a flow: its result, its output folder (None for a stage that publishes none), its wall
+    time in seconds and its final state (``Completed`` or ``Cached``)."""
+
+    result: Any
+    dir: str | None
+    seconds: float
+    state: str
+
+
+def run_stage(cfg: FinetuneConfig, stage: Stage, *args, after: tuple | None = None, out_dir: str | Path | None = None,
+              label: str | None = None, store: Path | None = None, key: str | None = None, **kwargs) -> StageRun:
+    """Run ``stage.fn(*args, out_dir=<its folder>, **kwargs)`` cached by content (``cached``) and retried on
+    transient failures (``cfg.retry``), as a task run named ``label`` (default: the stage name), e.g.
+    ``evaluate-base``.
+
+    The folder is ``stage_dir(cfg, stage, *after)``: ``after`` holds what the output is a function of beyond the
+    declaration (upstream folders, content keys, other inputs); ``out_dir`` names another place instead (the
+    converted base model lives in ``model.cache_dir``); with ``key`` and neither, the stage publishes no folder
+    and ``key`` is its cache key (validate).
 
     A cache hit is checked after the task returns (a run that waited for a concurrent one's lock finds the
-    folder it published): if ``out_dir`` is missing or fails ``tasks.files.verify_folder`` (truncated or
-    corrupted files), a warning names the reason and the task runs again with ``refresh_cache``. ``out_dir``
-    None (with ``key``): a stage that publishes no folder.
+    folder it published): if the folder is missing or fails ``tasks.files.verify_folder`` (truncated or
+    corrupted files), a warning names the reason and the task runs again with ``refresh_cache``.
 
-    Returns ``(result, {"seconds": wall time, "state": "Completed" | "Cached"})``; raises the task's error."""
+    Raises:
+        whatever the stage raises once its retries are spent.
+    """
     start = time.perf_counter()
+    if out_dir is None and after is not None:
+        out_dir = stage_dir(cfg, stage, *after)
+    if out_dir is not None:
+        kwargs["out_dir"] = out_dir = str(out_dir)
     stage_task = with_retries(cached(stage.task, cfg, store, key), cfg.retry)
     stage_task = stage_task.with_options(task_run_name=label or stage.name)
-    state = stage_task(*args, return_state=True)
+    state = stage_task(*args, return_state=True, **kwargs)
     if state.name == "Cached" and out_dir is not None and (problem := verify_folder(out_dir)):
         try:
             logger = get_run_logger()
         except MissingContextError:
             logger = logging.getLogger(__name__)
         logger.warning("%s: the cached output is unusable (%s); running the stage again", stage.name, problem)
-        state = stage_task.with_options(refresh_cache=True)(*args, return_state=True)
-    return state.result(), {"seconds": time.perf_counter() - start, "state": state.name}
+        state = stage_task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
+    return StageRun(state.result(), out_dir, time.perf_counter() - start, state.name)

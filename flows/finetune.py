@@ -18,10 +18,13 @@ from prefect import flow
 
 from configs.schema import ConfigError, FinetuneConfig, load_config
 from flows import artifacts
-from flows.caching import fingerprint, run_stage, source_fingerprint, stage_dir, stage_key
+from flows.caching import StageRun, fingerprint, run_stage, source_fingerprint, stage_key
 from flows.stages import (EVALUATE, EXPORT, INGEST, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, REPORT, SPLIT,
                           TRAIN, VALIDATE)
 from tasks import base_model, ingest, predict, report, validate
+from tasks.merge import MergeChecks
+from tasks.report import DataSummary, RunMetrics
+from tasks.train import TrainSummary
 from tasks.files import verify_folder
 
 logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
@@ -53,16 +56,15 @@ def embedded_base_dir(cfg: FinetuneConfig, base_key: str) -> Path:
     return Path(cfg.model.cache_dir).expanduser() / f"SmolLM2-135M-Instruct-{base_key}"
 
 
-def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, dict, str, str, dict]:
+def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, str, StageRun, StageRun]:
     """The stages every training run starts with: prepare the base model, validate (``tasks/validate.py``:
     data, base model and sequence lengths, before anything is written under ``output.dir``; cached by content in
     ``shared_store``), ingest, split.
 
-    ``run(stage, out_dir, *args, **options)`` runs one stage (cached, retried) and records its time.
+    ``run(stage, *args, **options)`` runs one stage (``flows.caching.run_stage``) and records its time.
 
     Returns:
-        ``(base model path or id, base-model content key, ingest result, data fingerprint, split folder,
-        split result)``.
+        ``(base model path or id, base-model content key, data content key, the ingest run, the split run)``.
 
     Raises:
         DataError, ModelError: from the validation; nothing has been written under ``output.dir`` then.
@@ -70,15 +72,12 @@ def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, dict, str, str, dict]:
     gguf, base_key = base_model_source(cfg)
     base = cfg.model.name_or_path
     if gguf:
-        base_dir = embedded_base_dir(cfg, base_key)
-        base = run(PREPARE_BASE_MODEL, base_dir, gguf, str(base_dir), store=shared_store(cfg))
-    data_fingerprint = fingerprint(cfg.data.path)
-    run(VALIDATE, None, cfg, base, store=shared_store(cfg), key=stage_key(VALIDATE, cfg, data_fingerprint, base_key))
-    ingest_dir = stage_dir(cfg, INGEST, data_fingerprint)
-    data = run(INGEST, ingest_dir, cfg.data, ingest_dir)
-    split_dir = stage_dir(cfg, SPLIT, ingest_dir)
-    splits = run(SPLIT, split_dir, data, cfg.split, split_dir)
-    return base, base_key, data, data_fingerprint, split_dir, splits
+        base = run(PREPARE_BASE_MODEL, gguf, out_dir=embedded_base_dir(cfg, base_key), store=shared_store(cfg)).dir
+    data_key = fingerprint(cfg.data.path)  # the data's content, not where it lives
+    run(VALIDATE, cfg, base, store=shared_store(cfg), key=stage_key(VALIDATE, cfg, data_key, base_key))
+    data = run(INGEST, cfg.data, after=(data_key,))
+    split = run(SPLIT, data.result, cfg.split, after=(data.dir,))
+    return base, base_key, data_key, data, split
 
 
 @flow(name="finetune")
@@ -91,54 +90,59 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
         ConfigError: ``model.hf_token_secret`` names no Prefect Secret block (before any stage runs).
     """
     base_model.use_hub_token(cfg.model)  # HF_TOKEN from the environment or model.hf_token_secret; never logged
-    stages: dict[str, dict] = {}
+    runs: dict[str, StageRun] = {}
 
-    def run(stage, out_dir, *args, label: str | None = None, **options):
+    def run(stage, *args, label: str | None = None, **options) -> StageRun:
         # metrics.json names: evaluate-base -> evaluate_base, export-genai-int4 -> export_genai-int4
         name = stage.name.replace("-", "_") + (label or stage.name).removeprefix(stage.name).replace("-", "_", 1)
-        result, stages[name] = run_stage(cfg, stage, out_dir, *args, label=label, **options)
-        return result
+        runs[name] = run_stage(cfg, stage, *args, label=label, **options)
+        return runs[name]
 
     trc = cfg.model.trust_remote_code
-    base, base_key, data, data_fingerprint, split_dir, splits = prepare(cfg, run)
-    test_file, kind = splits["files"]["test"], data["task"]
+    base, base_key, data_key, data, split = prepare(cfg, run)
+    test_file, kind = split.result.files["test"], data.result.task
+    scored = (split.dir, "test", kind, trc)  # what an evaluation's output is a function of, beside the model
+    base_eval = run(EVALUATE, base, test_file, kind, cfg.eval, trust_remote_code=trc, after=(base_key, *scored),
+                    label="evaluate-base") if cfg.eval.evaluate_base else None
+    adapter = run(TRAIN, base, split.result, cfg.model, cfg.lora, cfg.train,
+                  callback_factories=[artifacts.training_progress], after=(base_key, split.dir))
+    merged = run(MERGE, base, adapter.dir, split.result.files["validation"], cfg.merge, trust_remote_code=trc,
+                 after=(base_key, adapter.dir, split.dir, trc))  # checked on validation rows, as a sweep trial
+    tuned = run(EVALUATE, merged.dir, test_file, kind, cfg.eval, trust_remote_code=trc, after=(merged.dir, *scored),
+                label="evaluate-finetuned")
+    inference = predict.inference_settings(cfg.data, tuned.result.task, tuned.result.max_new_tokens)
+    onnx = {target: run(EXPORT, target, merged.dir, test_file, tuned.dir, inference, cfg.export, trust_remote_code=trc,
+                        after=(merged.dir, tuned.dir, target, inference, trc), label=f"export-{target}")
+            for target in (cfg.export.targets if cfg.export.enabled else [])}
 
-    base_metrics = None
-    if cfg.eval.evaluate_base:
-        base_eval = stage_dir(cfg, EVALUATE, base_key, split_dir, kind, trc)
-        base_metrics = run(EVALUATE, base_eval, base, test_file, kind, cfg.eval, base_eval, trc, label="evaluate-base")
-    adapter = stage_dir(cfg, TRAIN, base_key, split_dir)
-    trained = run(TRAIN, adapter, base, splits, cfg.model, cfg.lora, cfg.train, adapter, adapter + ".checkpoints",
-                  [artifacts.training_progress])
-    merged = stage_dir(cfg, MERGE, base_key, adapter, trc)
-    merge_result = run(MERGE, merged, base, adapter, test_file, cfg.merge, merged, trc)
-    tuned_eval = stage_dir(cfg, EVALUATE, merged, split_dir, kind, trc)
-    tuned_metrics = run(EVALUATE, tuned_eval, merged, test_file, kind, cfg.eval, tuned_eval, trc,
-                        label="evaluate-finetuned")
-    onnx = {}
-    inference = predict.inference_settings(cfg.data, tuned_metrics["task"], tuned_metrics["max_new_tokens"])
-    for target in cfg.export.targets if cfg.export.enabled else []:
-        onnx_dir = stage_dir(cfg, EXPORT, merged, tuned_eval, target, inference, trc)
-        onnx[target] = run(EXPORT, onnx_dir, target, merged, test_file, tuned_eval, inference, cfg.export, onnx_dir,
-                           trc, label=f"export-{target}")
-
-    metrics = report.build_metrics(
-        cfg.model_dump(mode="json"), tuned_metrics["task"], base_metrics, tuned_metrics, trained, merge_result,
-        onnx or None, {"ingest": data["counts"], "split": splits["counts"], "leaked_dropped": splits["leaked_dropped"],
-                       "labels": len(data["labels"]), "fingerprint": data_fingerprint},
-        {k: v["seconds"] for k, v in stages.items()})
-    metrics["stage_states"] = {k: v["state"] for k, v in stages.items()}
-    links = {"data": split_dir, "adapter": adapter, "merged": merged, "eval/finetuned": tuned_eval}
-    links |= {"eval/base": base_eval} if base_metrics else {}
-    links |= {f"onnx/{target}": result["path"] for target, result in onnx.items()}
+    metrics = run_metrics(cfg, data_key, runs)
+    links = {"data": split.dir, "adapter": adapter.dir, "merged": merged.dir, "eval/finetuned": tuned.dir}
+    links |= ({"eval/base": base_eval.dir} if base_eval else {}) | {f"onnx/{t}": r.dir for t, r in onnx.items()}
     run_dir = run_dir_for(cfg)
-    paths = REPORT.task(run_dir, metrics, links, str(Path(adapter) / "train_log.json"))
-    source = source_fingerprint(cfg, data_fingerprint, base_key)
+    metrics_json = metrics.model_dump(mode="json")
+    paths = REPORT.task(run_dir, metrics_json, links, str(Path(adapter.dir) / "train_log.json"))
+    source = source_fingerprint(cfg, data_key, base_key)
     if publish_latest:
         PUBLISH_LATEST.task(cfg.output.dir, run_dir, source)
-    artifacts.publish(run_dir, metrics, paths)
-    print(summary(run_dir, metrics, paths))
-    return metrics | {"run_dir": str(run_dir), "test_file": test_file, "source": source}
+    artifacts.publish(run_dir, metrics_json, paths)
+    print(summary(run_dir, metrics_json, paths))
+    return metrics_json | {"run_dir": str(run_dir), "test_file": test_file, "source": source}
+
+
+def run_metrics(cfg: FinetuneConfig, data_key: str, runs: dict[str, StageRun]) -> RunMetrics:
+    """``metrics.json`` from the flow's stage runs (keyed as in ``stage_seconds``: ``evaluate_base``,
+    ``evaluate_finetuned``, ``export_<target>``, ...)."""
+    data, split, tuned = runs["ingest"].result, runs["split"].result, runs["evaluate_finetuned"]
+    onnx = {name.removeprefix("export_"): r.result for name, r in runs.items() if name.startswith("export_")}
+    return RunMetrics(
+        task=tuned.result.task, base=runs["evaluate_base"].result if "evaluate_base" in runs else None,
+        finetuned=tuned.result, onnx=onnx or None,
+        train=TrainSummary(**runs["train"].result.model_dump(exclude={"adapter"})),
+        merge=MergeChecks(**runs["merge"].result.model_dump()),
+        data=DataSummary(ingest=data.counts, split=split.counts, leaked_dropped=split.leaked_dropped,
+                         labels=len(data.labels), fingerprint=data_key),
+        stage_seconds={k: r.seconds for k, r in runs.items()}, stage_states={k: r.state for k, r in runs.items()},
+        config=cfg.model_dump(mode="json"))
 
 
 def summary(run: Path, metrics: dict, paths: dict) -> str:
@@ -174,7 +178,7 @@ def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.
     return p.parse_args(argv)
 
 
-def dry_run(cfg: FinetuneConfig) -> dict:
+def dry_run(cfg: FinetuneConfig) -> validate.ValidateResult:
     """``--dry-run``: resolve the base model (converting the embedded GGUF into ``model.cache_dir`` if it is not
     there yet), run ``tasks.validate.validate`` without Prefect, and print what a run would train on.
 
@@ -189,11 +193,10 @@ def dry_run(cfg: FinetuneConfig) -> dict:
         if verify_folder(base):  # missing, or truncated/corrupted since: convert again
             base_model.convert_gguf(gguf, base)
     checked = validate.validate(cfg, base)
-    lengths = "; ".join(f"{name}: {c['over_max_seq_length']} of {c['examples']} over "
-                        f"{cfg.train.max_seq_length} tokens (longest {c['longest']})"
-                        for name, c in checked["sequence_lengths"].items())
-    print(f"ok: {cfg.data.path}: {checked['format']} ({checked['task']}, {checked['labels']} labels), rows kept "
-          f"{ {k: v['kept'] for k, v in checked['counts'].items()} }, split {checked['split']}; {lengths}; "
+    lengths = "; ".join(f"{name}: {c.over_max_seq_length} of {c.examples} over {cfg.train.max_seq_length} tokens "
+                        f"(longest {c.longest})" for name, c in checked.sequence_lengths.items())
+    print(f"ok: {cfg.data.path}: {checked.format} ({checked.task}, {checked.labels} labels), rows kept "
+          f"{ {k: v.kept for k, v in checked.counts.items()} }, split {checked.split}; {lengths}; "
           f"base model {base}: ok. Nothing was trained or written.")
     return checked
 

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from configs.schema import ConfigError, FinetuneConfig
-from flows.caching import fingerprint, run_stage, source_fingerprint, stage_dir
+from flows.caching import fingerprint, run_stage, source_fingerprint
 from flows.finetune import base_model_source, finetune, main as finetune_main
 from flows.stages import EVALUATE, PUBLISH_LATEST
 from tasks import promote
@@ -87,10 +87,9 @@ def incumbent_metrics(cfg: FinetuneConfig, promoted: dict, result: dict) -> dict
             old["config"]["eval"] == result["config"]["eval"]:
         return old["finetuned"]
     trc = cfg.model.trust_remote_code
-    out_dir = stage_dir(cfg, EVALUATE, str(merged), str(split_dir), result["task"], trc)
-    metrics, _ = run_stage(cfg, EVALUATE, out_dir, str(merged), result["test_file"], result["task"], cfg.eval,
-                           out_dir, trc, label="evaluate-promoted")
-    return metrics
+    scored = (str(split_dir), "test", result["task"], trc)  # keyed as the finetune flow's evaluations
+    return run_stage(cfg, EVALUATE, str(merged), result["test_file"], result["task"], cfg.eval, trust_remote_code=trc,
+                     after=(str(merged), *scored), label="evaluate-promoted").result.model_dump(mode="json")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Every stage, declared once: its plain function in ``tasks/``, the config sections it reads, the upstream stages
-whose folders it reads, whether it holds the ``gpu`` slot, and the libraries that shape its result.
+"""Every stage, declared once: its plain function in ``tasks/`` (whose return annotation is the stage's result
+type), the config sections it reads, the upstream stages whose folders it reads, whether it holds the ``gpu``
+slot, and the libraries that shape its result.
 
 The cache key and the output folder of a stage are derived from its declaration (``flows.caching.stage_dir``):
 the sections named here, the upstream folders' published content, the source of every first-party module the
@@ -8,6 +9,7 @@ declaration here, one function in ``tasks/`` and one ``run(...)`` line in the fl
 """
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -15,7 +17,7 @@ from functools import cached_property
 from prefect import Task, task
 
 from flows.gpu import holds_gpu_slot
-from tasks import base_model, evaluate, export, ingest, merge, report, split, sweep, train, validate
+from tasks import base_model, evaluate, export, ingest, merge, report, split, train, validate
 
 TORCH_STACK = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors")
 
@@ -41,6 +43,11 @@ class Stage:
     gpu: bool = False
     libraries: tuple[str, ...] = field(default=())
 
+    @property
+    def result(self) -> type:
+        """The result type: ``fn``'s return annotation (a pydantic model, or a path as ``str``)."""
+        return typing.get_type_hints(self.fn)["return"]
+
     @cached_property
     def task(self) -> Task:
         """The Prefect task: ``fn`` (holding the gpu slot when ``gpu``) named ``name``."""
@@ -61,7 +68,5 @@ MERGE = Stage("merge", merge.merge, sections=("merge",), needs=("train",), gpu=T
 EXPORT = Stage("export", export.export, sections=("export",), needs=("merge", "evaluate"),
                libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir", "optimum",
                           "optimum-onnx"))
-TRIAL = Stage("trial", sweep.run_trial, sections=("model", "lora", "train", "merge", "eval"),
-              needs=("prepare-base-model", "split"), gpu=True, libraries=TRAIN.libraries + EVALUATE.libraries)
 REPORT = Stage("report", report.write_report)
 PUBLISH_LATEST = Stage("publish-latest", report.update_latest)

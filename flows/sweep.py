@@ -3,37 +3,60 @@
 trial and the baseline measured on the test split → results table, best config. Run it with
 ``python -m flows.sweep --config configs/sweeps/banking77.yaml [--set key=value ...]``.
 
-Trials are Prefect tasks cached by content like the finetune stages (a re-run only runs new trials), run in
-worker processes (Prefect's ProcessPoolTaskRunner: loading models is not thread-safe in transformers), at most
-``max_parallel`` at once, and each holds a `gpu` concurrency slot where the worker sets one (flows/gpu.py), so
-on a pool with N GPU slots at most N train at once.
+Each trial is a Prefect task that runs the declared train → merge → evaluate (on validation) stages, each cached
+by content exactly as in the finetune flow (a re-run only runs new trials; the baseline trial shares its stages
+with a finetune run of the same config). Trials run in worker processes (Prefect's ProcessPoolTaskRunner: loading
+models is not thread-safe in transformers), at most ``max_parallel`` at once; each stage holds a `gpu`
+concurrency slot where the worker sets one (flows/gpu.py), so on a pool with N GPU slots at most N train at once.
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from prefect import flow, unmapped
+from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from configs.schema import FinetuneConfig, SweepConfig, load_sweep, trial_config
 from flows import artifacts
-from flows.caching import cached, run_stage, stage_dir
+from flows.caching import StageRun, run_stage
 from flows.finetune import dry_run, main as finetune_main, prepare, run_dir_for
-from flows.retries import with_retries
-from flows.stages import EVALUATE, TRIAL
+from flows.stages import EVALUATE, MERGE, TRAIN
 from tasks import base_model, sweep as trials
+from tasks.sweep import TrialResult
+from tasks.train import TrainSummary
 
 
-def run_wave(cfg: FinetuneConfig, base: str, base_key: str, split_dir: str, splits: dict, kind: str,
-             configs: list[FinetuneConfig]) -> list[tuple[dict | None, str | None]]:
-    """Run one wave of trials as mapped tasks (cached by content, retried on transient errors); return
-    ``(result, None)`` or ``(None, error message)`` per trial, in order."""
-    dirs = [stage_dir(c, TRIAL, base_key, split_dir, kind) for c in configs]
-    mapped = with_retries(cached(TRIAL.task, cfg), cfg.retry).with_options(  # a missing trial folder: run again
-        refresh_cache=not all(Path(d).exists() for d in dirs))
-    futures = mapped.map(base, unmapped(splits), kind, configs, dirs, unmapped([artifacts.training_progress]))
+@task(name="trial", cache_policy=NO_CACHE)  # its stages are cached
+def trial(cfg: FinetuneConfig, name: str, base: str, base_key: str, split: StageRun, kind: str) -> TrialResult:
+    """One trial: the declared train → merge → evaluate stages on ``cfg``, keyed as in the finetune flow, the
+    evaluation on the validation split (the test split stays untouched for the final comparison). Stage task
+    runs are named ``<stage>-<name>`` (``train-trial-3``).
+
+    Raises:
+        whatever the stages raise once their retries are spent (e.g. ``MergeCheckError``: a trial learned nothing).
+    """
+    def run(stage, *args, **options) -> StageRun:
+        return run_stage(cfg, stage, *args, label=f"{stage.name}-{name}", **options)
+
+    trc, validation = cfg.model.trust_remote_code, split.result.files["validation"]
+    adapter = run(TRAIN, base, split.result, cfg.model, cfg.lora, cfg.train,
+                  callback_factories=[artifacts.training_progress], after=(base_key, split.dir))
+    merged = run(MERGE, base, adapter.dir, validation, cfg.merge, trust_remote_code=trc,
+                 after=(base_key, adapter.dir, split.dir, trc))
+    scored = run(EVALUATE, merged.dir, validation, kind, cfg.eval, trust_remote_code=trc,
+                 after=(merged.dir, split.dir, "validation", kind, trc))
+    return TrialResult(validation=scored.result, merged=merged.dir,
+                       train=TrainSummary(**adapter.result.model_dump(exclude={"adapter"})))
+
+
+def run_wave(base: str, base_key: str, split: StageRun, kind: str, named: list[tuple[str, FinetuneConfig]]
+             ) -> list[tuple[TrialResult | None, str | None]]:
+    """Run one wave of ``(name, config)`` trials as mapped ``trial`` tasks; return ``(result, None)`` or
+    ``(None, error message)`` per trial, in order."""
+    futures = trial.map([c for _, c in named], [n for n, _ in named], unmapped(base), unmapped(base_key),
+                        unmapped(split), unmapped(kind))
     out = []
     for future in futures:
         future.wait()
@@ -56,28 +79,28 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig) -> dict:
     Raises:
         RuntimeError: every trial failed.
     """
-    def run(stage, out_dir, *args, **options):
-        return run_stage(baseline, stage, out_dir, *args, **options)[0]
+    def run(stage, *args, **options) -> StageRun:
+        return run_stage(baseline, stage, *args, **options)
 
     base_model.use_hub_token(baseline.model)  # before the trial processes start: they inherit HF_TOKEN
-    base, base_key, data, _, split_dir, splits = prepare(baseline, run)
-    kind = data["task"]
+    base, base_key, _, data, split = prepare(baseline, run)
+    kind = data.result.task
     metric, direction = trials.objective(spec, kind)
 
-    def run_configs(configs: list[FinetuneConfig]) -> list[tuple[dict | None, str | None]]:
-        return run_wave(baseline, base, base_key, split_dir, splits, kind, configs)
+    def run_configs(named: list[tuple[str, FinetuneConfig]]) -> list[tuple[TrialResult | None, str | None]]:
+        return run_wave(base, base_key, split, kind, named)
 
     rows, done = search(spec, baseline, metric, direction, run_configs)
     pick = max if direction == "maximize" else min
     best = pick(done.values(), key=lambda t: t["validation"])
-    test_file = splits["files"]["test"]
+    test_file = split.result.files["test"]
     baseline_trial = done.get("baseline")
     measured = [best] + ([baseline_trial] if baseline_trial is not None and baseline_trial is not best else [])
-    for entry in measured:
+    for entry in measured:  # keyed as the finetune flow's evaluation of the same merged model
         trc = entry["cfg"].model.trust_remote_code
-        eval_dir = stage_dir(entry["cfg"], EVALUATE, entry["merged"], split_dir, kind, trc)
-        entry["test"] = run(EVALUATE, eval_dir, entry["merged"], test_file, kind, entry["cfg"].eval, eval_dir, trc,
-                            label=f"evaluate-{entry['trial']}")
+        entry["test"] = run(EVALUATE, entry["merged"], test_file, kind, entry["cfg"].eval, trust_remote_code=trc,
+                            after=(entry["merged"], split.dir, "test", kind, trc),
+                            label=f"evaluate-{entry['trial']}").result.model_dump(mode="json")
     run_dir = run_dir_for(baseline.model_copy(update={"name": f"{baseline.name}-sweep"}))
     text = summary(spec, metric, rows, measured)
     paths = trials.write_results(run_dir, rows, _public(best, metric), best["cfg"], text)
@@ -90,7 +113,8 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig) -> dict:
 
 def search(spec: SweepConfig, baseline: FinetuneConfig, metric: str, direction: str, run_configs) -> tuple[list, dict]:
     """The baseline plus Optuna's trials, asked and told in waves of ``spec.max_parallel``;
-    ``run_configs(configs)`` runs one wave and returns ``(result, error)`` per config.
+    ``run_configs([(name, config)])`` runs one wave and returns ``(TrialResult, None)`` or ``(None, error)`` per
+    trial.
 
     Returns:
         ``(table rows in run order, {trial name: {"trial", "params", "validation", "cfg", "merged"}} of the
@@ -108,15 +132,15 @@ def search(spec: SweepConfig, baseline: FinetuneConfig, metric: str, direction: 
             queue.append((f"trial-{trial.number}", trials.suggest(trial, spec.space), trial))
             asked += 1
         wave, queue = queue, []
-        configs = [trial_config(baseline, params, f"sweep {name}") for name, params, _ in wave]
-        for (name, params, trial), cfg, (result, error) in zip(wave, configs, run_configs(configs)):
-            value = result["validation"][metric] if result else None
-            if trial is not None:
-                trials.tell(study, trial, value)
+        named = [(name, trial_config(baseline, params, f"sweep {name}")) for name, params, _ in wave]
+        for (name, params, asked_trial), (_, cfg), (result, error) in zip(wave, named, run_configs(named)):
+            value = result.validation.metric(metric) if result else None
+            if asked_trial is not None:
+                trials.tell(study, asked_trial, value)
             rows.append(trials.result_row(name, params, result, metric, error))
             if result:
                 done[name] = {"trial": name, "params": params, "validation": value, "cfg": cfg,
-                              "merged": result["merged"]}
+                              "merged": result.merged}
     if not done:
         raise RuntimeError(f"sweep: all {len(rows)} trials failed; first error: {rows[0]['error']}")
     return rows, done

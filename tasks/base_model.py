@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # torch/transformers/peft/trl/optimum are imported inside the functions that use them, here and in the other
-# stages: a run whose stages are all cached then starts in ~2 s instead of ~10 s of library imports.
+# stages, so that a run whose stages are all cached never imports them.
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def embedded_gguf() -> Path:
 
 
 def convert_gguf(gguf: str | Path, out_dir: str | Path) -> str:
-    """De-quantise a SmolLM2 GGUF to fp32 safetensors + fixed tokenizer in ``out_dir`` (atomic; ~25 s, 517 MB).
+    """De-quantise a SmolLM2 GGUF to fp32 safetensors + fixed tokenizer in ``out_dir`` (atomic; 517 MB for
+    SmolLM2-135M).
 
     Returns:
         ``out_dir`` as a string, loadable with ``from_pretrained``.

@@ -34,12 +34,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from configs.schema import ExportConfig
 from tasks.base_model import load_model, load_tokenizer
-from tasks.evaluate import classification_metrics, extract_answer, generate, generation_metrics, normalise_answer
+from tasks.chat import generate, prompt_ids
 from tasks.files import atomic_dir, read_json, read_jsonl, write_json
+from tasks.metrics import extract_answer, normalise_answer, score, task_kind
 from tasks.predict import INFERENCE_FILE, Predictor
-from tasks.metrics import task_kind
 
 log = logging.getLogger(__name__)
 ONNX_EVAL_BATCH_SIZE = 32  # optimum's ORT model generates left-padded batches like PyTorch
@@ -47,6 +49,26 @@ ONNX_EVAL_BATCH_SIZE = 32  # optimum's ORT model generates left-padded batches l
 
 class ExportCheckError(RuntimeError):
     """The exported model failed the tokenizer, greedy-agreement or quality check."""
+
+
+class ExportResult(BaseModel):
+    """What ``export`` returns and writes as ``export.json`` (without ``path``): ``check_export``'s figures — the
+    task's quality metrics and ``reference_<primary metric>`` as further fields — and what was built."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tokenizer_mismatches: int
+    greedy_agreement: float
+    n_check_prompts: int
+    same_answer: float  # fraction of test rows where the exported and the merged model's answers are equal
+    n_examples: int
+    eval_seconds: float
+    target: str
+    precision: str
+    execution_provider: str
+    size_mb: float  # MB of the folder
+    export_seconds: float
+    path: str | None = None  # the published folder
 
 
 @dataclass(frozen=True)
@@ -65,7 +87,7 @@ TARGETS = {
 
 
 def export(target: str, merged_model: str, test_file: str, reference_eval: str, inference: dict,
-           cfg: ExportConfig, out_dir: str | Path, trust_remote_code: bool = False) -> dict:
+           cfg: ExportConfig, out_dir: str | Path, trust_remote_code: bool = False) -> ExportResult:
     """Export ``merged_model`` as ``target`` (see the module table) into ``out_dir``, check it, then publish.
 
     Args:
@@ -75,8 +97,7 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
             ``inference.json`` (the prompt format ``tasks/predict.py`` rebuilds).
 
     Returns:
-        ``check_export``'s figures plus ``target``, ``precision``, ``execution_provider``, ``size_mb`` (MB of
-        the folder) and ``export_seconds``.
+        ``ExportResult``.
 
     Raises:
         ExportCheckError: a check failed; nothing is written to ``out_dir``.
@@ -89,12 +110,12 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
         write_json(tmp / INFERENCE_FILE, inference)
         built = time.perf_counter() - start
         result = check_export(target, tmp, merged_model, test_file, reference_eval, cfg, trust_remote_code)
-        result |= {"target": target, "precision": spec.precision, "execution_provider": spec.provider,
-                   "size_mb": round(sum(f.stat().st_size for f in tmp.iterdir()) / 1e6, 1),
-                   "export_seconds": round(built, 1)}
-        write_json(tmp / "export.json", result)
-    log.info("export %s: %s", target, result)
-    return result | {"path": str(out_dir)}
+        result = ExportResult(**result, target=target, precision=spec.precision, execution_provider=spec.provider,
+                              size_mb=round(sum(f.stat().st_size for f in tmp.iterdir()) / 1e6, 1),
+                              export_seconds=round(built, 1))
+        write_json(tmp / "export.json", result.model_dump(mode="json", exclude={"path"}))
+    log.info("export %s: %s", target, result.model_dump_json(exclude={"path"}))
+    return result.model_copy(update={"path": str(out_dir)})
 
 
 def build_optimum(merged_model: str, out: Path, spec: Target, cfg: ExportConfig, trust_remote_code: bool) -> None:
@@ -181,7 +202,7 @@ def check_export(target: str, folder: str | Path, merged_model: str, test_file: 
     task = reference["task"]  # the kind the reference evaluation scored (tasks.evaluate.evaluate)
     primary = task_kind(task).primary
     tokenizer = load_tokenizer(merged_model, trust_remote_code)
-    expected = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True) for r in records]
+    expected = [prompt_ids(tokenizer, r) for r in records]
     runner = GenAIRunner(folder) if TARGETS[target].tool == "genai" else OptimumRunner(folder)
 
     mismatched = [i for i, r in enumerate(records) if runner.prompt_ids(r["messages"][:-1]) != expected[i]]
@@ -192,8 +213,7 @@ def check_export(target: str, folder: str | Path, merged_model: str, test_file: 
     answers = runner.answers(expected[:n], reference["max_new_tokens"])
     seconds = time.perf_counter() - start
     references = [r["messages"][-1]["content"] for r in records[:n]]
-    score_fn = classification_metrics if task == "classification" else generation_metrics
-    scores, ref_scores = score_fn(answers, references), score_fn(ref_predictions[:n], references)
+    scores, ref_scores = score(task, answers, references), score(task, ref_predictions[:n], references)
     norm = normalise_answer if task == "classification" else (lambda text: extract_answer(text, None))
     same = sum(norm(a) == norm(b) for a, b in zip(answers, ref_predictions)) / n
     result = {"tokenizer_mismatches": len(mismatched), "greedy_agreement": agreement,
@@ -256,8 +276,8 @@ class GenAIRunner:
         return self.predictor.generate_ids(prompt, max_new_tokens)
 
     def answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-        # one sequence at a time: on the CPU provider a right-padded batch of 16 was slower (13.7 s vs 11.7 s
-        # for 64 banking77 prompts) and onnxruntime-genai 0.11 does not take left padding
+        # one sequence at a time: onnxruntime-genai 0.11 takes no left padding, and right-padded batches were
+        # slower on the CPU provider (docs/benchmarks.md)
         return [self.predictor.decode(self.greedy(p, max_new_tokens)) for p in prompts]
 
 

@@ -12,7 +12,9 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, Field
 
 from configs.schema import DataConfig
 from tasks.files import atomic_dir, write_json, write_jsonl
@@ -37,7 +39,26 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the 1-based row and the field."""
 
 
-def ingest(cfg: DataConfig, out_dir: str | Path) -> dict:
+class SplitCounts(BaseModel):
+    """Rows of one source split: read, dropped (empty answer, exact duplicate) and kept."""
+
+    rows: int
+    empty_answers_dropped: int
+    duplicates_dropped: int
+    kept: int
+
+
+class IngestResult(BaseModel):
+    """What ``ingest`` returns and writes as ``ingest.json``."""
+
+    files: dict[str, str] = Field(description="split name -> normalised JSONL file")
+    counts: dict[str, SplitCounts]
+    format: str = Field(description="the detected record format (FORMAT_KEYS)")
+    task: Literal["classification", "generation"]
+    labels: list[str] = Field(description="sorted class labels; [] for generation")
+
+
+def ingest(cfg: DataConfig, out_dir: str | Path) -> IngestResult:
     """Load ``cfg.path``, normalise it and write ``<out_dir>/<split>.jsonl`` for each split the source gives.
 
     Nothing is written unless every record of every split is valid; ``out_dir`` is published atomically.
@@ -46,9 +67,7 @@ def ingest(cfg: DataConfig, out_dir: str | Path) -> dict:
     (or a folder with one data file) is written as ``train``. Exact duplicates within a split are dropped.
 
     Returns:
-        ``{"files": {split: path}, "counts": {split: {"rows", "empty_answers_dropped", "duplicates_dropped",
-        "kept"}}, "format": str,
-        "task": "classification" | "generation", "labels": sorted label list or []}``.
+        ``IngestResult``.
 
     Raises:
         DataError: a missing path, an unreadable file, an unknown format or a bad record (file, row, field),
@@ -58,7 +77,7 @@ def ingest(cfg: DataConfig, out_dir: str | Path) -> dict:
     return publish(*read_records(cfg), out_dir)
 
 
-def publish(splits: dict[str, SplitRecords], fmt: str, out_dir: str | Path) -> dict:
+def publish(splits: dict[str, SplitRecords], fmt: str, out_dir: str | Path) -> IngestResult:
     """Drop exact duplicates from ``read_records``' splits and write them to ``out_dir`` (atomically); returns
     ``ingest``'s result."""
     out_dir = Path(out_dir)
@@ -66,18 +85,18 @@ def publish(splits: dict[str, SplitRecords], fmt: str, out_dir: str | Path) -> d
     for name, s in splits.items():
         kept = dedupe([record for _, record in s.records])
         kept_by_split[name] = kept
-        counts[name] = {"rows": s.n_rows, "empty_answers_dropped": len(s.empty_rows),
-                        "duplicates_dropped": len(s.records) - len(kept), "kept": len(kept)}
+        counts[name] = SplitCounts(rows=s.n_rows, empty_answers_dropped=len(s.empty_rows),
+                                   duplicates_dropped=len(s.records) - len(kept), kept=len(kept))
         log.info("ingest %s: %d rows, %d duplicates dropped (%s)", name, s.n_rows, len(s.records) - len(kept),
                  s.origin)
     labels = sorted({r["label"] for kept in kept_by_split.values() for r in kept if r["label"] is not None})
-    result = {"files": {name: str(out_dir / f"{name}.jsonl") for name in kept_by_split}, "counts": counts,
-              "format": fmt, "task": "classification" if fmt == "classification" else "generation",
-              "labels": labels}
+    result = IngestResult(files={name: str(out_dir / f"{name}.jsonl") for name in kept_by_split}, counts=counts,
+                          format=fmt, task="classification" if fmt == "classification" else "generation",
+                          labels=labels)
     with atomic_dir(out_dir) as tmp:
         for name, kept in kept_by_split.items():
             write_jsonl(tmp / f"{name}.jsonl", kept)
-        write_json(tmp / "ingest.json", result)
+        write_json(tmp / "ingest.json", result.model_dump(mode="json"))
     return result
 
 

@@ -10,9 +10,11 @@ import json
 import logging
 from pathlib import Path
 
+from pydantic import BaseModel, Field
+
 from configs.schema import LoraConfig, MergeConfig
 from tasks.base_model import load_4bit, load_adapter, load_model, load_tokenizer
-from tasks.evaluate import tokenize_with_completion_mask
+from tasks.chat import tokenize_with_completion_mask
 from tasks.files import atomic_dir, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -22,8 +24,23 @@ class MergeCheckError(RuntimeError):
     """The merged model does not reproduce base+adapter, or the adapter changed nothing."""
 
 
+class MergeChecks(BaseModel):
+    """The merge's checks (``metrics.json["merge"]``)."""
+
+    max_abs_logit_diff: float = Field(description="merged vs base+adapter, over non-pad check positions")
+    max_abs_weight_diff: float = Field(description="largest change of any weight from the base's")
+    qlora_vs_4bit: dict | None = Field(description="compare_with_4bit's figures for a qlora adapter, else None")
+
+
+class MergeResult(MergeChecks):
+    """What ``merge`` returns: its checks, the merged model's folder and the adapter's training method."""
+
+    merged: str
+    method: str = Field(description="from the adapter's train.json; lora without one")
+
+
 def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_dir: str | Path,
-          trust_remote_code: bool = False) -> dict:
+          trust_remote_code: bool = False) -> MergeResult:
     """Write a standalone merged model (safetensors, tokenizer, generation config) to ``out_dir``, atomically.
 
     Checks, before anything is published: (1) some merged weight differs from the base weight; (2) on the
@@ -34,8 +51,7 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
     positions at least (:func:`compare_with_4bit`; the logit differences are reported).
 
     Returns:
-        ``{"merged": path, "max_abs_logit_diff": float, "max_abs_weight_diff": float, "method": str,
-        "qlora_vs_4bit": see ``compare_with_4bit`` | None}``.
+        ``MergeResult``.
 
     Raises:
         MergeCheckError: a check fails; nothing is written to ``out_dir`` then.
@@ -84,8 +100,8 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
                     f"merge: the merged model picks the same next token as the adapter on the 4-bit base at "
                     f"{vs_4bit['top1_agreement']:.1%} of the answer positions < merge.min_qlora_top1_agreement="
                     f"{cfg.min_qlora_top1_agreement:.0%}")
-    return {"merged": str(out_dir), "max_abs_logit_diff": logit_diff, "max_abs_weight_diff": weight_diff,
-            "method": trained.get("method", "lora"), "qlora_vs_4bit": vs_4bit}
+    return MergeResult(merged=str(out_dir), max_abs_logit_diff=logit_diff, max_abs_weight_diff=weight_diff,
+                       method=trained.get("method", "lora"), qlora_vs_4bit=vs_4bit)
 
 
 def _free_memory() -> None:

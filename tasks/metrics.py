@@ -1,11 +1,13 @@
 """The task kinds and their metrics: the one registry that the evaluation, the report tables, the promotion gate,
 the sweep objective, the export gate and the config validation read.
 
-Adding a metric: compute it in ``tasks/evaluate.py`` (``classification_metrics`` / ``generation_metrics``) and
-name it here; adding a task kind: one ``TaskKind`` entry and its scoring function in ``tasks/evaluate.py``.
+Adding a metric: compute it in its kind's scoring function below (``classification_metrics`` /
+``generation_metrics``) and name it in ``TASK_KINDS``; adding a task kind: one ``TaskKind`` entry and its scoring
+function, called by ``score``.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -46,3 +48,63 @@ def task_kind(name: str) -> TaskKind:
 def greater_is_better(metric: str) -> bool:
     """False for the loss metrics (``LOSS_METRICS``), True for every quality metric."""
     return metric not in LOSS_METRICS
+
+
+def normalise_answer(text: str) -> str:
+    """Lower-case, trim and collapse whitespace; for classification only the first line counts."""
+    first = text.strip().split("\n", 1)[0] if text.strip() else ""
+    return re.sub(r"\s+", " ", first).strip().lower()
+
+
+def classification_metrics(predictions: list[str], references: list[str]) -> dict:
+    """Accuracy and macro-F1 (scikit-learn, averaged over the reference label set, zero_division=0)."""
+    from sklearn.metrics import f1_score
+
+    pred = [normalise_answer(p) for p in predictions]
+    ref = [normalise_answer(r) for r in references]
+    labels = sorted(set(ref))
+    return {"accuracy": sum(p == r for p, r in zip(pred, ref)) / len(ref),
+            "macro_f1": float(f1_score(ref, pred, labels=labels, average="macro", zero_division=0))}
+
+
+def extract_answer(text: str, pattern: str | None) -> str | None:
+    """The final answer in ``text``: the first group (or the whole match) of ``pattern``'s last match, commas
+    removed, or ``None`` when it does not match; without a pattern, the whitespace/case-normalised text."""
+    if pattern is None:
+        return " ".join(text.split()).lower()
+    matches = list(re.finditer(pattern, text))
+    if not matches:
+        return None
+    last = matches[-1]
+    return (last.group(1) if last.re.groups else last.group(0)).replace(",", "").strip()
+
+
+def generation_metrics(predictions: list[str], references: list[str], answer_pattern: str | None = None) -> dict:
+    """Mean ROUGE-L F1 (Lin 2004, via rouge-score with stemming), corpus BLEU (Papineni et al. 2002, sacrebleu's
+    default 13a tokenisation, 0–100) and exact match of ``extract_answer`` (a prediction without an answer
+    never matches); with ``answer_pattern``, also ``answer_found``: the fraction of predictions it matched."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    answers = [extract_answer(p, answer_pattern) for p in predictions]
+    exact = [a is not None and a == extract_answer(r, answer_pattern) for a, r in zip(answers, references)]
+    scores = {"rouge_l": sum(rouge) / len(rouge), "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
+              "exact_match": sum(exact) / len(exact)}
+    if answer_pattern is not None:
+        scores["answer_found"] = sum(a is not None for a in answers) / len(answers)
+    return scores
+
+
+def score(task: str, predictions: list[str], references: list[str], answer_pattern: str | None = None) -> dict:
+    """The quality metrics of ``task`` (``TASK_KINDS[task].metrics``, plus ``answer_found`` with
+    ``answer_pattern`` for generation) of ``predictions`` against ``references`` (same length, in order).
+
+    Raises:
+        ValueError: ``task`` is no task kind.
+    """
+    task_kind(task)
+    if task == "classification":
+        return classification_metrics(predictions, references)
+    return generation_metrics(predictions, references, answer_pattern)

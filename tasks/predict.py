@@ -38,10 +38,8 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 def runtime_config(model_dir: Path):
     """The folder's ``genai_config.json`` as an ``onnxruntime_genai.Config``, with the CPU thread pool sized to the
-    CPUs this process may use unless the file sets ``intra_op_num_threads`` itself.
-
-    On the project's 2-core machine the runtime's own default decoded the banking77 int4 model at 74-90
-    tokens/s and an explicit 2 threads at 125 (docs/benchmarks.md)."""
+    CPUs this process may use unless the file sets ``intra_op_num_threads`` itself (faster than the runtime's
+    own default on small machines: docs/benchmarks.md)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))

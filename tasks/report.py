@@ -5,8 +5,15 @@ import json
 import os
 from pathlib import Path
 
+from pydantic import BaseModel
+
+from tasks.evaluate import EvalResult
+from tasks.export import ExportResult
 from tasks.files import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
+from tasks.ingest import SplitCounts
+from tasks.merge import MergeChecks
 from tasks.metrics import LOSS_METRICS, task_kind
+from tasks.train import TrainSummary
 
 N_SAMPLES = 5  # test prompts shown base vs fine-tuned in report.md and the sample-generations artifact
 
@@ -20,24 +27,33 @@ def qlora_line(vs_4bit: dict | None) -> str:
             f"{vs_4bit['mean_abs_logit_diff']:.3g} / max {vs_4bit['max_abs_logit_diff']:.3g}\n")
 
 
-def build_metrics(config: dict, task: str, base: dict | None, finetuned: dict, train: dict, merge: dict,
-                  onnx: dict | None, data: dict, stages: dict[str, float]) -> dict:
-    """Assemble the ``metrics.json`` contract: base, finetuned, onnx, train, merge, data, stages, config."""
-    return {
-        "task": task,
-        "base": base,
-        "finetuned": finetuned,
-        "onnx": onnx,
-        "train": {k: train.get(k) for k in ("train_tokens", "tokens_per_second", "wall_seconds", "steps",
-                                             "train_loss", "eval_loss", "bf16", "resumed_from", "stopped_early",
-                                             "best_checkpoint", "sequence_lengths", "method", "padding_free",
-                                             "attn_implementation", "gradient_checkpointing", "liger_kernel",
-                                             "processes", "bnb_4bit", "peak_memory_bytes")},
-        "merge": {k: merge.get(k) for k in ("max_abs_logit_diff", "max_abs_weight_diff", "qlora_vs_4bit")},
-        "data": data,
-        "stage_seconds": stages,
-        "config": config,
-    }
+class DataSummary(BaseModel):
+    """What the run trained and was tested on: rows per source split (ingest), examples per split, examples
+    dropped because their prompt is in a later split, the number of labels (0 for generation) and the data's
+    content fingerprint."""
+
+    ingest: dict[str, SplitCounts]
+    split: dict[str, int]
+    leaked_dropped: dict[str, int]
+    labels: int
+    fingerprint: str
+
+
+class RunMetrics(BaseModel):
+    """``metrics.json``, the output contract of a run: the task kind scored, the base and fine-tuned evaluations
+    on the test split, each export's checks, training figures, merge checks, the data, wall seconds and final
+    state (``Completed`` / ``Cached``) per stage, and the whole config."""
+
+    task: str
+    base: EvalResult | None
+    finetuned: EvalResult
+    onnx: dict[str, ExportResult] | None
+    train: TrainSummary
+    merge: MergeChecks
+    data: DataSummary
+    stage_seconds: dict[str, float]
+    stage_states: dict[str, str]
+    config: dict
 
 
 def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], train_log: str | None) -> dict:

@@ -5,14 +5,25 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from configs.schema import SplitConfig
 from tasks.files import atomic_dir, read_jsonl, write_json, write_jsonl
-from tasks.ingest import prompt_key
+from tasks.ingest import IngestResult, prompt_key
 
 log = logging.getLogger(__name__)
 
 
-def split(ingested: dict, cfg: SplitConfig, out_dir: str | Path) -> dict:
+class SplitResult(BaseModel):
+    """What ``split`` returns and writes as ``split.json``: per split (train, validation, test) its JSONL file,
+    its number of examples, and the examples dropped because their prompt is in a later split."""
+
+    files: dict[str, str]
+    counts: dict[str, int]
+    leaked_dropped: dict[str, int]
+
+
+def split(ingested: IngestResult, cfg: SplitConfig, out_dir: str | Path) -> SplitResult:
     """Write ``<out_dir>/{train,validation,test}.jsonl`` from the ingest result (``out_dir`` published atomically).
 
     Given test/validation files are used as they are; otherwise ``cfg.test_size`` / ``cfg.validation_size``
@@ -22,12 +33,12 @@ def split(ingested: dict, cfg: SplitConfig, out_dir: str | Path) -> dict:
     split (stratified).
 
     Returns:
-        ``{"files": {split: path}, "counts": {split: n}, "leaked_dropped": {split: n}}``.
+        ``SplitResult``.
 
     Raises:
         ValueError: a split ends up empty.
     """
-    files = ingested["files"]
+    files = ingested.files
     train = read_jsonl(files["train"])
     test = read_jsonl(files["test"]) if "test" in files else None
     validation = read_jsonl(files["validation"]) if "validation" in files else None
@@ -48,17 +59,16 @@ def split(ingested: dict, cfg: SplitConfig, out_dir: str | Path) -> dict:
     }
     check_disjoint(splits)
     out_dir = Path(out_dir)
-    result = {"files": {}, "counts": {}, "leaked_dropped": leaked}
     for name, records in splits.items():
         if not records:
             raise ValueError(f"split: the {name} split is empty")
-        result["files"][name] = str(out_dir / f"{name}.jsonl")
-        result["counts"][name] = len(records)
+    result = SplitResult(files={name: str(out_dir / f"{name}.jsonl") for name in splits},
+                         counts={name: len(records) for name, records in splits.items()}, leaked_dropped=leaked)
     with atomic_dir(out_dir) as tmp:
         for name, records in splits.items():
             write_jsonl(tmp / f"{name}.jsonl", records)
-        write_json(tmp / "split.json", result)
-    log.info("split: %s (dropped for leakage: %s)", result["counts"], leaked)
+        write_json(tmp / "split.json", result.model_dump(mode="json"))
+    log.info("split: %s (dropped for leakage: %s)", result.counts, leaked)
     return result
 
 

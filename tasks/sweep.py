@@ -1,7 +1,8 @@
 """sweep: hyperparameter search trials (Optuna samples; each trial = train → merge → evaluate on validation).
 
 The search itself is Optuna's (random, grid or TPE sampler, ask/tell); this module only turns a sampled
-trial into a finetune config, runs it with the pipeline's own stage functions, and writes the results.
+trial into a finetune config, tells Optuna its result and writes the results. The trials run the pipeline's
+declared stages (``flows/sweep.py``).
 """
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from pydantic import BaseModel
 
 from configs.schema import FinetuneConfig, SearchDimension, SweepConfig, get_dotted
-from tasks.evaluate import evaluate
+from tasks.evaluate import EvalResult
 from tasks.files import atomic_dir, write_json, write_text_atomic
-from tasks.merge import merge
 from tasks.metrics import LOSS_METRICS, greater_is_better, task_kind
-from tasks.train import train
+from tasks.train import TrainSummary
 
 if TYPE_CHECKING:
     import optuna
+
 
 def objective(sweep: SweepConfig, task: str) -> tuple[str, str]:
     """``(validation metric, "maximize" | "minimize")``: ``sweep.metric``, or for auto the task kind's primary
@@ -91,38 +93,24 @@ def baseline_params(baseline: FinetuneConfig, space: dict[str, SearchDimension])
     return {key: get_dotted(tree, key) for key in space}
 
 
-def run_trial(base_model: str, splits: dict, task: str, cfg: FinetuneConfig, out_dir: str | Path,
-              callback_factories: list | None = None) -> dict:
-    """Train ``cfg``'s adapter, merge it and evaluate the merged model on the **validation** split (the test
-    split stays untouched for the final comparison). Writes ``adapter/``, ``merged/`` and ``eval/`` under
-    ``out_dir`` (each atomically; checkpoints in ``checkpoints/`` make a retried trial resume).
+class TrialResult(BaseModel):
+    """One trial's outcome: its evaluation on the validation split, its merged model's folder and its training
+    figures."""
 
-    Returns:
-        ``{"validation": evaluate's metrics, "train": {"steps", "train_loss", "eval_loss", "wall_seconds",
-        "stopped_early"}, "merged": path}``.
-
-    Raises:
-        whatever train, merge or evaluate raise (e.g. ``MergeCheckError`` when a trial learned nothing).
-    """
-    out_dir = Path(out_dir)
-    validation = splits["files"]["validation"]
-    trc = cfg.model.trust_remote_code
-    trained = train(base_model, splits, cfg.model, cfg.lora, cfg.train, out_dir / "adapter",
-                    out_dir / "checkpoints", callback_factories)
-    merged = merge(base_model, trained["adapter"], validation, cfg.merge, out_dir / "merged", trc)["merged"]
-    metrics = evaluate(merged, validation, task, cfg.eval, out_dir / "eval", trc)
-    return {"validation": metrics, "merged": merged,
-            "train": {k: trained[k] for k in ("steps", "train_loss", "eval_loss", "wall_seconds", "stopped_early")}}
+    validation: EvalResult
+    merged: str
+    train: TrainSummary
 
 
-def result_row(name: str, params: dict, result: dict | None, metric: str, error: str | None = None) -> dict:
+def result_row(name: str, params: dict, result: TrialResult | None, metric: str, error: str | None = None) -> dict:
     """One line of the results table: trial name, its parameters, the validation metric, eval loss, steps and
     train time (``None`` and the error for a failed trial)."""
-    v = (result or {}).get("validation", {})
-    t = (result or {}).get("train", {})
-    return {"trial": name, **params, f"validation_{metric}": v.get(metric), "validation_loss": v.get("eval_loss"),
-            "steps": t.get("steps"), "train_seconds": None if not t else round(t["wall_seconds"], 1),
-            "error": error}
+    if result is None:
+        return {"trial": name, **params, f"validation_{metric}": None, "validation_loss": None, "steps": None,
+                "train_seconds": None, "error": error}
+    return {"trial": name, **params, f"validation_{metric}": result.validation.metric(metric),
+            "validation_loss": result.validation.eval_loss, "steps": result.train.steps,
+            "train_seconds": round(result.train.wall_seconds, 1), "error": error}
 
 
 def write_results(out_dir: str | Path, rows: list[dict], best: dict, best_cfg: FinetuneConfig,

@@ -11,28 +11,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field
 
 from configs.schema import LoraConfig, ModelConfig, TrainConfig
-from tasks.base_model import attention_implementation, load_4bit, load_model, load_tokenizer, use_bf16
-from tasks.evaluate import tokenize_with_completion_mask
+from tasks.base_model import attention_implementation, device, load_4bit, load_model, load_tokenizer, use_bf16
+from tasks.chat import to_prompt_completion, tokenize_with_completion_mask
 from tasks.files import atomic_dir, read_json, read_jsonl, verify_folder, write_json, write_manifest
 from tasks.padding_free import PaddingFreeCollator
-
-if TYPE_CHECKING:
-    import datasets
+from tasks.split import SplitResult
 
 log = logging.getLogger(__name__)
-
-
-def to_prompt_completion(records: list[dict]) -> datasets.Dataset:
-    """Conversational prompt/completion rows for TRL: ``prompt`` = every message but the last, ``completion`` =
-    ``[last message]``. TRL then masks the prompt tokens out of the loss (completion-only loss)."""
-    import datasets
-
-    return datasets.Dataset.from_list(
-        [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records])
 
 
 def fit_to_length(tokenizer, records: list[dict], max_seq_length: int, overlength: str) -> tuple[list[dict], dict]:
@@ -128,157 +119,227 @@ def latest_complete_checkpoint(checkpoint_dir: str | Path) -> tuple[str | None, 
     return None, {}
 
 
-def train(base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainConfig,
-          out_dir: str | Path, checkpoint_dir: str | Path, callback_factories: list | None = None) -> dict:
-    """Train a LoRA, QLoRA or DoRA adapter (``lora_cfg.method``) on ``splits["files"]["train"]``, with eval loss
-    on the validation split.
+class TrainSummary(BaseModel):
+    """The figures of a training run (``metrics.json["train"]``)."""
+
+    train_tokens: int = Field(description="non-pad tokens seen (padding-free: tokens other than the pad token)")
+    tokens_per_second: float = Field(description="train_tokens of this run (not of a resumed-from run) / wall")
+    wall_seconds: float = Field(description="training, with its evaluations")
+    steps: int
+    train_loss: float
+    eval_loss: float | None = Field(description="the published adapter's: the best one's with "
+                                                "load_best_model_at_end; None without an evaluation")
+    bf16: bool
+    method: str
+    bnb_4bit: dict | None = Field(description="qlora's 4-bit settings (LoraConfig bnb_4bit_*)")
+    attn_implementation: str
+    padding_free: bool
+    gradient_checkpointing: bool
+    liger_kernel: bool
+    processes: int
+    peak_memory_bytes: int = Field(description="see peak_memory_bytes")
+    resumed_from: str | None = Field(description="checkpoint folder the run resumed from")
+    stopped_early: bool
+    best_checkpoint: str | None = Field(description="folder name of the published checkpoint (best-model runs)")
+    sequence_lengths: dict = Field(description="see sequence_lengths")
+
+
+class TrainResult(TrainSummary):
+    """What ``train`` returns and publishes as ``train.json``: the figures and the adapter's folder."""
+
+    adapter: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``auto`` and derived settings of one training run, resolved for this machine and config."""
+
+    processes: int
+    bf16: bool
+    attn_implementation: str
+    gradient_checkpointing: bool
+    liger_kernel: bool
+    best_model: bool  # publish the checkpoint with the lowest validation loss
+    collator: str  # "trl-padding-free" (flash attention), "padding-free" (tasks/padding_free.py), "packing", "padded"
+
+
+def resolve_settings(model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainConfig, processes: int) -> Settings:
+    """Resolve ``train.bf16``, ``model.attn_implementation``, ``train.gradient_checkpointing`` and
+    ``train.use_liger_kernel`` (``auto``: on a GPU where liger-kernel is installed) for ``tasks.base_model.device``,
+    and choose the batch layout: with flash attention TRL's padding-free collator (one row per batch, varlen
+    kernel); with sdpa/eager rows of ``max_seq_length`` (``tasks.padding_free``); TRL packing brings its own."""
+    bf16 = use_bf16(cfg.bf16)
+    attn = attention_implementation(model_cfg.attn_implementation, bf16)
+    on_gpu = device().type == "cuda"
+    liger = (on_gpu and importlib.util.find_spec("liger_kernel") is not None
+             if cfg.use_liger_kernel == "auto" else cfg.use_liger_kernel)
+    collator = ("packing" if cfg.packing else "padded" if not cfg.padding_free
+                else "trl-padding-free" if attn.startswith("flash") else "padding-free")
+    return Settings(processes=processes, bf16=bf16, attn_implementation=attn,
+                    gradient_checkpointing=gradient_checkpointing(lora_cfg, cfg), liger_kernel=liger,
+                    best_model=cfg.load_best_model_at_end or cfg.early_stopping_patience is not None,
+                    collator=collator)
+
+
+# TrainConfig fields that are not SFTConfig's, and those train resolves (Settings) before handing them on; every
+# other TrainConfig field has SFTConfig's name and meaning and passes through unchanged (tests/test_train.py)
+NOT_SFT_CONFIG = {"max_seq_length", "overlength", "num_processes", "early_stopping_patience",
+                  "early_stopping_min_delta"}
+RESOLVED = {"bf16", "gradient_checkpointing", "use_liger_kernel", "padding_free", "group_by_length",
+            "load_best_model_at_end"}
+
+
+def training_arguments(cfg: TrainConfig, settings: Settings, checkpoint_dir: str | Path):
+    """The ``trl.SFTConfig``: ``cfg``'s fields named as SFTConfig's passed through, ``settings`` for the resolved
+    ones, completion-only loss, checkpoints every ``save_steps`` into ``checkpoint_dir``, no reporting
+    integrations, evaluation without gathered logits (``prediction_loss_only``)."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    passed = cfg.model_dump(include=names - RESOLVED - NOT_SFT_CONFIG)
+    best = settings.best_model
+    return SFTConfig(
+        **passed,
+        output_dir=str(checkpoint_dir),
+        max_length=cfg.max_seq_length,
+        completion_only_loss=True,
+        padding_free=cfg.padding_free and settings.attn_implementation.startswith("flash"),
+        group_by_length=cfg.group_by_length and settings.collator == "padded",
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=settings.liger_kernel,
+        bf16=settings.bf16,
+        fp16=False,
+        use_cpu=device().type == "cpu",
+        eval_strategy="steps" if cfg.eval_steps else "epoch",
+        save_strategy="steps",
+        load_best_model_at_end=best,
+        metric_for_best_model="eval_loss" if best else None,
+        greater_is_better=False if best else None,
+        data_seed=cfg.seed,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        prediction_loss_only=True,  # evaluation needs the loss only: no logits gathered
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if settings.processes > 1 else None,
+    )
+
+
+def make_trainer(model, tokenizer, records: dict[str, list[dict]], lora_cfg: LoraConfig, cfg: TrainConfig,
+                 settings: Settings, checkpoint_dir: str | Path, callback_factories: list | None):
+    """The SFT trainer (``sft_trainer_class``) on ``records["train"]`` with eval loss on ``records["validation"]``:
+    the adapter of ``peft_config(lora_cfg)``, the callbacks (``callback_factories``' products, checkpoint
+    manifests, early stopping with ``cfg.early_stopping_patience``) and the collator of ``settings``."""
+    from transformers import EarlyStoppingCallback, set_seed
+
+    callbacks = [make() for make in callback_factories or []] + [checkpoint_manifest_callback()]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_min_delta))
+    collator = (PaddingFreeCollator(tokenizer.pad_token_id, cfg.max_seq_length)
+                if settings.collator == "padding-free" else None)
+    # TRL adds the LoRA weights (random lora_A) before the Trainer seeds the RNGs: seed them here, so that the
+    # same config gives the same adapter whatever ran before in this process
+    set_seed(cfg.seed)
+    return sft_trainer_class()(
+        model=model, args=training_arguments(cfg, settings, checkpoint_dir),
+        train_dataset=to_prompt_completion(records["train"]), eval_dataset=to_prompt_completion(records["validation"]),
+        processing_class=tokenizer, peft_config=peft_config(lora_cfg), callbacks=callbacks, data_collator=collator)
+
+
+def run_training(trainer, checkpoint_dir: str | Path) -> tuple[object, dict]:
+    """``trainer.train()``, resumed from the latest complete checkpoint in ``checkpoint_dir`` if there is one.
+
+    Returns:
+        ``(trainer.train's output, {"resumed_from": path | None, "tokens_before": tokens seen before the resume,
+        "wall_seconds": float})``.
+    """
+    resume, state = latest_complete_checkpoint(checkpoint_dir)
+    if resume:
+        log.info("train: resuming from %s (step %s)", resume, state.get("global_step"))
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    return output, {"resumed_from": resume, "tokens_before": int(state.get("num_input_tokens_seen", 0)),
+                    "wall_seconds": time.perf_counter() - start}
+
+
+def train_result(trainer, output, run: dict, settings: Settings, lora_cfg: LoraConfig, out_dir: str | Path,
+                 lengths: dict) -> TrainResult:
+    """The ``TrainResult`` of a finished ``run_training`` (``output``, ``run``)."""
+    state, wall = trainer.state, run["wall_seconds"]
+    eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    tokens = int(state.num_input_tokens_seen)
+    return TrainResult(
+        adapter=str(out_dir), train_tokens=tokens,
+        tokens_per_second=(tokens - run["tokens_before"]) / wall if wall > 0 else 0.0,
+        wall_seconds=wall, steps=state.global_step, train_loss=output.training_loss,
+        eval_loss=state.best_metric if settings.best_model else (eval_losses[-1] if eval_losses else None),
+        bf16=settings.bf16, method=lora_cfg.method,
+        bnb_4bit=lora_cfg.model_dump(include={"bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+                                              "bnb_4bit_compute_dtype"}) if lora_cfg.method == "qlora" else None,
+        attn_implementation=settings.attn_implementation, padding_free=settings.collator != "padded",
+        gradient_checkpointing=settings.gradient_checkpointing, liger_kernel=settings.liger_kernel,
+        processes=int(os.environ.get("WORLD_SIZE", 1)), peak_memory_bytes=peak_memory_bytes(trainer.model.device),
+        resumed_from=run["resumed_from"], stopped_early=state.global_step < state.max_steps,
+        best_checkpoint=Path(state.best_model_checkpoint).name if settings.best_model else None,
+        sequence_lengths=lengths)
+
+
+def publish_adapter(trainer, tokenizer, out_dir: str | Path, result: TrainResult) -> None:
+    """Publish the adapter (safetensors + tokenizer), the trainer's log history (``train_log.json``) and
+    ``train.json`` (``result``) in ``out_dir``, atomically."""
+    with atomic_dir(out_dir) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "train_log.json", trainer.state.log_history)
+        write_json(tmp / "train.json", result.model_dump(mode="json"))
+    log.info("train: %s", result.model_dump_json())
+
+
+def train(base_model: str, splits: SplitResult, model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainConfig,
+          out_dir: str | Path, checkpoint_dir: str | Path | None = None,
+          callback_factories: list | None = None) -> TrainResult:
+    """Train a LoRA, QLoRA or DoRA adapter (``lora_cfg.method``) on ``splits.files["train"]``, with eval loss
+    on the validation split, and publish it in ``out_dir`` (``publish_adapter``).
 
     Batches are padding-free by default (``cfg.padding_free``: examples end to end, position ids restarting, no
     cross-example attention; same loss as padded batches). Examples longer than ``cfg.max_seq_length`` are
     dropped or truncated as ``cfg.overlength`` says (counted in the result). With
     ``cfg.early_stopping_patience`` training stops once validation loss has not improved for that many
     evaluations; with it or ``cfg.load_best_model_at_end`` the published adapter is the checkpoint with the
-    lowest validation loss. Checkpoints go to ``checkpoint_dir`` every ``cfg.save_steps`` steps; a run restarted
-    with the same ``checkpoint_dir`` resumes from the latest one (optimizer, scheduler, RNG and data position).
-    With ``padding_free: false`` and ``cfg.group_by_length`` a resume in the middle of an epoch sees a
-    different batch order for the rest of that epoch, because transformers' LengthGroupedSampler draws its
-    permutation from the global RNG. With ``cfg.num_processes`` (auto: the visible GPUs) above 1, this call runs
-    itself in that many torchrun processes (``launch_processes``). The adapter (safetensors + tokenizer), the
-    trainer's log history (``train_log.json``) and the result (``train.json``) are published atomically in
-    ``out_dir``. ``callback_factories`` are zero-argument callables returning extra
+    lowest validation loss. Checkpoints go to ``checkpoint_dir`` (default ``<out_dir>.checkpoints``) every
+    ``cfg.save_steps`` steps; a run restarted with the same ``checkpoint_dir`` resumes from the latest one
+    (optimizer, scheduler, RNG and data position). With ``padding_free: false`` and ``cfg.group_by_length`` a
+    resume in the middle of an epoch sees a different batch order for the rest of that epoch, because
+    transformers' LengthGroupedSampler draws its permutation from the global RNG. With ``cfg.num_processes``
+    (auto: the visible GPUs) above 1, this call runs itself in that many torchrun processes
+    (``launch_processes``). ``callback_factories`` are zero-argument callables returning extra
     ``transformers.TrainerCallback`` objects (e.g. progress reporting), called here so that their callers need
     not import transformers.
 
-    Returns:
-        ``{"adapter": path, "train_tokens": non-pad tokens seen (padding-free: tokens other than the pad token),
-        "tokens_per_second": float, "wall_seconds": float (training, with its evaluations), "steps": int,
-        "train_loss": float, "eval_loss": float | None (the published adapter's: the best one's with
-        load_best_model_at_end), "bf16": bool, "method": str, "bnb_4bit": qlora's 4-bit settings | None,
-        "attn_implementation": str, "padding_free": bool, "gradient_checkpointing": bool, "liger_kernel": bool,
-        "processes": int, "peak_memory_bytes": int (see ``peak_memory_bytes``), "resumed_from": checkpoint path
-        | None, "stopped_early": bool, "best_checkpoint": folder name | None, "sequence_lengths": see
-        ``sequence_lengths``}``.
+    Steps: ``resolve_settings`` → ``base_for_training`` → ``sequence_lengths`` → ``make_trainer`` →
+    ``run_training`` → ``train_result`` → ``publish_adapter`` (rank 0).
 
     Raises:
         ValueError: no example fits ``cfg.max_seq_length``.
         RuntimeError: a torchrun training process failed.
     """
-    from transformers import set_seed
-    from trl import SFTConfig
-
+    checkpoint_dir = checkpoint_dir or f"{out_dir}.checkpoints"
     processes = num_processes(cfg.num_processes)
     if processes > 1 and "LOCAL_RANK" not in os.environ:
         return launch_processes(processes, base_model, splits, model_cfg, lora_cfg, cfg, out_dir, checkpoint_dir)
+    settings = resolve_settings(model_cfg, lora_cfg, cfg, processes)
     tokenizer = load_tokenizer(base_model, model_cfg.trust_remote_code)
     tokenizer.padding_side = "right"
-    bf16 = use_bf16(cfg.bf16)
-    attn = attention_implementation(model_cfg.attn_implementation, bf16)
-    checkpointing = gradient_checkpointing(lora_cfg, cfg)
-    model = base_for_training(base_model, model_cfg.trust_remote_code, lora_cfg, attn, checkpointing)
-    records, lengths = sequence_lengths(tokenizer, splits["files"], cfg)
-    train_ds, eval_ds = to_prompt_completion(records["train"]), to_prompt_completion(records["validation"])
-    best = cfg.load_best_model_at_end or cfg.early_stopping_patience is not None
-    flash = attn.startswith("flash")
-    # flash attention: TRL's padding-free collator (one row per batch, varlen kernel); sdpa/eager: rows of
-    # max_seq_length (tasks/padding_free.py); TRL packing brings its own
-    collator = None
-    if cfg.padding_free and not flash and not cfg.packing:
-        collator = PaddingFreeCollator(tokenizer.pad_token_id, cfg.max_seq_length)
-    liger = (model.device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
-             if cfg.use_liger_kernel == "auto" else cfg.use_liger_kernel)
-    ckpt_dir = Path(checkpoint_dir)
-    args = SFTConfig(
-        output_dir=str(ckpt_dir),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_ratio=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        max_length=cfg.max_seq_length,
-        completion_only_loss=True,
-        packing=cfg.packing,
-        padding_free=cfg.padding_free and flash,
-        group_by_length=cfg.group_by_length and not cfg.padding_free,
-        use_liger_kernel=liger,
-        bf16=bf16,
-        fp16=False,
-        use_cpu=model.device.type == "cpu",
-        eval_strategy="steps" if cfg.eval_steps else "epoch",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        load_best_model_at_end=best,
-        metric_for_best_model="eval_loss" if best else None,
-        greater_is_better=False if best else None,
-        logging_steps=cfg.logging_steps,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        include_num_input_tokens_seen="non_padding",
-        report_to="none",
-        prediction_loss_only=True,  # evaluation needs the loss only: no logits gathered
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False if processes > 1 else None,
-    )
-    callbacks = [make() for make in callback_factories or []] + [checkpoint_manifest_callback()]
-    if cfg.early_stopping_patience:
-        from transformers import EarlyStoppingCallback
-
-        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_min_delta))
-    # TRL adds the LoRA weights (random lora_A) before the Trainer seeds the RNGs: seed them here, so that the
-    # same config gives the same adapter whatever ran before in this process
-    set_seed(cfg.seed)
-    trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=peft_config(lora_cfg), callbacks=callbacks,
-                         data_collator=collator)
-    resume, state = latest_complete_checkpoint(ckpt_dir)
-    tokens_before = int(state.get("num_input_tokens_seen", 0))
-    if resume:
-        log.info("train: resuming from %s (step %s)", resume, state.get("global_step"))
-    start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
-    wall = time.perf_counter() - start
-    history = trainer.state.log_history
-    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    tokens_this_run = tokens - tokens_before
-    result = {
-        "adapter": str(out_dir),
-        "train_tokens": tokens,
-        "tokens_per_second": tokens_this_run / wall if wall > 0 else 0.0,
-        "wall_seconds": wall,
-        "steps": trainer.state.global_step,
-        "train_loss": output.training_loss,
-        "eval_loss": trainer.state.best_metric if best else (eval_losses[-1] if eval_losses else None),
-        "bf16": bf16,
-        "method": lora_cfg.method,
-        "bnb_4bit": lora_cfg.model_dump(include={"bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
-                                                 "bnb_4bit_compute_dtype"}) if lora_cfg.method == "qlora" else None,
-        "attn_implementation": attn,
-        "padding_free": cfg.padding_free or cfg.packing,
-        "gradient_checkpointing": checkpointing,
-        "liger_kernel": liger,
-        "processes": int(os.environ.get("WORLD_SIZE", 1)),
-        "peak_memory_bytes": peak_memory_bytes(model.device),
-        "resumed_from": resume,
-        "stopped_early": trainer.state.global_step < trainer.state.max_steps,
-        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if best else None,
-        "sequence_lengths": lengths,
-    }
-    if not trainer.is_world_process_zero():
-        return result
-    with atomic_dir(out_dir) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "train_log.json", history)
-        write_json(tmp / "train.json", result)
-    log.info("train: %s", json.dumps(result))
+    model = base_for_training(base_model, model_cfg.trust_remote_code, lora_cfg, settings.attn_implementation,
+                              settings.gradient_checkpointing)
+    records, lengths = sequence_lengths(tokenizer, splits.files, cfg)
+    trainer = make_trainer(model, tokenizer, records, lora_cfg, cfg, settings, checkpoint_dir, callback_factories)
+    output, run = run_training(trainer, checkpoint_dir)
+    result = train_result(trainer, output, run, settings, lora_cfg, out_dir, lengths)
+    if trainer.is_world_process_zero():
+        publish_adapter(trainer, tokenizer, out_dir, result)
     return result
 
 
@@ -359,8 +420,8 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def launch_processes(processes: int, base_model: str, splits: dict, model_cfg: ModelConfig, lora_cfg: LoraConfig,
-                     cfg: TrainConfig, out_dir: str | Path, checkpoint_dir: str | Path) -> dict:
+def launch_processes(processes: int, base_model: str, splits: SplitResult, model_cfg: ModelConfig, lora_cfg: LoraConfig,
+                     cfg: TrainConfig, out_dir: str | Path, checkpoint_dir: str | Path) -> TrainResult:
     """Run :func:`train` in ``processes`` data-parallel processes (``torchrun --standalone``, one per GPU; on a
     CPU, gloo) and return what rank 0 published in ``out_dir/train.json``. Progress callbacks stay in this
     process and are not forwarded.
@@ -369,7 +430,7 @@ def launch_processes(processes: int, base_model: str, splits: dict, model_cfg: M
         RuntimeError: a training process failed (its exit status; its output went to this process's stderr).
     """
     latest_complete_checkpoint(checkpoint_dir)  # drop broken checkpoints once, before the processes look
-    request = {"base_model": base_model, "splits": splits, "model": model_cfg.model_dump(),
+    request = {"base_model": base_model, "splits": splits.model_dump(), "model": model_cfg.model_dump(),
                "lora": lora_cfg.model_dump(), "train": cfg.model_dump(), "out_dir": str(out_dir),
                "checkpoint_dir": str(checkpoint_dir)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -384,10 +445,10 @@ def launch_processes(processes: int, base_model: str, splits: dict, model_cfg: M
         done = subprocess.run(command, cwd=root, env=env)
     if done.returncode:
         raise RuntimeError(f"train: torchrun with {processes} processes exited with status {done.returncode}")
-    return read_json(Path(out_dir) / "train.json")
+    return TrainResult.model_validate(read_json(Path(out_dir) / "train.json"))
 
 
 if __name__ == "__main__":  # one torchrun process of launch_processes
     job = read_json(sys.argv[1])
-    train(job["base_model"], job["splits"], ModelConfig(**job["model"]), LoraConfig(**job["lora"]),
-          TrainConfig(**job["train"]), job["out_dir"], job["checkpoint_dir"])
+    train(job["base_model"], SplitResult.model_validate(job["splits"]), ModelConfig(**job["model"]),
+          LoraConfig(**job["lora"]), TrainConfig(**job["train"]), job["out_dir"], job["checkpoint_dir"])

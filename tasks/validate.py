@@ -12,11 +12,13 @@ import logging
 import tempfile
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from configs.schema import FinetuneConfig
 from tasks.base_model import pickle_files
-from tasks.evaluate import tokenize_with_completion_mask
+from tasks.chat import tokenize_with_completion_mask
 from tasks.files import read_jsonl
-from tasks.ingest import DataError, SplitRecords, publish, read_records
+from tasks.ingest import DataError, SplitCounts, SplitRecords, publish, read_records
 from tasks.split import split
 
 log = logging.getLogger(__name__)
@@ -30,15 +32,34 @@ class ModelError(ValueError):
     """The base model cannot be used; the message names ``model.name_or_path`` and the file."""
 
 
-def validate(cfg: FinetuneConfig, base_model: str) -> dict:
+class LengthCounts(BaseModel):
+    """Examples of one split, how many are longer than ``train.max_seq_length`` tokens, the longest (tokens)."""
+
+    examples: int
+    over_max_seq_length: int
+    longest: int
+
+
+class ValidateResult(BaseModel):
+    """What ``validate`` returns: what a run of this config would train on."""
+
+    format: str
+    task: str
+    labels: int
+    counts: dict[str, SplitCounts]
+    split: dict[str, int]
+    sequence_lengths: dict[str, LengthCounts]
+    base_model: str
+
+
+def validate(cfg: FinetuneConfig, base_model: str) -> ValidateResult:
     """Check ``cfg``'s data and base model as the run would use them; write nothing under ``output.dir``.
 
     Args:
         base_model: the resolved base model (a local folder, or a Hub id), as the train stage gets it.
 
     Returns:
-        ``{"format", "task", "labels": int, "counts": {split: ingest counts}, "split": {split: examples},
-        "sequence_lengths": {split: {"examples", "over_max_seq_length", "longest"}}, "base_model": str}``.
+        ``ValidateResult``.
 
     Raises:
         DataError: bad data (file, row, field), a split that ends up empty, a validation/test label the train
@@ -53,14 +74,14 @@ def validate(cfg: FinetuneConfig, base_model: str) -> dict:
             parts = split(data, cfg.split, Path(tmp) / "split")
         except ValueError as e:
             raise DataError(f"{cfg.data.path}: {e}") from None
-        if data["task"] == "classification":
-            check_split_labels(parts["files"], cfg.data.path)
+        if data.task == "classification":
+            check_split_labels(parts.files, cfg.data.path)
     tokenizer = check_base_model(base_model, cfg.model.trust_remote_code)
     lengths = {name: check_lengths(tokenizer, s, fmt, cfg.train.max_seq_length, cfg.train.overlength)
                for name, s in splits.items() if name in ("train", "validation")}
-    summary = {"format": fmt, "task": data["task"], "labels": len(data["labels"]), "counts": data["counts"],
-               "split": parts["counts"], "sequence_lengths": lengths, "base_model": base_model}
-    log.info("validate: %s", json.dumps(summary))
+    summary = ValidateResult(format=fmt, task=data.task, labels=len(data.labels), counts=data.counts,
+                             split=parts.counts, sequence_lengths=lengths, base_model=base_model)
+    log.info("validate: %s", summary.model_dump_json())
     return summary
 
 

@@ -152,12 +152,12 @@ def tiny_merged(tmp_path_factory, tiny_trained) -> dict:
     from tasks.predict import inference_settings
 
     root = tmp_path_factory.mktemp("tiny-merged")
-    test, cfg = tiny_trained["splits"]["files"]["test"], tiny_trained["cfg"]
-    folder = merge(tiny_trained["base"], tiny_trained["trained"]["adapter"], test, MergeConfig(),
-                   root / "merged")["merged"]
+    test, cfg = tiny_trained["splits"].files["test"], tiny_trained["cfg"]
+    folder = merge(tiny_trained["base"], tiny_trained["trained"].adapter, test, MergeConfig(),
+                   root / "merged").merged
     metrics = evaluate(folder, test, "classification", cfg.eval, root / "eval")
     return {"merged": folder, "eval": str(root / "eval"), "test": test,
-            "inference": inference_settings(cfg.data, "classification", metrics["max_new_tokens"])}
+            "inference": inference_settings(cfg.data, "classification", metrics.max_new_tokens)}
 
 
 @pytest.fixture(scope="session")

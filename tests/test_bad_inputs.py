@@ -93,7 +93,7 @@ def test_a_utf8_byte_order_mark_is_accepted_and_changes_nothing(odd, plain, tmp_
     from configs.schema import DataConfig
     from tasks.ingest import ingest
 
-    records = [read_jsonl(ingest(DataConfig(path=str(CORPUS / name)), tmp_path / name)["files"]["train"])
+    records = [read_jsonl(ingest(DataConfig(path=str(CORPUS / name)), tmp_path / name).files["train"])
                for name in (odd, plain)]
     assert records[0] == records[1] and len(records[0]) == 12
 
@@ -103,7 +103,7 @@ def test_exact_duplicates_are_dropped_and_counted_not_an_error(tmp_path):
     from tasks.ingest import ingest
 
     result = ingest(DataConfig(path=str(CORPUS / "exact_duplicates.jsonl")), tmp_path / "i")
-    assert result["counts"]["train"] == {"rows": 15, "empty_answers_dropped": 0, "duplicates_dropped": 3,
+    assert result.counts["train"].model_dump() == {"rows": 15, "empty_answers_dropped": 0, "duplicates_dropped": 3,
                                          "kept": 12}
 
 

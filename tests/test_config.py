@@ -80,7 +80,7 @@ def test_shipped_configs_ingest_their_real_data(name, shared_data, tmp_path):
     cfg = load_config(CONFIG_DIR / f"{name}.yaml", [f"data.path={shared_data / name}"])
     data = ingest(cfg.data, tmp_path / "ingested")
     expected = "classification" if name in ("banking77", "poem_sentiment") else "generation"
-    assert data["task"] == expected and data["counts"]["train"]["kept"] > 500
+    assert data.task == expected and data.counts["train"].kept > 500
 
 
 @pytest.mark.parametrize("override, message", [

@@ -4,9 +4,9 @@ import math
 import pytest
 
 from configs.schema import EvalConfig
-from tasks.evaluate import (classification_metrics, evaluate, extract_answer, generation_metrics,
-                            normalise_answer)
+from tasks.evaluate import evaluate
 from tasks.files import read_jsonl
+from tasks.metrics import classification_metrics, extract_answer, generation_metrics, normalise_answer
 
 
 def test_normalise_answer_ignores_case_whitespace_and_later_lines():
@@ -69,26 +69,42 @@ def test_evaluate_base_vs_tuned_on_tiny_model(tmp_path, tiny_trained):
     from tasks.merge import merge
     from configs.schema import MergeConfig
 
-    test_file = tiny_trained["splits"]["files"]["test"]
+    test_file = tiny_trained["splits"].files["test"]
     cfg = EvalConfig(batch_size=5, bf16=False)
     base = evaluate(tiny_trained["base"], test_file, "classification", cfg, tmp_path / "base")
-    merged = merge(tiny_trained["base"], tiny_trained["trained"]["adapter"], test_file, MergeConfig(),
+    merged = merge(tiny_trained["base"], tiny_trained["trained"].adapter, test_file, MergeConfig(),
                    tmp_path / "merged")
-    tuned = evaluate(merged["merged"], test_file, "classification", cfg, tmp_path / "tuned")
+    tuned = evaluate(merged.merged, test_file, "classification", cfg, tmp_path / "tuned")
     n = len(read_jsonl(test_file))
     for m in (base, tuned):
-        assert m["n_examples"] == n
-        assert m["perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
-        assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
-    assert tuned["eval_loss"] < base["eval_loss"]
-    assert tuned["accuracy"] > base["accuracy"]
+        assert m.n_examples == n
+        assert m.perplexity == pytest.approx(math.exp(m.eval_loss))
+        assert 0 <= m.accuracy <= 1 and 0 <= m.macro_f1 <= 1
+    assert tuned.eval_loss < base.eval_loss
+    assert tuned.accuracy > base.accuracy
     predictions = read_jsonl(tmp_path / "tuned" / "predictions.jsonl")
     assert len(predictions) == n and {"prompt", "reference", "prediction"} <= set(predictions[0])
-    assert json.loads((tmp_path / "tuned" / "metrics.json").read_text())["accuracy"] == tuned["accuracy"]
+    assert json.loads((tmp_path / "tuned" / "metrics.json").read_text())["accuracy"] == tuned.accuracy
 
 
 def test_generation_task_reports_rouge_and_exact_match(tmp_path, tiny_trained):
     cfg = EvalConfig(task="generation", batch_size=4, max_new_tokens=4, bf16=False)
-    m = evaluate(tiny_trained["base"], tiny_trained["splits"]["files"]["test"], "classification", cfg, tmp_path)
-    assert {"rouge_l", "exact_match", "eval_loss", "perplexity"} <= set(m)
-    assert m["max_new_tokens"] == 4
+    m = evaluate(tiny_trained["base"], tiny_trained["splits"].files["test"], "classification", cfg, tmp_path)
+    assert {"rouge_l", "exact_match", "eval_loss", "perplexity"} <= set(m.model_dump())
+    assert m.max_new_tokens == 4
+
+
+def test_an_evaluation_result_carries_its_kinds_metrics_and_round_trips_through_json():
+    from tasks.evaluate import EvalResult
+
+    common = {"eval_loss": 1.0, "perplexity": math.e, "n_examples": 4, "bf16": False, "max_new_tokens": 8,
+              "wall_seconds": 1.5}
+    result = EvalResult(task="classification", accuracy=0.5, macro_f1=0.25, **common)
+    assert result.metric("accuracy") == 0.5 and result.metric("perplexity") == math.e
+    assert EvalResult.model_validate(json.loads(result.model_dump_json())) == result
+    with pytest.raises(KeyError, match="rouge_l"):
+        result.metric("rouge_l")
+    with pytest.raises(ValueError, match="macro_f1"):
+        EvalResult(task="classification", accuracy=0.5, **common)
+    with pytest.raises(ValueError, match="unknown task"):
+        EvalResult(task="ranking", **common)

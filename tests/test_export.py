@@ -28,32 +28,32 @@ def run_export(merged: dict, target: str, out: Path, cfg: ExportConfig = CFG) ->
 
 
 def test_genai_int4_export_is_self_contained_int4_and_passes_the_gate(tiny_int4, tiny_merged):
-    folder = Path(tiny_int4["path"])
+    folder = Path(tiny_int4.path)
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
                  "inference.json", "export.json"):
         assert (folder / name).is_file(), name
     ops = collections.Counter(n.op_type for n in onnx.load(folder / "model.onnx", load_external_data=False).graph.node)
     assert ops["MatMulNBits"] > 0 and ops["MatMul"] == 0  # every linear layer quantized
     assert json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"] == 2
-    assert tiny_int4["tokenizer_mismatches"] == 0 and tiny_int4["greedy_agreement"] == 1.0
-    assert tiny_int4["accuracy"] >= tiny_int4["reference_accuracy"] - CFG.max_quality_drop
+    assert tiny_int4.tokenizer_mismatches == 0 and tiny_int4.greedy_agreement == 1.0
+    assert tiny_int4.accuracy >= tiny_int4.reference_accuracy - CFG.max_quality_drop
     reference = json.loads(Path(tiny_merged["eval"], "metrics.json").read_text())["accuracy"]
-    assert tiny_int4["reference_accuracy"] == pytest.approx(reference)
-    assert json.loads((folder / "export.json").read_text())["accuracy"] == tiny_int4["accuracy"]
+    assert tiny_int4.reference_accuracy == pytest.approx(reference)
+    assert json.loads((folder / "export.json").read_text())["accuracy"] == tiny_int4.accuracy
 
 
 def test_onnx_fp32_export_has_a_kv_cache_and_matches_pytorch_exactly(tmp_path, tiny_merged):
     result = run_export(tiny_merged, "onnx-fp32", tmp_path / "onnx-fp32")
-    session = onnxruntime.InferenceSession(str(Path(result["path"]) / "model.onnx"),
+    session = onnxruntime.InferenceSession(str(Path(result.path) / "model.onnx"),
                                            providers=["CPUExecutionProvider"])
     assert "past_key_values.0.key" in {i.name for i in session.get_inputs()}  # decoder with KV cache
-    assert result["greedy_agreement"] == 1.0 and result["same_answer"] == 1.0
-    assert result["accuracy"] == result["reference_accuracy"]
+    assert result.greedy_agreement == 1.0 and result.same_answer == 1.0
+    assert result.accuracy == result.reference_accuracy
 
 
 def _corrupt_copy(exported: dict, tmp_path: Path) -> Path:
     folder = tmp_path / "corrupt"
-    shutil.copytree(exported["path"], folder)
+    shutil.copytree(exported.path, folder)
     return folder
 
 
@@ -112,9 +112,9 @@ def test_quality_gate_uses_the_configured_margin(tiny_int4, tiny_merged, monkeyp
     assert reference > 0  # the tiny model answers some rows right, so a model that answers none drops below it
     monkeypatch.setattr(export.GenAIRunner, "answers", lambda self, prompts, n: ["no idea"] * len(prompts))
     with pytest.raises(ExportCheckError, match=r"accuracy 0\.0000 on 12 test rows is .* below"):
-        run_check(tiny_merged, tiny_int4["path"])
+        run_check(tiny_merged, tiny_int4.path)
     lenient = CFG.model_copy(update={"max_quality_drop": 1.0})
-    assert run_check(tiny_merged, tiny_int4["path"], lenient)["accuracy"] == 0.0
+    assert run_check(tiny_merged, tiny_int4.path, lenient)["accuracy"] == 0.0
 
 
 def test_genai_fp16_needs_cuda(tiny_merged, tmp_path):

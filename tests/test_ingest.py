@@ -12,7 +12,7 @@ from tests.conftest import write_jsonl
 
 def _ingest(tmp_path: Path, path, **kw) -> tuple[dict, dict[str, list[dict]]]:
     result = ingest(DataConfig(path=str(path), **kw), tmp_path / "out")
-    return result, {k: read_jsonl(v) for k, v in result["files"].items()}
+    return result, {k: read_jsonl(v) for k, v in result.files.items()}
 
 
 def test_alpaca_json_with_and_without_input(tmp_path):
@@ -20,7 +20,7 @@ def test_alpaca_json_with_and_without_input(tmp_path):
     f.write_text(json.dumps([{"instruction": "Add", "input": "2 and 3", "output": "5"},
                              {"instruction": "Say hi", "input": "", "output": "hi"}]))
     result, splits = _ingest(tmp_path, f)
-    assert result["format"] == "alpaca" and result["task"] == "generation"
+    assert result.format == "alpaca" and result.task == "generation"
     assert splits["train"][0]["messages"] == [{"role": "user", "content": "Add\n\n2 and 3"},
                                               {"role": "assistant", "content": "5"}]
     assert splits["train"][1]["messages"][0]["content"] == "Say hi"
@@ -38,7 +38,7 @@ def test_prompt_completion_parquet(tmp_path):
     f = tmp_path / "p.parquet"
     pd.DataFrame({"prompt": ["2+2=", "3+3="], "completion": ["4", "6"]}).to_parquet(f)
     result, splits = _ingest(tmp_path, f)
-    assert result["format"] == "prompt_completion"
+    assert result.format == "prompt_completion"
     assert splits["train"][1]["messages"][-1] == {"role": "assistant", "content": "6"}
 
 
@@ -46,9 +46,9 @@ def test_classification_csv_with_column_mapping_and_duplicates(tmp_path):
     f = tmp_path / "d.csv"
     f.write_text("text,category\nlost my card,lost_card\nlost my card,lost_card\nwhere is it,card_arrival\n")
     result, splits = _ingest(tmp_path, f, columns={"category": "label"}, prompt_template="Query: {text}")
-    assert result["counts"]["train"] == {"rows": 3, "empty_answers_dropped": 0, "duplicates_dropped": 1,
+    assert result.counts["train"].model_dump() == {"rows": 3, "empty_answers_dropped": 0, "duplicates_dropped": 1,
                                          "kept": 2}
-    assert result["labels"] == ["card_arrival", "lost_card"]
+    assert result.labels == ["card_arrival", "lost_card"]
     assert splits["train"][0]["messages"][0] == {"role": "user", "content": "Query: lost my card"}
     assert splits["train"][0]["label"] == "lost_card"
 
@@ -61,7 +61,8 @@ def test_empty_answers_fail_by_default_and_are_dropped_and_counted_when_configur
     with pytest.raises(DataError, match=r"a\.json: row 2: field 'output': expected a non-empty string"):
         _ingest(tmp_path, f)
     result, splits = _ingest(tmp_path, f, drop_empty_answers=True)
-    assert result["counts"]["train"] == {"rows": 3, "empty_answers_dropped": 1, "duplicates_dropped": 0, "kept": 2}
+    assert result.counts["train"].model_dump() == {"rows": 3, "empty_answers_dropped": 1, "duplicates_dropped": 0,
+                                                   "kept": 2}
     assert [r["messages"][0]["content"] for r in splits["train"]] == ["a", "c"]
 
 
@@ -77,7 +78,7 @@ def test_headerless_tsv_with_label_names(tmp_path):
 def test_folder_splits_are_read_as_given(tmp_path, classification_dir):
     result, splits = _ingest(tmp_path, classification_dir)
     assert set(splits) == {"train", "test"}
-    assert result["counts"]["test"]["kept"] == len(splits["test"])
+    assert result.counts["test"].kept == len(splits["test"])
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -132,14 +133,14 @@ def test_unknown_raw_label_is_reported(tmp_path):
 
 def test_banking77_local_folder(tmp_path, shared_data):
     result, splits = _ingest(tmp_path, shared_data / "banking77", columns={"category": "label"})
-    assert result["counts"]["train"]["rows"] == 10003 and result["counts"]["test"]["rows"] == 3080
-    assert len(result["labels"]) == 77
-    assert sum(c["duplicates_dropped"] for c in result["counts"].values()) > 0
+    assert result.counts["train"].rows == 10003 and result.counts["test"].rows == 3080
+    assert len(result.labels) == 77
+    assert sum(c.duplicates_dropped for c in result.counts.values()) > 0
 
 
 def test_poem_sentiment_local_folder(tmp_path, shared_data):
     result, splits = _ingest(tmp_path, shared_data / "poem_sentiment", column_names=["id", "text", "label"],
                              label_names={"-1": "negative", "0": "no_impact", "1": "positive", "2": "mixed"})
     assert set(splits) == {"train", "validation", "test"}
-    assert set(result["labels"]) <= {"negative", "no_impact", "positive", "mixed"}
-    assert result["counts"]["test"]["rows"] == 104
+    assert set(result.labels) <= {"negative", "no_impact", "positive", "mixed"}
+    assert result.counts["test"].rows == 104

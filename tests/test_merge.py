@@ -11,15 +11,15 @@ from tasks.merge import MergeCheckError, merge
 
 
 def test_merged_model_is_standalone_and_matches_base_plus_adapter(tmp_path, tiny_trained):
-    test_file = tiny_trained["splits"]["files"]["test"]
-    result = merge(tiny_trained["base"], tiny_trained["trained"]["adapter"], test_file, MergeConfig(),
+    test_file = tiny_trained["splits"].files["test"]
+    result = merge(tiny_trained["base"], tiny_trained["trained"].adapter, test_file, MergeConfig(),
                    tmp_path / "merged")
-    out = Path(result["merged"])
+    out = Path(result.merged)
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
         p.name for p in out.iterdir()}
     assert not any("lora" in k for k in load_file(out / "model.safetensors"))
-    assert 0 <= result["max_abs_logit_diff"] <= 1e-3
-    assert result["max_abs_weight_diff"] > 0
+    assert 0 <= result.max_abs_logit_diff <= 1e-3
+    assert result.max_abs_weight_diff > 0
     merged, base = load_model(str(out)), load_model(tiny_trained["base"])
     ids = torch.tensor([[1, 5, 6, 7]])
     assert not torch.allclose(merged(ids).logits, base(ids).logits)
@@ -36,7 +36,7 @@ def test_an_adapter_that_changes_nothing_is_refused_and_nothing_is_written(tmp_p
         if src.exists():
             (untrained / name).write_bytes(src.read_bytes())
     with pytest.raises(MergeCheckError, match="adapter changed nothing"):
-        merge(tiny_trained["base"], str(untrained), tiny_trained["splits"]["files"]["test"], MergeConfig(),
+        merge(tiny_trained["base"], str(untrained), tiny_trained["splits"].files["test"], MergeConfig(),
               tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     assert not list(tmp_path.glob(".merged.tmp-*"))
@@ -55,6 +55,6 @@ def test_a_logit_mismatch_beyond_tolerance_fails(tmp_path, tiny_trained, monkeyp
 
     monkeypatch.setattr(BaseTuner, "merge_and_unload", corrupt)
     with pytest.raises(MergeCheckError, match="merged logits differ"):
-        merge(tiny_trained["base"], tiny_trained["trained"]["adapter"], tiny_trained["splits"]["files"]["test"],
+        merge(tiny_trained["base"], tiny_trained["trained"].adapter, tiny_trained["splits"].files["test"],
               MergeConfig(), tmp_path / "merged")
     assert not (tmp_path / "merged").exists()

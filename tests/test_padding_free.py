@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tasks.base_model import load_model, load_tokenizer
-from tasks.evaluate import tokenize_with_completion_mask
+from tasks.chat import tokenize_with_completion_mask
 from tasks.files import read_jsonl
 from tasks.padding_free import PaddingFreeCollator, first_fit_rows
 from tasks.train import train
@@ -33,7 +33,7 @@ def test_the_collator_restarts_positions_and_masks_prompts_and_tails():
 @pytest.fixture(scope="module")
 def tiny_rows(tiny_trained):
     tok = load_tokenizer(tiny_trained["base"])
-    rows = tokenize_with_completion_mask(tok, read_jsonl(tiny_trained["splits"]["files"]["train"])[:12])
+    rows = tokenize_with_completion_mask(tok, read_jsonl(tiny_trained["splits"].files["train"])[:12])
     examples = [{"input_ids": ids, "completion_mask": [0] * p + [1] * (len(ids) - p)} for ids, p in rows]
     return tok, load_model(tiny_trained["base"], attn_implementation="sdpa"), examples
 
@@ -80,8 +80,8 @@ def test_training_padding_free_matches_padded_training(tiny_trained, tmp_path):
         results[padding_free] = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora, settings,
                                       tmp_path / f"{padding_free}" / "adapter", tmp_path / f"{padding_free}" / "ck")
     free, padded = results[True], results[False]
-    assert free["padding_free"] and not padded["padding_free"]
-    assert free["train_tokens"] == padded["train_tokens"]  # the same non-pad tokens trained
-    assert free["steps"] == padded["steps"]
-    assert free["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-4)
-    assert free["train_loss"] == pytest.approx(padded["train_loss"], rel=1e-4)
+    assert free.padding_free and not padded.padding_free
+    assert free.train_tokens == padded.train_tokens  # the same non-pad tokens trained
+    assert free.steps == padded.steps
+    assert free.eval_loss == pytest.approx(padded.eval_loss, rel=1e-4)
+    assert free.train_loss == pytest.approx(padded.train_loss, rel=1e-4)

@@ -21,8 +21,8 @@ NO_TORCH = ("import runpy, sys; sys.modules['torch'] = sys.modules['transformers
 def exported(tiny_merged, tiny_int4) -> dict:
     """The tiny genai-int4 export and the merged model's inputs and answers on the test split."""
     rows = read_jsonl(Path(tiny_merged["eval"]) / "predictions.jsonl")
-    return {"folder": tiny_int4["path"], "texts": [r["prompt"][-1]["content"] for r in rows],
-            "merged_answers": [r["prediction"] for r in rows], "same_answer": tiny_int4["same_answer"]}
+    return {"folder": tiny_int4.path, "texts": [r["prompt"][-1]["content"] for r in rows],
+            "merged_answers": [r["prediction"] for r in rows], "same_answer": tiny_int4.same_answer}
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ import pytest
 
 from configs.schema import SplitConfig
 from tasks.files import read_jsonl, write_jsonl
+from tasks.ingest import IngestResult
 from tasks.split import check_disjoint, split
 
 
@@ -12,17 +13,17 @@ def _rec(text: str, label: str | None = "a") -> dict:
             "label": label}
 
 
-def _ingested(tmp_path, train, test=None, validation=None) -> dict:
+def _ingested(tmp_path, train, test=None, validation=None) -> IngestResult:
     files = {"train": str(write_jsonl(tmp_path / "in_train.jsonl", train))}
     if test is not None:
         files["test"] = str(write_jsonl(tmp_path / "in_test.jsonl", test))
     if validation is not None:
         files["validation"] = str(write_jsonl(tmp_path / "in_val.jsonl", validation))
-    return {"files": files}
+    return IngestResult(files=files, counts={}, format="classification", task="classification", labels=[])
 
 
 def _read(result) -> dict[str, list[dict]]:
-    return {k: read_jsonl(v) for k, v in result["files"].items()}
+    return {k: read_jsonl(v) for k, v in result.files.items()}
 
 
 def test_split_is_seeded_deterministic_and_stratified(tmp_path):
@@ -42,9 +43,9 @@ def test_given_test_file_is_used_and_leaked_prompts_are_dropped_from_train(tmp_p
     result = split(_ingested(tmp_path, train, test), SplitConfig(validation_size=0.25), tmp_path / "s")
     splits = _read(result)
     assert splits["test"] == test
-    assert result["leaked_dropped"]["train"] == 1
+    assert result.leaked_dropped["train"] == 1
     assert all(r["messages"][0]["content"] != "shared" for r in splits["train"] + splits["validation"])
-    counts = result["counts"]
+    counts = result.counts
     assert counts["test"] == 2 and counts["train"] + counts["validation"] == 40
 
 
@@ -60,7 +61,7 @@ def test_max_examples_subsample_keeps_label_balance(tmp_path):
 def test_generation_data_splits_without_labels(tmp_path):
     train = [_rec(f"q{i}", None) for i in range(50)]
     result = split(_ingested(tmp_path, train), SplitConfig(test_size=0.2, validation_size=0.1), tmp_path / "s")
-    assert result["counts"] == {"train": 36, "validation": 4, "test": 10}
+    assert result.counts == {"train": 36, "validation": 4, "test": 10}
 
 
 def test_check_disjoint_raises_on_a_shared_prompt():

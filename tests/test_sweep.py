@@ -44,7 +44,11 @@ def _task_runs(flow_run_id):
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    return [r for r in runs if r.name.startswith("trial")], {a.key: a for a in artifacts}
+    return runs, {a.key: a for a in artifacts}
+
+
+def _trial_runs(runs):
+    return [r for r in runs if r.name.startswith("trial")]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +96,7 @@ def test_best_is_chosen_on_validation_then_measured_on_test_with_the_baseline(fi
 def test_trials_are_mapped_tasks_running_two_at_a_time_with_artifacts(first_sweep):
     _, _, state = first_sweep
     runs, artifacts = _task_runs(state.state_details.flow_run_id)
+    runs = _trial_runs(runs)
     assert len(runs) == 5 and all(r.state.is_completed() for r in runs)
     spans = sorted((r.start_time, r.end_time) for r in runs)
     assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:]))  # some overlap in time
@@ -101,29 +106,45 @@ def test_trials_are_mapped_tasks_running_two_at_a_time_with_artifacts(first_swee
     assert "Best:" in artifacts["sweep-summary"].data
 
 
+def test_trials_run_the_declared_stages_named_by_trial(first_sweep):
+    _, _, state = first_sweep
+    runs, _ = _task_runs(state.state_details.flow_run_id)
+    names = {r.name for r in runs}
+    for trial in ("baseline", "trial-0", "trial-1", "trial-2", "trial-3"):
+        assert {f"train-{trial}", f"merge-{trial}", f"evaluate-{trial}"} <= names, sorted(names)
+
+
 def test_rerunning_the_same_sweep_is_served_from_the_cache(first_sweep):
     spec, baseline, state = first_sweep
     again = sweep(spec, baseline, return_state=True)
     runs, _ = _task_runs(again.state_details.flow_run_id)
-    assert {r.state.name for r in runs} == {"Cached"}
+    stages = [r for r in runs if r.name.split("-", 1)[0] in ("train", "merge", "evaluate", "ingest", "split")]
+    assert len(stages) >= 17 and {r.state.name for r in stages} == {"Cached"}, [(r.name, r.state.name) for r in runs]
     assert again.result()["trials"] == state.result()["trials"]
 
 
 def test_a_failed_trial_is_recorded_and_told_to_optuna_and_the_rest_go_on(sweep_files):
     from configs.schema import SweepConfig
     from flows.sweep import search
-    from tasks.sweep import make_study, tell
+    from tasks.evaluate import EvalResult
+    from tasks.sweep import TrialResult, make_study, tell
+    from tasks.train import TrainSummary
 
     spec, baseline = load_sweep(sweep_files / "sweep.yaml")
     spec = SweepConfig.model_validate(spec.model_dump() | {"sampler": "grid", "n_trials": 3, "space": {
         "lora.r": {"choice": [4, 8]}, "train.per_device_train_batch_size": {"choice": [4, 8]}}})
     waves = []
 
-    def run_configs(configs):  # stands in for the mapped trial tasks: the second trial of the first wave fails
-        waves.append(len(configs))
+    def result(accuracy, merged):
+        validation = EvalResult(task="classification", accuracy=accuracy, macro_f1=accuracy, eval_loss=1.0,
+                                perplexity=2.72, n_examples=4, bf16=False, max_new_tokens=4, wall_seconds=1.0)
+        return TrialResult(validation=validation, merged=merged, train=TrainSummary.model_construct(
+            steps=3, wall_seconds=2.0))
+
+    def run_configs(named):  # stands in for the mapped trial tasks: the second trial of the first wave fails
+        waves.append(len(named))
         return [(None, "MergeCheckError: merged weights equal the base weights") if len(waves) == 1 and i == 1
-                else ({"validation": {"accuracy": c.lora.r / 10}, "merged": f"m{i}"}, None)
-                for i, c in enumerate(configs)]
+                else (result(c.lora.r / 10, f"m{i}"), None) for i, (_, c) in enumerate(named)]
 
     rows, done = search(spec, baseline, "accuracy", "maximize", run_configs)
     assert waves == [2, 2]  # the baseline + 3 grid trials, in waves of max_parallel=2
@@ -134,3 +155,16 @@ def test_a_failed_trial_is_recorded_and_told_to_optuna_and_the_rest_go_on(sweep_
     trial = study.ask()
     tell(study, trial, None)
     assert study.trials[0].state.name == "FAIL"
+
+
+def test_a_finetune_run_of_the_baseline_config_reuses_the_baseline_trial(first_sweep):
+    """Trials run the declared stages keyed as in the finetune flow: the same config trains, merges and is
+    evaluated on test once, whichever flow ran it first."""
+    from flows.finetune import finetune
+
+    _, baseline, state = first_sweep
+    cfg = baseline.model_copy(update={"output": baseline.output.model_copy(update={"run_name": "baseline"})})
+    result = finetune(cfg, publish_latest=False)
+    states = result["stage_states"]
+    assert states["train"] == states["merge"] == states["evaluate_finetuned"] == "Cached", states
+    assert result["finetuned"] == state.result()["baseline"]["test"]

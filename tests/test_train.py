@@ -5,28 +5,29 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tasks.evaluate import tokenize_with_completion_mask
+from configs.schema import TrainConfig
 from tasks.base_model import load_tokenizer
+from tasks.chat import to_prompt_completion, tokenize_with_completion_mask
 from tasks.files import read_jsonl
-from tasks.train import to_prompt_completion, train
+from tasks.train import train
 
 
 def test_training_writes_a_lora_adapter_and_reports_figures(tiny_trained):
     result = tiny_trained["trained"]
-    adapter = Path(result["adapter"])
+    adapter = Path(result.adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16 and config["peft_type"] == "LORA"
     weights = load_file(adapter / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # B starts at 0: it learned
     assert (adapter / "tokenizer.json").is_file()
-    assert result["steps"] == 15 and result["train_tokens"] > 0 and result["tokens_per_second"] > 0
+    assert result.steps == 15 and result.train_tokens > 0 and result.tokens_per_second > 0
     log = json.loads((adapter / "train_log.json").read_text())
-    assert json.loads((adapter / "train.json").read_text()) == result
+    assert json.loads((adapter / "train.json").read_text()) == result.model_dump(mode="json")
     losses = [h["loss"] for h in log if "loss" in h]
     assert losses[-1] < losses[0]
     eval_losses = [h["eval_loss"] for h in log if "eval_loss" in h]
     assert len(eval_losses) == 3 and eval_losses[-1] < eval_losses[0]  # one validation pass per epoch
-    assert result["eval_loss"] == eval_losses[-1]
+    assert result.eval_loss == eval_losses[-1]
     kept = sorted(p.name for p in (tiny_trained["run"] / "checkpoints").glob("checkpoint-*"))
     assert kept == ["checkpoint-12", "checkpoint-15"]  # every 4 steps + the last, save_total_limit=2
 
@@ -40,7 +41,7 @@ def test_prompt_completion_rows_split_off_the_answer():
 
 def test_completion_mask_covers_exactly_the_answer_and_its_end_token(tiny_trained):
     tok = load_tokenizer(tiny_trained["base"])
-    record = read_jsonl(tiny_trained["splits"]["files"]["test"])[0]
+    record = read_jsonl(tiny_trained["splits"].files["test"])[0]
     (ids, prompt_len), = tokenize_with_completion_mask(tok, [record])
     completion = tok.decode(ids[prompt_len:])
     assert completion == record["messages"][-1]["content"] + "<|im_end|>\n"
@@ -57,10 +58,10 @@ def test_training_resumes_from_the_latest_checkpoint_and_matches_an_uninterrupte
     shutil.copytree(full_run / "checkpoints" / "checkpoint-12", resumed_run / "checkpoints" / "checkpoint-12")
     resumed = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora, train_cfg,
                     resumed_run / "adapter", resumed_run / "checkpoints")
-    assert full["resumed_from"] is None and resumed["resumed_from"].endswith("checkpoint-12")
-    assert resumed["steps"] == full["steps"] == 15
-    a = load_file(Path(full["adapter"]) / "adapter_model.safetensors")
-    b = load_file(Path(resumed["adapter"]) / "adapter_model.safetensors")
+    assert full.resumed_from is None and resumed.resumed_from.endswith("checkpoint-12")
+    assert resumed.steps == full.steps == 15
+    a = load_file(Path(full.adapter) / "adapter_model.safetensors")
+    b = load_file(Path(resumed.adapter) / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-5, k
@@ -113,9 +114,9 @@ def test_training_reports_overlength_and_refuses_when_nothing_fits(tmp_path, tin
                                          r"train.max_seq_length=8"):
         train(tiny_trained["base"], splits, cfg.model, cfg.lora, short, tmp_path / "a", tmp_path / "c")
     assert not (tmp_path / "a").exists()
-    lengths = tiny_trained["trained"]["sequence_lengths"]
+    lengths = tiny_trained["trained"].sequence_lengths
     assert lengths["max_seq_length"] == 64 and lengths["overlength"] == "drop"
-    assert lengths["train"]["examples"] == len(read_jsonl(splits["files"]["train"]))
+    assert lengths["train"]["examples"] == len(read_jsonl(splits.files["train"]))
     assert lengths["train"]["over_max_seq_length"] == 0 and lengths["train"]["longest"] <= 64
 
 
@@ -128,9 +129,9 @@ def test_early_stopping_stops_and_publishes_the_best_checkpoint(tmp_path, tiny_t
                    tmp_path / "checkpoints")
     log = json.loads((tmp_path / "adapter" / "train_log.json").read_text())
     evals = {h["step"]: h["eval_loss"] for h in log if "eval_loss" in h}
-    assert result["steps"] == 3 and result["stopped_early"] and sorted(evals) == [1, 2, 3]
+    assert result.steps == 3 and result.stopped_early and sorted(evals) == [1, 2, 3]
     best_step = min(evals, key=evals.get)
-    assert result["best_checkpoint"] == f"checkpoint-{best_step}" and result["eval_loss"] == evals[best_step]
+    assert result.best_checkpoint == f"checkpoint-{best_step}" and result.eval_loss == evals[best_step]
     published = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     best = load_file(tmp_path / "checkpoints" / f"checkpoint-{best_step}" / "adapter_model.safetensors")
     assert all((published[k] - best[k]).abs().max() == 0 for k in best)
@@ -142,6 +143,31 @@ def test_packing_fits_several_examples_per_sequence(tmp_path, tiny_trained):
                    cfg.train.model_copy(update={"packing": True, "max_seq_length": 200}), tmp_path / "adapter",
                    tmp_path / "checkpoints")
     # the same 3 epochs of the same examples (30-40 tokens each) in fewer, fuller sequences of up to 200 tokens
-    assert packed["steps"] < tiny_trained["trained"]["steps"]
-    assert packed["train_tokens"] == tiny_trained["trained"]["train_tokens"]
-    assert packed["train_loss"] < 6.0  # log(512) = 6.24: it learned something
+    assert packed.steps < tiny_trained["trained"].steps
+    assert packed.train_tokens == tiny_trained["trained"].train_tokens
+    assert packed.train_loss < 6.0  # log(512) = 6.24: it learned something
+
+
+def test_train_config_fields_named_as_sft_config_pass_through(tmp_path):
+    """A TrainConfig field is either SFTConfig's own (same name, same meaning, handed on unchanged unless train
+    resolves it first) or declared as not SFTConfig's: a new field cannot be silently dropped."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from tasks.train import NOT_SFT_CONFIG, RESOLVED, Settings, training_arguments
+
+    sft = {f.name for f in dataclasses.fields(SFTConfig)}
+    assert set(TrainConfig.model_fields) - sft == NOT_SFT_CONFIG and RESOLVED <= sft
+    cfg = TrainConfig(learning_rate=3e-4, num_train_epochs=2.5, max_steps=40, per_device_train_batch_size=3,
+                      per_device_eval_batch_size=5, gradient_accumulation_steps=2, lr_scheduler_type="cosine",
+                      warmup_ratio=0.1, weight_decay=0.01, logging_steps=7, eval_steps=5, save_steps=10,
+                      save_total_limit=3, seed=11, max_seq_length=99)
+    settings = Settings(processes=1, bf16=False, attn_implementation="sdpa", gradient_checkpointing=True,
+                        liger_kernel=False, best_model=True, collator="padding-free")
+    args = training_arguments(cfg, settings, tmp_path)
+    for name in set(TrainConfig.model_fields) & sft - RESOLVED:
+        assert getattr(args, name) == getattr(cfg, name), name
+    assert (args.max_length, args.completion_only_loss, args.output_dir) == (99, True, str(tmp_path))
+    assert args.gradient_checkpointing and args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
+    assert not args.padding_free and not args.group_by_length  # our padding-free collator, not TRL's

@@ -1,0 +1,58 @@
+"""The chat format as every stage sees it: prompt ids, prompt+answer ids with the answer's start (as TRL
+tokenises for completion-only loss), TRL's prompt/completion rows, and batched greedy generation.
+
+Shared by validate, train, merge, evaluate and export, so that each tokenises exactly as the others do.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import datasets
+
+
+def prompt_ids(tokenizer, record: dict) -> list[int]:
+    """Token ids of ``record``'s messages but the last, chat template applied, ending with the generation prompt
+    (the assistant turn's header): what the model sees before it answers."""
+    return tokenizer.apply_chat_template(record["messages"][:-1], add_generation_prompt=True)
+
+
+def tokenize_with_completion_mask(tokenizer, records: list[dict]) -> list[tuple[list[int], int]]:
+    """``(prompt+completion ids, prompt length)`` per record, built exactly as TRL does for training."""
+    return [(tokenizer.apply_chat_template(r["messages"]), len(prompt_ids(tokenizer, r))) for r in records]
+
+
+def to_prompt_completion(records: list[dict]) -> datasets.Dataset:
+    """Conversational prompt/completion rows for TRL: ``prompt`` = every message but the last, ``completion`` =
+    ``[last message]``. TRL then masks the prompt tokens out of the loss (completion-only loss)."""
+    import datasets
+
+    return datasets.Dataset.from_list(
+        [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records])
+
+
+def batches(order: list[int], size: int):
+    """``order`` in consecutive chunks of ``size`` (the last one shorter)."""
+    for i in range(0, len(order), size):
+        yield order[i:i + size]
+
+
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+             desc: str = "generate") -> list[str]:
+    """Greedy-decode each tokenised prompt (left-padded batches, longest first); returns the new text only,
+    special tokens removed, in the input order."""
+    import torch
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for idx in tqdm(list(batches(order, batch_size)), desc=desc):
+        batch = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt",
+                              padding_side="left").to(model.device)
+        with torch.inference_mode():
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        new = generated[:, batch["input_ids"].shape[1]:]
+        for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            out[i] = text.strip()
+    return out
