@@ -3,7 +3,8 @@ tuned → export → report → publish. Run it with ``python -m flows.finetune 
 
 Each stage is declared once in ``flows/stages.py`` (its plain function in ``tasks/``, the config it reads, what it
 needs upstream, whether it holds the GPU slot); here each is one ``run(...)`` line, cached by content and retried
-on transient failures (``flows/caching.py``). Tasks pass paths and small JSON-able dicts, never models or tensors.
+on transient failures (``flows/caching.py``), its folder derived from the declaration and what it is computed
+from (``after=``). Stages pass paths and small typed results (pydantic models), never models or tensors.
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from flows.caching import StageRun, fingerprint, run_stage, source_fingerprint, 
 from flows.stages import (EVALUATE, EXPORT, INGEST, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, REPORT, SPLIT,
                           TRAIN, VALIDATE)
 from tasks import base_model, ingest, predict, report, validate
+from tasks.files import verify_folder
 from tasks.merge import MergeChecks
 from tasks.report import DataSummary, RunMetrics
 from tasks.train import TrainSummary
-from tasks.files import verify_folder
 
 logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
 

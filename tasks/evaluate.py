@@ -88,7 +88,7 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
         write_jsonl(tmp / "predictions.jsonl", [{"prompt": r["messages"][:-1], "reference": ref, "prediction": p}
                                                 for r, ref, p in zip(records, references, predictions)])
         write_json(tmp / "metrics.json", metrics.model_dump(mode="json"))
-    log.info("evaluate %s: %s", model_path, metrics)
+    log.info("evaluate %s: %s", model_path, metrics.model_dump_json())
     return metrics
 
 

@@ -20,7 +20,6 @@ from configs.schema import LoraConfig, ModelConfig, TrainConfig
 from tasks.base_model import attention_implementation, device, load_4bit, load_model, load_tokenizer, use_bf16
 from tasks.chat import to_prompt_completion, tokenize_with_completion_mask
 from tasks.files import atomic_dir, read_json, read_jsonl, verify_folder, write_json, write_manifest
-from tasks.padding_free import PaddingFreeCollator
 from tasks.split import SplitResult
 
 log = logging.getLogger(__name__)
@@ -233,6 +232,8 @@ def make_trainer(model, tokenizer, records: dict[str, list[dict]], lora_cfg: Lor
     the adapter of ``peft_config(lora_cfg)``, the callbacks (``callback_factories``' products, checkpoint
     manifests, early stopping with ``cfg.early_stopping_patience``) and the collator of ``settings``."""
     from transformers import EarlyStoppingCallback, set_seed
+
+    from tasks.padding_free import PaddingFreeCollator  # imports torch: not at module level (a cached run skips it)
 
     callbacks = [make() for make in callback_factories or []] + [checkpoint_manifest_callback()]
     if cfg.early_stopping_patience:

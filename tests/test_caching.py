@@ -85,3 +85,15 @@ def test_the_prefect_key_is_the_folder_key():
     assert key == policy.compute_key(Ctx, {"out_dir": "/elsewhere/stages/train/abc"}, {})
     assert key != policy.compute_key(Ctx, {"out_dir": "/a/stages/train/abd"}, {})
     assert StageCache(key="k").compute_key(Ctx, {}, {}) == "k"
+
+
+def test_the_flow_imports_no_model_library_until_a_stage_runs():
+    """A fully cached run never loads torch/transformers (about 2 s of the ~10 s budget of a cached re-run): the
+    stages import them inside their functions."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flows.finetune, flows.sweep, flows.nightly; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=caching.ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
