@@ -5,7 +5,8 @@ own PREFECT_HOME, ``PREFECT_API_URL`` set) and with Prefect's temporary server (
 job's stages must already be in the cache (run the same command once first). Per run it prints the wall time of
 the whole command and where it goes: importing the flow (a fresh ``python -c "import flows.finetune"``, median of
 3), the stages (``metrics.json``'s ``stage_seconds``: cache lookups, folder checks against their manifests), and the
-rest (Prefect start-up — the temporary server's included —, the flow run's bookkeeping, the report, exit).
+rest (Prefect start-up — the temporary server's, measured on its own too —, the flow run's bookkeeping, the
+report, exit).
 
     python benchmarks/cached_rerun.py --config configs/banking77.yaml --set data.path=../shared/data/banking77
 """
@@ -34,6 +35,16 @@ def import_seconds(env: dict) -> float:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import flows.finetune"], cwd=ROOT, env=env, check=True)
         times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def temporary_server_seconds(env: dict) -> float:
+    """Median wall time, over 3 fresh interpreters, of Prefect starting its temporary server (``SubprocessASGIServer``,
+    what a run without ``PREFECT_API_URL`` waits for) until its health check answers; the import is not counted."""
+    code = ("import time; from prefect.server.api.server import SubprocessASGIServer as S; t = time.perf_counter(); "
+            "s = S(); s.start(); print(time.perf_counter() - t); s.stop()")
+    times = [float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                                  check=True).stdout.split()[-1]) for _ in range(3)]
     return statistics.median(times)
 
 
@@ -96,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     for override in args.set:
         command += ["--set", override]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    imports = import_seconds(env)
-    results = {"imports_seconds": round(imports, 2), "command": command[1:], "arms": {}}
+    imports, server = import_seconds(env), temporary_server_seconds(env)
+    results = {"imports_seconds": round(imports, 2), "temporary_server_start_seconds": round(server, 2),
+               "command": command[1:], "arms": {}}
     with running_server(env) as url:
         results["arms"]["running server"] = [timed_run(command, {**env, "PREFECT_API_URL": url})
                                              for _ in range(args.runs)]
     results["arms"]["temporary server"] = [timed_run(command, env) for _ in range(args.runs)]
-    print(f"importing flows.finetune: {imports:.2f} s (median of 3 fresh interpreters)")
+    print(f"importing flows.finetune: {imports:.2f} s; Prefect's temporary server starting: {server:.2f} s "
+          "(medians of 3 fresh interpreters)")
     print("| arm | run | wall s | stages s | imports s | rest s | states |")
     print("|---|---|---|---|---|---|---|")
     for arm, runs in results["arms"].items():
