@@ -102,15 +102,10 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     trc = cfg.model.trust_remote_code
     base, base_key, data_key, data, split = prepare(cfg, run)
     test_file, kind = split.result.files["test"], data.result.task
-    scored = (split.dir, "test", kind, trc)  # what an evaluation's output is a function of, beside the model
-    base_eval = run(EVALUATE, base, test_file, kind, cfg.eval, trust_remote_code=trc, after=(base_key, *scored),
-                    label="evaluate-base") if cfg.eval.evaluate_base else None
-    adapter = run(TRAIN, base, split.result, cfg.model, cfg.lora, cfg.train,
-                  callback_factories=[artifacts.training_progress], after=(base_key, split.dir))
-    merged = run(MERGE, base, adapter.dir, split.result.files["validation"], cfg.merge, trust_remote_code=trc,
-                 after=(base_key, adapter.dir, split.dir, trc))  # checked on validation rows, as a sweep trial
-    tuned = run(EVALUATE, merged.dir, test_file, kind, cfg.eval, trust_remote_code=trc, after=(merged.dir, *scored),
-                label="evaluate-finetuned")
+    base_eval = evaluate_on(run, cfg, base, base_key, split.dir, "test", kind,
+                            label="evaluate-base") if cfg.eval.evaluate_base else None
+    adapter, merged = train_and_merge(run, cfg, base, base_key, split)
+    tuned = evaluate_on(run, cfg, merged.dir, merged.dir, split.dir, "test", kind, label="evaluate-finetuned")
     inference = predict.inference_settings(cfg.data, tuned.result.task, tuned.result.max_new_tokens)
     onnx = {target: run(EXPORT, target, merged.dir, test_file, tuned.dir, inference, cfg.export, trust_remote_code=trc,
                         after=(merged.dir, tuned.dir, target, inference, trc), label=f"export-{target}")
@@ -128,6 +123,31 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     artifacts.publish(run_dir, metrics_json, paths)
     print(summary(run_dir, metrics_json, paths))
     return metrics_json | {"run_dir": str(run_dir), "test_file": test_file, "source": source}
+
+
+def train_and_merge(run, cfg: FinetuneConfig, base: str, base_key: str, split: StageRun) -> tuple[StageRun, StageRun]:
+    """Train ``cfg``'s adapter on ``split`` and merge it into ``base`` (checked on validation rows), keyed alike
+    in every flow: a sweep trial and a finetune run of the same config share both folders.
+
+    Returns:
+        ``(the train run, the merge run)``.
+    """
+    trc = cfg.model.trust_remote_code
+    adapter = run(TRAIN, base, split.result, cfg.model, cfg.lora, cfg.train,
+                  callback_factories=[artifacts.training_progress], after=(base_key, split.dir))
+    merged = run(MERGE, base, adapter.dir, split.result.files["validation"], cfg.merge, trust_remote_code=trc,
+                 after=(base_key, adapter.dir, split.dir, trc))
+    return adapter, merged
+
+
+def evaluate_on(run, cfg: FinetuneConfig, model: str, model_key: str, split_dir: str, rows: str, kind: str,
+                label: str | None = None) -> StageRun:
+    """Evaluate ``model`` (content key ``model_key``: the base model's key, or a merged folder) on the ``rows``
+    split (``<split_dir>/<rows>.jsonl``, as ``tasks.split`` writes it), keyed alike in every flow, so that the
+    finetune, sweep and nightly flows share an evaluation of the same model on the same rows."""
+    trc = cfg.model.trust_remote_code
+    return run(EVALUATE, model, str(Path(split_dir) / f"{rows}.jsonl"), kind, cfg.eval, trust_remote_code=trc,
+               after=(model_key, split_dir, rows, kind, trc), label=label)
 
 
 def run_metrics(cfg: FinetuneConfig, data_key: str, runs: dict[str, StageRun]) -> RunMetrics:

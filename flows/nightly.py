@@ -13,6 +13,7 @@ Deployed on a cron schedule by ``deployments/prefect.yaml``; run by hand with
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from configs.schema import ConfigError, FinetuneConfig
 from flows.caching import fingerprint, run_stage, source_fingerprint
-from flows.finetune import base_model_source, finetune, main as finetune_main
-from flows.stages import EVALUATE, PUBLISH_LATEST
+from flows.finetune import base_model_source, evaluate_on, finetune, main as finetune_main
+from flows.stages import PUBLISH_LATEST
 from tasks import promote
 from tasks.files import read_json
 
@@ -86,10 +87,8 @@ def incumbent_metrics(cfg: FinetuneConfig, promoted: dict, result: dict) -> dict
     if (Path(promoted["run_dir"]) / "data").resolve() == split_dir.resolve() and \
             old["config"]["eval"] == result["config"]["eval"]:
         return old["finetuned"]
-    trc = cfg.model.trust_remote_code
-    scored = (str(split_dir), "test", result["task"], trc)  # keyed as the finetune flow's evaluations
-    return run_stage(cfg, EVALUATE, str(merged), result["test_file"], result["task"], cfg.eval, trust_remote_code=trc,
-                     after=(str(merged), *scored), label="evaluate-promoted").result.model_dump(mode="json")
+    return evaluate_on(functools.partial(run_stage, cfg), cfg, str(merged), str(merged), str(split_dir), "test",
+                       result["task"], label="evaluate-promoted").result.model_dump(mode="json")
 
 
 if __name__ == "__main__":

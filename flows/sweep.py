@@ -19,10 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from configs.schema import FinetuneConfig, SweepConfig, load_sweep, trial_config
-from flows import artifacts
 from flows.caching import StageRun, run_stage
-from flows.finetune import dry_run, main as finetune_main, prepare, run_dir_for
-from flows.stages import EVALUATE, MERGE, TRAIN
+from flows.finetune import dry_run, evaluate_on, main as finetune_main, prepare, run_dir_for, train_and_merge
 from tasks import base_model, sweep as trials
 from tasks.sweep import TrialResult
 from tasks.train import TrainSummary
@@ -37,16 +35,11 @@ def trial(cfg: FinetuneConfig, name: str, base: str, base_key: str, split: Stage
     Raises:
         whatever the stages raise once their retries are spent (e.g. ``MergeCheckError``: a trial learned nothing).
     """
-    def run(stage, *args, **options) -> StageRun:
+    def run(stage, *args, label: str | None = None, **options) -> StageRun:  # every task run named by the trial
         return run_stage(cfg, stage, *args, label=f"{stage.name}-{name}", **options)
 
-    trc, validation = cfg.model.trust_remote_code, split.result.files["validation"]
-    adapter = run(TRAIN, base, split.result, cfg.model, cfg.lora, cfg.train,
-                  callback_factories=[artifacts.training_progress], after=(base_key, split.dir))
-    merged = run(MERGE, base, adapter.dir, validation, cfg.merge, trust_remote_code=trc,
-                 after=(base_key, adapter.dir, split.dir, trc))
-    scored = run(EVALUATE, merged.dir, validation, kind, cfg.eval, trust_remote_code=trc,
-                 after=(merged.dir, split.dir, "validation", kind, trc))
+    adapter, merged = train_and_merge(run, cfg, base, base_key, split)
+    scored = evaluate_on(run, cfg, merged.dir, merged.dir, split.dir, "validation", kind)
     return TrialResult(validation=scored.result, merged=merged.dir,
                        train=TrainSummary(**adapter.result.model_dump(exclude={"adapter"})))
 
@@ -93,14 +86,11 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig) -> dict:
     rows, done = search(spec, baseline, metric, direction, run_configs)
     pick = max if direction == "maximize" else min
     best = pick(done.values(), key=lambda t: t["validation"])
-    test_file = split.result.files["test"]
     baseline_trial = done.get("baseline")
     measured = [best] + ([baseline_trial] if baseline_trial is not None and baseline_trial is not best else [])
     for entry in measured:  # keyed as the finetune flow's evaluation of the same merged model
-        trc = entry["cfg"].model.trust_remote_code
-        entry["test"] = run(EVALUATE, entry["merged"], test_file, kind, entry["cfg"].eval, trust_remote_code=trc,
-                            after=(entry["merged"], split.dir, "test", kind, trc),
-                            label=f"evaluate-{entry['trial']}").result.model_dump(mode="json")
+        entry["test"] = evaluate_on(run, entry["cfg"], entry["merged"], entry["merged"], split.dir, "test", kind,
+                                    label=f"evaluate-{entry['trial']}").result.model_dump(mode="json")
     run_dir = run_dir_for(baseline.model_copy(update={"name": f"{baseline.name}-sweep"}))
     text = summary(spec, metric, rows, measured)
     paths = trials.write_results(run_dir, rows, _public(best, metric), best["cfg"], text)

@@ -144,8 +144,8 @@ def update_latest(output_dir: str | Path, run_dir: str | Path, source: dict | No
 def export_lines(metrics: dict) -> list[str]:
     """One line per export target: its quality next to the merged model's, and its parity checks."""
     lines = []
+    primary = task_kind(metrics["task"]).primary
     for target, r in (metrics["onnx"] or {}).items():
-        primary = next(k.removeprefix("reference_") for k in r if k.startswith("reference_"))
         lines.append(f"{target} ({r['execution_provider']}, {r['size_mb']:.0f} MB): {primary} {r[primary]:.4f} vs "
                      f"merged {r['reference_' + primary]:.4f} on {r['n_examples']} test rows, same answer "
                      f"{r['same_answer']:.1%}, greedy agreement {r['greedy_agreement']:.0%} on "
