@@ -187,9 +187,19 @@ class ExportConfig(_Section):
     """ONNX export targets and the gate each must pass before it is published (tasks/export.py)."""
 
     enabled: bool = True
-    targets: list[Literal["onnx-fp32", "genai-int4", "genai-fp16"]] = Field(
-        ["genai-int4"], min_length=1, description="onnx-fp32: optimum, onnxruntime CPU; genai-int4: ONNX Runtime "
-        "GenAI int4 (MatMulNBits) for CPU; genai-fp16: GenAI fp16 for CUDA (tasks/export.py).")
+    targets: list[Literal["genai-int4-adapter", "genai-ladder", "onnx-fp32", "genai-int4", "genai-fp16"]] = Field(
+        ["genai-int4"], min_length=1, description="genai-int4-adapter: the adapter alone, served on one int4 base per "
+        "base model (ONNX Runtime GenAI, CPU; several adapters share one process); genai-ladder: the smallest rung "
+        "of export.ladder that passes the gate (merged, GenAI CPU); onnx-fp32: optimum, onnxruntime CPU; "
+        "genai-int4: ONNX Runtime GenAI int4 (MatMulNBits) for CPU; genai-fp16: GenAI fp16 for CUDA "
+        "(tasks/export.py).")
+    ladder: list[Literal["int4", "int4-int8-head", "int4-mixed", "fp32"]] = Field(
+        ["int4", "int4-int8-head", "int4-mixed", "fp32"], min_length=1, description="genai-ladder's rungs, tried "
+        "in order: int4 (RTN), int4 with int8 LM head and embeddings (k_quant_last), int4 with int8 sensitive "
+        "layers (k_quant_mixed), fp32 (tasks/export.py RUNGS).")
+    match_quantization: bool = Field(True, description="With genai-int4-adapter: train and evaluate on the int4 "
+                                     "base's de-quantized weights (tasks/int4_base.py), so that the model the "
+                                     "pipeline measures is the one the adapter export ships.")
     int4_algo_config: Literal["default", "rtn", "k_quant", "k_quant_mixed", "k_quant_last"] = Field(
         "k_quant_mixed", description="The model builder's int4 algorithm; k_quant_mixed keeps some layers in int8 "
         "(measured on banking77: docs/benchmarks.md).")
@@ -271,6 +281,13 @@ class FinetuneConfig(_Section):
                 "(configs are saved with the run): set HF_TOKEN in the environment, or save the token in a Prefect "
                 "Secret block and name the block in model.hf_token_secret", {"where": where})
         return tree
+
+    @model_validator(mode="after")
+    def _check_adapter_export(self) -> "FinetuneConfig":
+        if self.export.enabled and "genai-int4-adapter" in self.export.targets and self.lora.method != "lora":
+            raise ValueError(f"export.targets genai-int4-adapter needs lora.method lora (got {self.lora.method!r}: "
+                             "the int4 base takes plain LoRA weights); export genai-int4 instead")
+        return self
 
     @model_validator(mode="after")
     def _check_eval_steps(self) -> "FinetuneConfig":

@@ -20,14 +20,15 @@ from prefect import flow
 from configs.schema import ConfigError, FinetuneConfig, load_config
 from flows import artifacts
 from flows.caching import StageRun, fingerprint, run_stage, source_fingerprint, stage_key
-from flows.stages import (EVALUATE, EXPORT, INGEST, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, REPORT, SPLIT,
-                          TRAIN, VALIDATE)
-from tasks import base_model, ingest, predict, report, validate
+from flows.stages import (EVALUATE, EXPORT, EXPORT_BASE, INGEST, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, REPORT,
+                          SPLIT, TRAIN, VALIDATE)
+from tasks import base_model, export, ingest, predict, report, validate
 from tasks.files import verify_folder
 from tasks.merge import MergeChecks
 from tasks.report import DataSummary, RunMetrics
 from tasks.train import TrainSummary
 
+ADAPTER_TARGET = "genai-int4-adapter"
 logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
 
 
@@ -57,15 +58,18 @@ def embedded_base_dir(cfg: FinetuneConfig, base_key: str) -> Path:
     return Path(cfg.model.cache_dir).expanduser() / f"SmolLM2-135M-Instruct-{base_key}"
 
 
-def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, str, StageRun, StageRun]:
+def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, str, StageRun, StageRun, StageRun | None]:
     """The stages every training run starts with: prepare the base model, validate (``tasks/validate.py``:
     data, base model and sequence lengths, before anything is written under ``output.dir``; cached by content in
-    ``shared_store``), ingest, split.
+    ``shared_store``), export the int4 base when ``genai-int4-adapter`` is a target (``export_int4_base``),
+    ingest, split.
 
     ``run(stage, *args, **options)`` runs one stage (``flows.caching.run_stage``) and records its time.
 
     Returns:
-        ``(base model path or id, base-model content key, data content key, the ingest run, the split run)``.
+        ``(base model path or id, base-model content key, data content key, the ingest run, the split run, the
+        int4-base run or None)``. With ``export.match_quantization`` the base model is the int4 base's
+        de-quantized twin, keyed by its weights' digest.
 
     Raises:
         DataError, ModelError: from the validation; nothing has been written under ``output.dir`` then.
@@ -76,9 +80,24 @@ def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, str, StageRun, StageRun
         base = run(PREPARE_BASE_MODEL, gguf, out_dir=embedded_base_dir(cfg, base_key), store=shared_store(cfg)).dir
     data_key = fingerprint(cfg.data.path)  # the data's content, not where it lives
     run(VALIDATE, cfg, base, store=shared_store(cfg), key=stage_key(VALIDATE, cfg, data_key, base_key))
+    int4 = export_int4_base(run, cfg, base, base_key)
+    if int4 and cfg.export.match_quantization:
+        base, base_key = int4.result.matched_model, int4.result.matched_digest
     data = run(INGEST, cfg.data, after=(data_key,))
     split = run(SPLIT, data.result, cfg.split, after=(data.dir,))
-    return base, base_key, data_key, data, split
+    return base, base_key, data_key, data, split, int4
+
+
+def export_int4_base(run, cfg: FinetuneConfig, base: str, base_key: str) -> StageRun | None:
+    """The int4 base with LoRA slots on ``lora.target_modules`` and its de-quantized twin (``tasks/int4_base.py``),
+    once per base model, LoRA targets and int4 settings, under ``model.cache_dir`` (shared by every run and
+    ``output.dir``); None unless ``genai-int4-adapter`` is an enabled export target."""
+    if not (cfg.export.enabled and ADAPTER_TARGET in cfg.export.targets):
+        return None
+    trc, int4 = cfg.model.trust_remote_code, export.int4_options(cfg.export)
+    key = stage_key(EXPORT_BASE, None, base_key, cfg.lora.target_modules, int4, trc)
+    return run(EXPORT_BASE, base, cfg.lora.target_modules, int4, trust_remote_code=trc,
+               out_dir=Path(cfg.model.cache_dir).expanduser() / f"int4-base-{key}", store=shared_store(cfg))
 
 
 @flow(name="finetune")
@@ -100,20 +119,24 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
         return runs[name]
 
     trc = cfg.model.trust_remote_code
-    base, base_key, data_key, data, split = prepare(cfg, run)
+    base, base_key, data_key, data, split, int4 = prepare(cfg, run)
     test_file, kind = split.result.files["test"], data.result.task
     base_eval = evaluate_on(run, cfg, base, base_key, split.dir, "test", kind,
                             label="evaluate-base") if cfg.eval.evaluate_base else None
     adapter, merged = train_and_merge(run, cfg, base, base_key, split)
     tuned = evaluate_on(run, cfg, merged.dir, merged.dir, split.dir, "test", kind, label="evaluate-finetuned")
-    inference = predict.inference_settings(cfg.data, tuned.result.task, tuned.result.max_new_tokens)
-    onnx = {target: run(EXPORT, target, merged.dir, test_file, tuned.dir, inference, cfg.export, trust_remote_code=trc,
-                        after=(merged.dir, tuned.dir, target, inference, trc), label=f"export-{target}")
-            for target in (cfg.export.targets if cfg.export.enabled else [])}
+    inference = predict.inference_settings(cfg.data, tuned.result.task, tuned.result.max_new_tokens, cfg.name)
+    onnx = {}
+    for target in cfg.export.targets if cfg.export.enabled else []:
+        form = {"adapter": adapter.dir, "int4_base": int4.result.onnx} if target == ADAPTER_TARGET else {}
+        onnx[target] = run(EXPORT, target, merged.dir, test_file, tuned.dir, inference, cfg.export, **form,
+                           trust_remote_code=trc, after=(merged.dir, tuned.dir, target, inference, trc, *form.values()),
+                           label=f"export-{target}")
 
     metrics = run_metrics(cfg, data_key, runs)
     links = {"data": split.dir, "adapter": adapter.dir, "merged": merged.dir, "eval/finetuned": tuned.dir}
     links |= ({"eval/base": base_eval.dir} if base_eval else {}) | {f"onnx/{t}": r.dir for t, r in onnx.items()}
+    links |= {"onnx/int4-base": int4.result.onnx} if int4 else {}
     run_dir = run_dir_for(cfg)
     metrics_json = metrics.model_dump(mode="json")
     paths = REPORT.task(run_dir, metrics_json, links, str(Path(adapter.dir) / "train_log.json"))

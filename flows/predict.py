@@ -2,10 +2,14 @@
 
     python -m flows.predict --model outputs/<run>/onnx/genai-int4 "I lost my card"
     python -m flows.predict --model outputs/<run>/onnx/genai-int4 --input inputs.jsonl [--output answers.jsonl]
+    python -m flows.predict --model outputs/<run1>/onnx/genai-int4-adapter \
+        --model outputs/<run2>/onnx/genai-int4-adapter --adapter banking77 "I lost my card"
 
 The folder is a ``genai-*`` export (``tasks/export.py``); answers are greedy, with the prompt format of the
-training data (``inference.json``). Input files: ``.jsonl`` with a ``text`` field per row, or plain text with one
-input per line. The batch flow writes ``{"text", "prediction"}`` lines atomically (default
+training data (``inference.json``). Several ``genai-int4-adapter`` exports of one base model are served by one
+process on one int4 base: each under its run's config name (or ``--model NAME=DIR``), chosen with ``--adapter`` or,
+in a batch, per row (field ``adapter``). Input files: ``.jsonl`` with a ``text`` field per row, or plain text with
+one input per line. The batch flow writes ``{"text", "prediction"}`` lines atomically (default
 ``<input>.predictions.jsonl``).
 """
 from __future__ import annotations
@@ -24,16 +28,18 @@ predict_task = task(predict.predict, name="predict")
 
 
 @flow(name="batch-predict")
-def batch_predict(model: str, input_file: str, output_file: str | None = None,
-                  max_new_tokens: int | None = None) -> dict:
-    """Answer every input of ``input_file`` with the exported model in ``model``; write ``output_file``.
+def batch_predict(model: str | list[str], input_file: str, output_file: str | None = None,
+                  max_new_tokens: int | None = None, adapter: str | None = None) -> dict:
+    """Answer every input of ``input_file`` with the exported model in ``model`` (or the adapter exports listed:
+    ``tasks.predict.load``), each row with its ``adapter`` field or else ``adapter``; write ``output_file``.
 
     Returns:
         ``{"output": path, "n": inputs answered, "seconds": wall time of the predict task}``.
     """
-    texts = predict.read_inputs(input_file)
+    requests = predict.read_requests(input_file)
+    texts = [text for text, _ in requests]
     start = time.perf_counter()
-    answers = predict_task(model, texts, max_new_tokens)
+    answers = predict_task(model, texts, max_new_tokens, [name or adapter for _, name in requests])
     output = Path(output_file or Path(input_file).with_suffix(".predictions.jsonl"))
     write_jsonl(output, [{"text": t, "prediction": a} for t, a in zip(texts, answers)])
     return {"output": str(output), "n": len(texts), "seconds": time.perf_counter() - start}
@@ -42,7 +48,10 @@ def batch_predict(model: str, input_file: str, output_file: str | None = None,
 def main(argv: list[str] | None = None) -> int:
     """CLI: print one answer per text, or run ``batch_predict`` on ``--input``; exit 1 with one line on error."""
     p = argparse.ArgumentParser(prog="python -m flows.predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="an exported genai-* folder (outputs/<run>/onnx/genai-int4)")
+    p.add_argument("--model", required=True, action="append", metavar="[NAME=]DIR",
+                   help="an exported genai-* folder (outputs/<run>/onnx/genai-int4); repeat it for several "
+                        "genai-int4-adapter exports of one base model, served by one process")
+    p.add_argument("--adapter", help="the adapter to answer with (its run's config name, or NAME of --model)")
     p.add_argument("texts", nargs="*", help="input texts, answered one per line")
     p.add_argument("--input", help="a .jsonl (field 'text') or text file (one input per line): batch flow")
     p.add_argument("--output", help="where the batch flow writes its .jsonl (default <input>.predictions.jsonl)")
@@ -52,12 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.texts) == bool(args.input):
         p.error("give either texts or --input FILE")
     try:
-        predict.check_model_dir(args.model)
+        for spec in args.model:  # a wrong folder fails here, in one line, before any flow starts
+            predict.check_model_dir(predict.split_model_arg(spec)[1])
+        models = args.model if len(args.model) > 1 else args.model[0]
         if args.input:
             predict.read_inputs(args.input)  # bad input fails here, in one line, before any flow starts
-            print(batch_predict(args.model, args.input, args.output, args.max_new_tokens)["output"])
+            print(batch_predict(models, args.input, args.output, args.max_new_tokens, args.adapter)["output"])
         else:
-            for answer in predict.predict(args.model, args.texts, args.max_new_tokens):
+            for answer in predict.predict(models, args.texts, args.max_new_tokens, args.adapter):
                 print(answer)
     except Exception as e:  # noqa: BLE001 - one line per failure unless --debug
         if args.debug:

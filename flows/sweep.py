@@ -76,7 +76,7 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig) -> dict:
         return run_stage(baseline, stage, *args, **options)
 
     base_model.use_hub_token(baseline.model)  # before the trial processes start: they inherit HF_TOKEN
-    base, base_key, _, data, split = prepare(baseline, run)
+    base, base_key, _, data, split, _ = prepare(baseline, run)
     kind = data.result.task
     metric, direction = trials.objective(spec, kind)
 

@@ -4,11 +4,14 @@ Targets (``export.targets``):
 
 | target | built with | precision | execution provider it runs on |
 |---|---|---|---|
+| ``genai-int4-adapter`` | an ``.onnx_adapter`` for the int4 base (tasks/int4_base.py) | int4 + LoRA | ORT GenAI CPU |
 | ``onnx-fp32`` | optimum (``text-generation-with-past``: decoder with KV cache) | fp32 | onnxruntime CPU |
 | ``genai-int4`` | ONNX Runtime GenAI model builder ``-p int4 -e cpu`` (MatMulNBits) | int4 weights | ORT GenAI CPU |
 | ``genai-fp16`` | model builder ``-p fp16 -e cuda`` | fp16 | ORT GenAI CUDA (needs onnxruntime-genai-cuda) |
 
-Each exported folder holds the tokenizer, its chat template and ``inference.json`` (the prompt format), so
+The adapter target ships exactly what the pipeline measured when training ran on the int4 base's de-quantized
+weights (``export.match_quantization``): the merged model the evaluation scored is that base plus the adapter.
+The other folders hold the tokenizer, its chat template and ``inference.json`` (the prompt format), so
 ``genai-*`` folders run with ``tasks/predict.py`` alone. NPUs: model builder 0.11.4 offers no NPU execution
 provider, and its QDQ option (``use_qdq``, the form NPU providers consume) still emitted MatMulNBits here
 (docs/benchmarks.md), so there is no NPU target.
@@ -29,6 +32,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,6 +45,7 @@ from tasks.base_model import load_model, load_tokenizer
 from tasks.chat import generate, prompt_ids
 from tasks.files import atomic_dir, read_json, read_jsonl, write_json
 from tasks.metrics import extract_answer, normalise_answer, score, task_kind
+from tasks.onnx_adapter import convert_adapter
 from tasks.predict import INFERENCE_FILE, Predictor
 
 log = logging.getLogger(__name__)
@@ -68,18 +73,28 @@ class ExportResult(BaseModel):
     execution_provider: str
     size_mb: float  # MB of the folder
     export_seconds: float
+    base: str | None = None  # genai-int4-adapter: the int4 base folder the adapter runs on
+    ladder: list[dict] | None = None  # genai-ladder: what each rung tried measured (rung, size_mb, passed, ...)
     path: str | None = None  # the published folder
 
 
 @dataclass(frozen=True)
 class Target:
-    tool: str  # "optimum" or "genai" (the ONNX Runtime GenAI model builder)
+    tool: str  # "optimum", "genai" (the ONNX Runtime GenAI model builder) or "adapter" (tasks/onnx_adapter.py)
     precision: str
     builder_ep: str | None  # the model builder's --execution_provider
     provider: str  # the onnxruntime execution provider the exported model runs on
 
 
+# export.ladder's rungs, smallest first: the model builder's precision and int4 algorithm (0.11.4 offers no int8)
+RUNGS = {"int4": ("int4", {"int4_algo_config": "default"}),  # RTN int4 everywhere
+         "int4-int8-head": ("int4", {"int4_algo_config": "k_quant_last"}),  # int8 LM head and embeddings
+         "int4-mixed": ("int4", {"int4_algo_config": "k_quant_mixed"}),  # int8 head + the most sensitive layers
+         "fp32": ("fp32", {})}
+
 TARGETS = {
+    "genai-int4-adapter": Target("adapter", "int4", "cpu", "CPUExecutionProvider"),
+    "genai-ladder": Target("ladder", "smallest passing", "cpu", "CPUExecutionProvider"),
     "onnx-fp32": Target("optimum", "fp32", None, "CPUExecutionProvider"),
     "genai-int4": Target("genai", "int4", "cpu", "CPUExecutionProvider"),
     "genai-fp16": Target("genai", "fp16", "cuda", "CUDAExecutionProvider"),
@@ -87,14 +102,17 @@ TARGETS = {
 
 
 def export(target: str, merged_model: str, test_file: str, reference_eval: str, inference: dict,
-           cfg: ExportConfig, out_dir: str | Path, trust_remote_code: bool = False) -> ExportResult:
+           cfg: ExportConfig, out_dir: str | Path, trust_remote_code: bool = False, adapter: str | None = None,
+           int4_base: str | None = None) -> ExportResult:
     """Export ``merged_model`` as ``target`` (see the module table) into ``out_dir``, check it, then publish.
 
     Args:
         reference_eval: the merged model's evaluation folder (``metrics.json`` + ``predictions.jsonl`` on
             ``test_file``), the baseline of the quality check.
-        inference: ``{"task", "system_prompt", "prompt_template", "max_new_tokens"}``, written to the folder's
-            ``inference.json`` (the prompt format ``tasks/predict.py`` rebuilds).
+        inference: ``{"name", "task", "system_prompt", "prompt_template", "max_new_tokens"}``, written to the
+            folder's ``inference.json`` (the prompt format ``tasks/predict.py`` rebuilds).
+        adapter, int4_base: ``genai-int4-adapter`` only: the PEFT adapter folder that was merged, and the int4
+            base's GenAI folder (``tasks.int4_base.export_base``'s ``onnx``) it is converted for.
 
     Returns:
         ``ExportResult``.
@@ -102,20 +120,74 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
     Raises:
         ExportCheckError: a check failed; nothing is written to ``out_dir``.
         RuntimeError: the target needs a runtime this machine lacks (``genai-fp16`` without CUDA).
+        ValueError: ``genai-int4-adapter`` without ``adapter`` and ``int4_base``.
+        tasks.onnx_adapter.AdapterError: the adapter does not fit the int4 base.
     """
     spec = TARGETS[target]
+    if spec.tool == "adapter" and not (adapter and int4_base):
+        raise ValueError("export genai-int4-adapter needs the adapter folder and the int4 base folder")
     start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        (build_optimum if spec.tool == "optimum" else build_genai)(merged_model, tmp, spec, cfg, trust_remote_code)
-        write_json(tmp / INFERENCE_FILE, inference)
-        built = time.perf_counter() - start
-        result = check_export(target, tmp, merged_model, test_file, reference_eval, cfg, trust_remote_code)
-        result = ExportResult(**result, target=target, precision=spec.precision, execution_provider=spec.provider,
-                              size_mb=round(sum(f.stat().st_size for f in tmp.iterdir()) / 1e6, 1),
-                              export_seconds=round(built, 1))
+        if spec.tool == "ladder":
+            result, ladder = climb_ladder(merged_model, tmp, inference, test_file, reference_eval, cfg,
+                                          trust_remote_code)
+            built, precision = sum(r["build_seconds"] for r in ladder), ladder[-1]["rung"]
+        else:
+            if spec.tool == "adapter":
+                convert_adapter(adapter, int4_base, tmp)
+            else:
+                (build_optimum if spec.tool == "optimum" else build_genai)(merged_model, tmp, spec, cfg,
+                                                                           trust_remote_code)
+            write_json(tmp / INFERENCE_FILE, inference)
+            built, precision, ladder = time.perf_counter() - start, spec.precision, None
+            result = check_export(target, tmp, merged_model, test_file, reference_eval, cfg, trust_remote_code)
+        result = ExportResult(**result, target=target, precision=precision, execution_provider=spec.provider,
+                              size_mb=folder_mb(tmp), export_seconds=round(built, 1), base=int4_base, ladder=ladder)
         write_json(tmp / "export.json", result.model_dump(mode="json", exclude={"path"}))
     log.info("export %s: %s", target, result.model_dump_json(exclude={"path"}))
     return result.model_copy(update={"path": str(out_dir)})
+
+
+def folder_mb(folder: Path) -> float:
+    """MB of the files directly in ``folder``."""
+    return round(sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6, 1)
+
+
+def climb_ladder(merged_model: str, out: Path, inference: dict, test_file: str, reference_eval: str,
+                 cfg: ExportConfig, trust_remote_code: bool = False) -> tuple[dict, list[dict]]:
+    """Build and measure the rungs of ``export.ladder`` (``RUNGS``) in order, each in a folder of its own under
+    ``out``, until one passes the gate; move that one's files into ``out``.
+
+    Returns:
+        ``(the passing rung's measure_export figures, [{"rung", "size_mb", "build_seconds", "passed",
+        <primary metric>, "same_answer", "greedy_agreement", "failures"} per rung tried; the last one passed])``.
+
+    Raises:
+        ExportCheckError: no rung passed; names each rung's failed checks.
+    """
+    tried = []
+    for rung in cfg.ladder:
+        folder, (precision, options) = out / f".rung-{rung}", RUNGS[rung]
+        start = time.perf_counter()
+        options = {**int4_options(cfg), **options} if precision == "int4" else {}
+        build_genai_folder(merged_model, folder, precision, "cpu", trust_remote_code, options)
+        write_json(folder / INFERENCE_FILE, inference)
+        built = round(time.perf_counter() - start, 1)
+        figures, failures = measure_export("genai-ladder", folder, merged_model, test_file, reference_eval, cfg,
+                                           trust_remote_code)
+        primary = next(k.removeprefix("reference_") for k in figures if k.startswith("reference_"))
+        tried.append({"rung": rung, "size_mb": folder_mb(folder), "build_seconds": built, "passed": not failures,
+                      primary: figures[primary], "same_answer": figures["same_answer"],
+                      "greedy_agreement": figures["greedy_agreement"], "failures": failures})
+        log.info("export genai-ladder: %s", tried[-1])
+        if not failures:
+            for path in folder.iterdir():
+                path.rename(out / path.name)
+            folder.rmdir()
+            return figures, tried
+        shutil.rmtree(folder)
+    raise ExportCheckError("export genai-ladder: no rung passed the gate: " +
+                           " | ".join(f"{t['rung']}: {'; '.join(t['failures'])}" for t in tried))
 
 
 def build_optimum(merged_model: str, out: Path, spec: Target, cfg: ExportConfig, trust_remote_code: bool) -> None:
@@ -128,22 +200,35 @@ def build_optimum(merged_model: str, out: Path, spec: Target, cfg: ExportConfig,
 
 
 def build_genai(merged_model: str, out: Path, spec: Target, cfg: ExportConfig, trust_remote_code: bool) -> None:
-    """The ONNX Runtime GenAI model builder (``onnxruntime_genai.models.builder.create_model``) on the merged
-    folder, offline (no Hub token; remote code only if configured), then ``portable_tokenizer``."""
+    """The ONNX Runtime GenAI model builder on the merged folder (``build_genai_folder``) with ``cfg``'s int4
+    options for an int4 target."""
     import onnxruntime_genai as og
-    from onnxruntime_genai.models.builder import create_model
 
     if spec.builder_ep == "cuda" and not og.is_cuda_available():
         raise RuntimeError(f"export target {spec.precision} for CUDA needs onnxruntime-genai-cuda and a GPU; "
                            "this machine has neither (use genai-int4 for CPU)")
-    options = {"hf_token": "false", "hf_remote": trust_remote_code}
-    if spec.precision == "int4":
-        options |= {"int4_algo_config": cfg.int4_algo_config, "int4_block_size": cfg.int4_block_size,
-                    "int4_accuracy_level": cfg.int4_accuracy_level, "int4_is_symmetric": cfg.int4_is_symmetric}
+    options = int4_options(cfg) if spec.precision == "int4" else {}
+    build_genai_folder(merged_model, out, spec.precision, spec.builder_ep, trust_remote_code, options)
+
+
+def int4_options(cfg: ExportConfig) -> dict:
+    """The model builder's int4 ``extra_options`` from ``cfg``."""
+    return {"int4_algo_config": cfg.int4_algo_config, "int4_block_size": cfg.int4_block_size,
+            "int4_accuracy_level": cfg.int4_accuracy_level, "int4_is_symmetric": cfg.int4_is_symmetric}
+
+
+def build_genai_folder(model: str, out: Path, precision: str, execution_provider: str, trust_remote_code: bool,
+                       options: dict) -> None:
+    """The ONNX Runtime GenAI model builder (``onnxruntime_genai.models.builder.create_model``) on ``model``,
+    offline (no Hub token; remote code only if configured), with ``options`` as its ``extra_options``, then
+    ``portable_tokenizer``."""
+    from onnxruntime_genai.models.builder import create_model
+
+    options = {"hf_token": "false", "hf_remote": trust_remote_code, **options}
     noise = io.StringIO()  # the builder prints every tensor it saves
     with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(noise), \
             contextlib.redirect_stderr(noise), _quiet_loggers("onnx_ir", "onnxruntime", "neural_compressor"):
-        create_model(None, merged_model, str(out), spec.precision, spec.builder_ep, cache, **options)
+        create_model(None, model, str(out), precision, execution_provider, cache, **options)
     portable_tokenizer(out / "tokenizer.json")
 
 
@@ -185,16 +270,27 @@ def portable_tokenizer(path: Path) -> None:
 
 def check_export(target: str, folder: str | Path, merged_model: str, test_file: str, reference_eval: str,
                  cfg: ExportConfig, trust_remote_code: bool = False) -> dict:
-    """Measure the exported ``folder`` against the merged PyTorch model (see the module doc for the gate).
-
-    Returns:
-        ``{"tokenizer_mismatches": int, "greedy_agreement": float, "n_check_prompts": int, <primary metric>:
-        float, "reference_<primary metric>": float, "same_answer": fraction of test rows where the exported
-        and the merged model's normalised answers are equal, "n_examples": int, "eval_seconds": float}`` plus
-        the task's other quality metric.
+    """``measure_export``'s figures if the gate passes.
 
     Raises:
         ExportCheckError: naming every failed check with its figures.
+    """
+    result, failures = measure_export(target, folder, merged_model, test_file, reference_eval, cfg,
+                                      trust_remote_code)
+    if failures:
+        raise ExportCheckError(f"export {target}: " + "; ".join(failures))
+    return result
+
+
+def measure_export(target: str, folder: str | Path, merged_model: str, test_file: str, reference_eval: str,
+                   cfg: ExportConfig, trust_remote_code: bool = False) -> tuple[dict, list[str]]:
+    """Measure the exported ``folder`` against the merged PyTorch model (see the module doc for the gate).
+
+    Returns:
+        ``({"tokenizer_mismatches": int, "greedy_agreement": float, "n_check_prompts": int, <primary metric>:
+        float, "reference_<primary metric>": float, "same_answer": fraction of test rows where the exported
+        and the merged model's normalised answers are equal, "n_examples": int, "eval_seconds": float}`` plus
+        the task's other quality metric, ``[one line per failed check, with its figures]``).
     """
     records = read_jsonl(test_file)
     reference = read_json(Path(reference_eval) / "metrics.json")
@@ -203,7 +299,7 @@ def check_export(target: str, folder: str | Path, merged_model: str, test_file: 
     primary = task_kind(task).primary
     tokenizer = load_tokenizer(merged_model, trust_remote_code)
     expected = [prompt_ids(tokenizer, r) for r in records]
-    runner = GenAIRunner(folder) if TARGETS[target].tool == "genai" else OptimumRunner(folder)
+    runner = OptimumRunner(folder) if TARGETS[target].tool == "optimum" else GenAIRunner(folder)
 
     mismatched = [i for i, r in enumerate(records) if runner.prompt_ids(r["messages"][:-1]) != expected[i]]
     agreement = greedy_agreement(runner, merged_model, expected[: cfg.n_check_prompts], cfg.max_new_tokens,
@@ -232,9 +328,7 @@ def check_export(target: str, folder: str | Path, merged_model: str, test_file: 
     if drop > cfg.max_quality_drop:
         failures.append(f"{primary} {scores[primary]:.4f} on {n} test rows is {drop:.4f} below the merged "
                         f"model's {ref_scores[primary]:.4f} (export.max_quality_drop={cfg.max_quality_drop:g})")
-    if failures:
-        raise ExportCheckError(f"export {target}: " + "; ".join(failures))
-    return result
+    return result, failures
 
 
 def greedy_agreement(runner, merged_model: str, prompts: list[list[int]], max_new_tokens: int, eos: int,

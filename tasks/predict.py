@@ -4,7 +4,9 @@ An exported folder (``tasks/export.py``, targets ``genai-*``) holds the ONNX mod
 names the execution provider), the tokenizer with its chat template, and ``inference.json``: how the training
 data turned an input text into chat messages (``system_prompt``, ``prompt_template``) and how many tokens an
 answer takes (``max_new_tokens``). So ``Predictor(folder)("some text")`` builds the same prompt the model was
-trained on. Only ``onnxruntime-genai`` and ``numpy`` are imported.
+trained on. An adapter export (``genai-int4-adapter``) holds the adapter alone and names its int4 base; one
+``Predictor`` serves any number of adapters of one base, chosen per request (``adapter=``), each with its own
+prompt format. Only ``onnxruntime``, ``onnxruntime-genai``, ``numpy`` and ``safetensors`` are imported.
 """
 from __future__ import annotations
 
@@ -12,28 +14,45 @@ import json
 import os
 from pathlib import Path
 
+from tasks.onnx_adapter import ADAPTER_INFO, AdapterError, check_adapter
+
 INFERENCE_FILE = "inference.json"
 
 
-def inference_settings(data_cfg, task: str, max_new_tokens: int) -> dict:
-    """The ``inference.json`` of an export: how ``tasks/ingest.py`` made chat messages of an input text
-    (``data.system_prompt``; ``data.prompt_template`` for classification), and the answer length in tokens."""
-    return {"task": task, "system_prompt": data_cfg.system_prompt, "max_new_tokens": max_new_tokens,
+def inference_settings(data_cfg, task: str, max_new_tokens: int, name: str | None = None) -> dict:
+    """The ``inference.json`` of an export: the run config's ``name`` (an adapter serves under it), how
+    ``tasks/ingest.py`` made chat messages of an input text (``data.system_prompt``; ``data.prompt_template`` for
+    classification), and the answer length in tokens."""
+    return {"name": name, "task": task, "system_prompt": data_cfg.system_prompt, "max_new_tokens": max_new_tokens,
             "prompt_template": data_cfg.prompt_template if task == "classification" else "{text}"}
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
-    """``model_dir`` as a Path if it is a GenAI export.
+    """``model_dir`` as a Path if it is a GenAI export: a whole model, or an adapter export whose int4 base is
+    where its ``adapter.json`` says.
 
     Raises:
-        FileNotFoundError: it lacks ``genai_config.json`` or ``inference.json``.
+        FileNotFoundError: it lacks ``genai_config.json`` or ``inference.json``, or its base is gone.
     """
     model_dir = Path(model_dir)
-    for name in ("genai_config.json", INFERENCE_FILE):
-        if not (model_dir / name).is_file():
-            raise FileNotFoundError(f"{model_dir}: no {name}; expected a folder exported with a genai-* target "
+    folder = base_of(model_dir) if (model_dir / ADAPTER_INFO).is_file() else model_dir
+    for path in (folder / "genai_config.json", model_dir / INFERENCE_FILE):
+        if not path.is_file():
+            missing = path.name if path.parent == model_dir else f"{path} (its int4 base)"
+            raise FileNotFoundError(f"{model_dir}: no {missing}; expected a folder exported with a genai-* target "
                                     "(export.targets)")
     return model_dir
+
+
+def base_of(adapter_export: str | Path) -> Path:
+    """The int4 base folder an adapter export (``genai-int4-adapter``) runs on, from its ``adapter.json``."""
+    return Path(json.loads((Path(adapter_export) / ADAPTER_INFO).read_text(encoding="utf-8"))["base"])
+
+
+def adapter_name(adapter_export: str | Path) -> str:
+    """The name an adapter export serves under: the run config's ``name`` (``inference.json``), else its folder's."""
+    settings = json.loads((Path(adapter_export) / INFERENCE_FILE).read_text(encoding="utf-8"))
+    return settings.get("name") or Path(adapter_export).name
 
 
 def runtime_config(model_dir: Path):
@@ -51,28 +70,70 @@ def runtime_config(model_dir: Path):
 
 
 class Predictor:
-    """An exported GenAI model, its tokenizer and its prompt format, loaded once.
+    """An exported GenAI model with its tokenizer and prompt format, loaded once: a whole model (``genai-int4``),
+    or one int4 base with any number of adapters (``genai-int4-adapter`` exports), chosen per request.
 
     Args:
-        model_dir: an exported ``genai-*`` folder (``genai_config.json`` + ``inference.json``).
+        model_dir: a ``genai-*`` export; for an adapter export, its base is loaded and the adapter with it.
+        adapters: ``{name: adapter export folder}`` to load as well, all for the same int4 base; ``model_dir``
+            may then be that base's folder itself.
 
     Raises:
-        FileNotFoundError: ``model_dir`` lacks ``genai_config.json`` or ``inference.json`` (not a GenAI export).
+        FileNotFoundError: ``model_dir`` is not a GenAI export.
+        tasks.onnx_adapter.AdapterError: an adapter is corrupted, made for another base, or its rank/targets do
+            not fit the base (one line naming the file).
     """
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, adapters: dict[str, str | Path] | None = None):
         import onnxruntime_genai as og
 
-        self.model_dir = check_model_dir(model_dir)
-        self.settings = json.loads((self.model_dir / INFERENCE_FILE).read_text(encoding="utf-8"))
-        self._og = og
-        self.model = og.Model(runtime_config(self.model_dir))
+        folder, adapters = Path(model_dir), dict(adapters or {})
+        if (folder / ADAPTER_INFO).is_file():
+            check_model_dir(folder)
+            adapters = {adapter_name(folder): folder, **adapters}
+            folder = base_of(folder)
+        elif not adapters:
+            check_model_dir(folder)
+        elif not (folder / "genai_config.json").is_file():
+            raise FileNotFoundError(f"{folder}: no genai_config.json; expected an int4 base folder")
+        self.model_dir, self._og = folder, og
+        own = folder / INFERENCE_FILE
+        self.prompt_formats = {None: json.loads(own.read_text(encoding="utf-8"))} if own.is_file() else {}
+        self.model = og.Model(runtime_config(folder))
         self.tokenizer = og.Tokenizer(self.model)
+        self._adapters = og.Adapters(self.model) if adapters else None
+        for name, path in adapters.items():
+            file = check_adapter(path, folder)
+            try:
+                self._adapters.load(str(file), name)
+            except Exception as e:  # noqa: BLE001 - the runtime's own error types; one line naming the file
+                raise AdapterError(f"{file}: ONNX Runtime GenAI cannot load it ({str(e).splitlines()[0]})") from None
+            self.prompt_formats[name] = json.loads((Path(path) / INFERENCE_FILE).read_text(encoding="utf-8"))
+        self.default = None if None in self.prompt_formats or len(adapters) != 1 else next(iter(adapters))
 
-    def messages(self, text: str) -> list[dict]:
-        """The chat messages the training data made of ``text``: optional system turn + templated user turn."""
-        system = self.settings.get("system_prompt")
-        user = {"role": "user", "content": self.settings.get("prompt_template", "{text}").format(text=text)}
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        return [name for name in self.prompt_formats if name is not None]
+
+    @property
+    def settings(self) -> dict:
+        """The default prompt format (``inference.json``): the model's own, or its only adapter's."""
+        return self.prompt_formats[self._choose(None)]
+
+    def _choose(self, adapter: str | None) -> str | None:
+        adapter = adapter or self.default
+        if adapter not in self.prompt_formats:
+            wanted = "no adapter was chosen" if adapter is None else f"no adapter named {adapter!r}"
+            raise InputError(f"{self.model_dir}: {wanted}; loaded adapters: {', '.join(self.adapters)}")
+        return adapter
+
+    def messages(self, text: str, adapter: str | None = None) -> list[dict]:
+        """The chat messages the training data (of ``adapter``) made of ``text``: optional system turn +
+        templated user turn."""
+        settings = self.prompt_formats[self._choose(adapter)]
+        system = settings.get("system_prompt")
+        user = {"role": "user", "content": settings.get("prompt_template", "{text}").format(text=text)}
         return ([{"role": "system", "content": system}] if system is not None else []) + [user]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -82,8 +143,9 @@ class Predictor:
         return [int(i) for i in self.tokenizer.encode(text)]
 
     def generate_ids(self, prompt: list[int], max_new_tokens: int, min_new_tokens: int = 0,
-                     on_token=None) -> list[int]:
-        """Greedy-decode up to ``max_new_tokens`` after ``prompt`` (one sequence, KV cache in the runtime).
+                     on_token=None, adapter: str | None = None) -> list[int]:
+        """Greedy-decode up to ``max_new_tokens`` after ``prompt`` (one sequence, KV cache in the runtime), with
+        ``adapter`` active (default: the only one loaded).
 
         Stops at the end-of-sequence token unless ``min_new_tokens`` are not reached yet (benchmarks use it to
         decode a fixed length). ``on_token()`` is called after each generated token (for timing).
@@ -92,10 +154,13 @@ class Predictor:
             the new token ids, end-of-sequence token excluded.
         """
         og = self._og
+        name = self._choose(adapter)
         params = og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens,
                                   min_length=len(prompt) + min_new_tokens)
         generator = og.Generator(self.model, params)
+        if name is not None:
+            generator.set_active_adapter(self._adapters, name)
         generator.append_tokens([prompt])
         while not generator.is_done():
             generator.generate_next_token()
@@ -109,13 +174,49 @@ class Predictor:
         """Text of ``ids`` without special tokens, stripped."""
         return self.tokenizer.decode(ids).strip() if ids else ""
 
-    def __call__(self, texts: str | list[str], max_new_tokens: int | None = None) -> str | list[str]:
-        """Answer one input text (returns a str) or a list of them (returns a list, same order)."""
+    def __call__(self, texts: str | list[str], max_new_tokens: int | None = None,
+                 adapter: str | list[str | None] | None = None) -> str | list[str]:
+        """Answer one input text (returns a str) or a list of them (returns a list, same order), with ``adapter``
+        (one name for all, or one per text; None = the default)."""
         single = isinstance(texts, str)
-        max_new = max_new_tokens or self.settings["max_new_tokens"]
-        answers = [self.decode(self.generate_ids(self.prompt_ids(self.messages(t)), max_new))
-                   for t in ([texts] if single else texts)]
+        texts = [texts] if single else list(texts)
+        chosen = adapter if isinstance(adapter, list) else [adapter] * len(texts)
+        answers = []
+        for text, name in zip(texts, chosen):
+            max_new = max_new_tokens or self.prompt_formats[self._choose(name)]["max_new_tokens"]
+            answers.append(self.decode(self.generate_ids(self.prompt_ids(self.messages(text, name)), max_new,
+                                                         adapter=name)))
         return answers[0] if single else answers
+
+
+def load(models: list[str]) -> Predictor:
+    """One ``Predictor`` for ``models``: one export folder, or adapter exports on one int4 base, each given as
+    ``DIR`` (served under ``adapter_name(DIR)``) or ``NAME=DIR``.
+
+    Raises:
+        InputError: two adapters with one name, or several folders that are not adapter exports of one base.
+    """
+    if len(models) == 1 and not split_model_arg(models[0])[0]:
+        return Predictor(models[0])
+    named = {}
+    for name, folder in map(split_model_arg, models):
+        if not (Path(folder) / ADAPTER_INFO).is_file():
+            raise InputError(f"{folder}: only adapter exports (genai-int4-adapter) can be served together")
+        check_model_dir(folder)
+        name = name or adapter_name(folder)
+        if name in named:
+            raise InputError(f"two adapters named {name!r} ({named[name]}, {folder}); name them: --model NAME=DIR")
+        named[name] = folder
+    bases = {base_of(folder).resolve() for folder in named.values()}
+    if len(bases) > 1:
+        raise InputError(f"the adapters run on {len(bases)} different int4 bases; one process serves one base")
+    return Predictor(bases.pop(), adapters=named)
+
+
+def split_model_arg(spec: str) -> tuple[str, str]:
+    """``NAME=DIR`` -> ``(NAME, DIR)``; ``DIR`` (also one that contains ``=``) -> ``("", DIR)``."""
+    name, sep, folder = spec.partition("=")
+    return (name, folder) if sep and not Path(spec).exists() else ("", spec)
 
 
 class InputError(ValueError):
@@ -123,11 +224,18 @@ class InputError(ValueError):
 
 
 def read_inputs(path: str | Path) -> list[str]:
-    """Input texts of a batch: ``.jsonl`` rows with a non-empty string field ``text``, or any other file as one
-    input per non-empty line (UTF-8).
+    """Input texts of a batch (``read_requests`` without the adapter names)."""
+    return [text for text, _ in read_requests(path)]
+
+
+def read_requests(path: str | Path) -> list[tuple[str, str | None]]:
+    """``(text, adapter name or None)`` per input of a batch: ``.jsonl`` rows with a non-empty string field
+    ``text`` and an optional string field ``adapter``, or any other file as one input per non-empty line
+    (UTF-8).
 
     Raises:
-        InputError: missing file, undecodable bytes, bad JSON, or a row without a usable ``text`` field.
+        InputError: missing file, undecodable bytes, bad JSON, or a row without a usable ``text`` field or with
+            a non-string ``adapter``.
     """
     path = Path(path)
     try:
@@ -135,8 +243,8 @@ def read_inputs(path: str | Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read inputs: {e}") from None
     if path.suffix != ".jsonl":
-        return [line for line in lines if line.strip()]
-    texts = []
+        return [(line, None) for line in lines if line.strip()]
+    requests = []
     for rowno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -147,19 +255,25 @@ def read_inputs(path: str | Path) -> list[str]:
         text = row.get("text") if isinstance(row, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{path}: row {rowno}: field 'text': expected a non-empty string, got {text!r}"[:200])
-        texts.append(text)
-    return texts
+        adapter = row.get("adapter")
+        if adapter is not None and not isinstance(adapter, str):
+            raise InputError(f"{path}: row {rowno}: field 'adapter': expected an adapter name, got {adapter!r}"[:200])
+        requests.append((text, adapter))
+    return requests
 
 
-def predict(model_dir: str | Path, texts: list[str], max_new_tokens: int | None = None) -> list[str]:
-    """Greedy answers of the exported model in ``model_dir`` to ``texts`` (plain function; see ``Predictor``).
+def predict(model_dir: str | Path | list[str], texts: list[str], max_new_tokens: int | None = None,
+            adapter: str | list[str | None] | None = None) -> list[str]:
+    """Greedy answers of the exported model in ``model_dir`` (or the adapter exports listed, see ``load``) to
+    ``texts`` (plain function; see ``Predictor``).
 
     Args:
         texts: raw inputs, formatted into chat messages as the training data was (``inference.json``).
         max_new_tokens: answer length limit in tokens; default the folder's (the evaluation's) setting.
+        adapter: the adapter to answer with, one for all texts or one per text (None: the default).
 
     Returns:
         one answer per input text, special tokens removed, whitespace stripped.
     """
-    return Predictor(model_dir)(list(texts), max_new_tokens)
-
+    models = model_dir if isinstance(model_dir, list) else [str(model_dir)]
+    return load(models)(list(texts), max_new_tokens, adapter)

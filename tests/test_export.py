@@ -59,14 +59,7 @@ def _corrupt_copy(exported: dict, tmp_path: Path) -> Path:
 
 def test_corrupted_weights_fail_the_gate(tiny_int4, tiny_merged, tmp_path):
     folder = _corrupt_copy(tiny_int4, tmp_path)
-    model = onnx.load(folder / "model.onnx")  # shuffle every quantization scale: a finite, wrong model
-    rng = np.random.default_rng(0)
-    for init in model.graph.initializer:
-        if "scale" in init.name:
-            init.CopyFrom(numpy_helper.from_array(rng.permutation(numpy_helper.to_array(init).ravel()).reshape(
-                init.dims), init.name))
-    (folder / "model.onnx.data").unlink()
-    onnx.save(model, folder / "model.onnx", save_as_external_data=True, location="model.onnx.data")
+    _shuffle_scales(folder)
     with pytest.raises(ExportCheckError, match=r"greedy agreement with PyTorch 0\.00 .*accuracy 0\.0000") as err:
         run_check(tiny_merged, folder)
     assert "tokenizer" not in str(err.value)
@@ -127,3 +120,40 @@ def test_export_target_names_are_validated():
     with pytest.raises(ValueError):
         ExportConfig(targets=["genai-int3"])
     assert np.isclose(ExportConfig().max_quality_drop, 0.01)
+
+
+def _shuffle_scales(folder: Path) -> None:
+    """Shuffle every quantization scale of ``folder``'s model: a finite, wrong model."""
+    model = onnx.load(folder / "model.onnx")
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        if "scale" in init.name:
+            init.CopyFrom(numpy_helper.from_array(rng.permutation(numpy_helper.to_array(init).ravel()).reshape(
+                init.dims), init.name))
+    (folder / "model.onnx.data").unlink()
+    onnx.save(model, folder / "model.onnx", save_as_external_data=True, location="model.onnx.data")
+
+
+def test_ladder_publishes_the_smallest_rung_that_passes(tiny_trained, tiny_merged, tmp_path, monkeypatch):
+    """Stops at the first rung that passes; when the int4 rungs come out broken (their scales shuffled after the
+    build), records why and publishes the next rung, fp32."""
+    m, cfg = tiny_merged, tiny_trained["cfg"].export
+    first = export.export("genai-ladder", m["merged"], m["test"], m["eval"], m["inference"], cfg, tmp_path / "a")
+    assert [(r["rung"], r["passed"]) for r in first.ladder] == [("int4", True)] and first.precision == "int4"
+
+    build = export.build_genai_folder
+
+    def broken_int4(model, out, precision, *args):
+        build(model, out, precision, *args)
+        if precision == "int4":
+            _shuffle_scales(out)
+
+    monkeypatch.setattr(export, "build_genai_folder", broken_int4)
+    result = export.export("genai-ladder", m["merged"], m["test"], m["eval"], m["inference"], cfg, tmp_path / "b")
+    assert [(r["rung"], r["passed"]) for r in result.ladder] == [
+        ("int4", False), ("int4-int8-head", False), ("int4-mixed", False), ("fp32", True)]
+    assert result.precision == "fp32" and result.greedy_agreement == 1.0 and result.same_answer == 1.0
+    assert all("greedy agreement with PyTorch 0.00" in r["failures"][0] for r in result.ladder[:3])
+    assert result.ladder[0]["size_mb"] < result.size_mb
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".rung")]
+    assert json.loads((tmp_path / "b" / "export.json").read_text())["precision"] == "fp32"

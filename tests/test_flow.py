@@ -165,3 +165,19 @@ def test_cli_bad_config_exits_non_zero_with_one_line(capsys):
     assert main(["--set", "lora.rank=4"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "lora.rank: Extra inputs are not permitted" in err
+
+
+def test_adapter_export_trains_on_the_int4_base_and_an_accuracy_level_change_retrains_nothing(flow_run):
+    cfg, _, out = flow_run
+    adapter = {"targets": ["genai-int4-adapter"]}
+    first = finetune(_rename(cfg, "adapter", export=adapter))
+    states = first["stage_states"]
+    assert states["int4_base"] == "Completed" and states["train"] == "Completed"  # the matched base: new weights
+    assert first["onnx"]["genai-int4-adapter"]["same_answer"] == 1.0
+    base = Path(first["onnx"]["genai-int4-adapter"]["base"])
+    assert json.loads((out / "adapter/onnx/genai-int4-adapter/adapter.json").read_text())["base"] == str(base)
+    assert (out / "adapter/onnx/int4-base").resolve() == base.resolve()
+    # int4_accuracy_level changes the int4 graph, not its weights: only the base and the export run again
+    states = finetune(_rename(cfg, "level", export={**adapter, "int4_accuracy_level": 1}))["stage_states"]
+    assert states["int4_base"] == states["export_genai-int4-adapter"] == "Completed"
+    assert {states[s] for s in ("train", "merge", "evaluate_base", "evaluate_finetuned")} == {"Cached"}

@@ -1,0 +1,282 @@
+"""export-base: the base model exported once as ONNX Runtime GenAI int4 with LoRA slots, and its de-quantized
+PyTorch twin, on which LoRA trains and the pipeline evaluates (quantization-matched training).
+
+The int4 base (``onnx/``) is built by the ONNX Runtime GenAI model builder (``-p int4 -e cpu``) from the base
+model with a placeholder rank-1 LoRA adapter (``--extra_options adapter_path=``: the builder then makes a
+``lora_A``/``lora_B`` MatMul pair beside every adapted MatMul, ``builders/base.py: make_matmul_lora``). The LoRA
+MatMuls are kept out of the int4 quantization (``int4_nodes_to_exclude``), and their weights become graph inputs
+of shape ``[in, lora_r]`` / ``[lora_r, out]`` whose default is an empty tensor (``lora_r`` = 0, so the base alone
+adds nothing), the form of Olive's ``ExtractAdapters`` pass (``make_inputs``, ``optional_inputs``). An adapter
+file (``.onnx_adapter``, ``tasks/onnx_adapter.py``) overrides them per request. ``lora_inputs.json`` lists them
+with their shapes.
+
+The matched base (``matched/``) is the base model with every weight the int4 export quantized replaced by what
+the export computes with: MatMulNBits and GatherBlockQuantized weights de-quantized as the ONNX Runtime contrib-op
+spec defines them (``W = (q - zero_point) * scale`` per block of ``block_size`` along K; docs/ContribOperators.md
+in onnxruntime). So an adapter trained on it corrects the quantization error instead of meeting it after training,
+and the model the pipeline evaluates is, up to activation rounding (``int4_accuracy_level``), the one it ships.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from configs.schema import ConfigError
+from tasks.files import atomic_dir
+
+log = logging.getLogger(__name__)
+
+LORA_INPUTS_FILE = "lora_inputs.json"
+RANK_DIM = "lora_r"
+# the builder's names: /model/layers.3/attn/q_proj/MatMul_Q4 (int4) ... its LoRA weight model.layers.3.attn.q_proj
+# .lora_A.MatMul.weight; the transformers module model.layers.3.self_attn.q_proj
+LAYER_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul(?:_Q\d+)?$")
+LORA_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.lora_([AB])\.MatMul\.weight$")
+HF_MODULE = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
+BUILDER_BLOCK = {"self_attn": "attn", "mlp": "mlp"}
+
+
+class Int4BaseResult(BaseModel):
+    """What ``export_base`` returns and writes as ``export_base.json``."""
+
+    onnx: str  # the GenAI folder: int4 base with LoRA weight inputs (genai_config.json, model.onnx, tokenizer)
+    matched_model: str  # transformers folder: the base with the de-quantized weights (safetensors)
+    matched_digest: str  # SHA-256 of matched/'s files (16 hex): what training and evaluation are keyed by, so
+    # that a change that leaves the weights alone (e.g. int4_accuracy_level) re-trains nothing
+    quantized_weights: int  # weights the export quantized, each replaced by its de-quantized form
+    lora_inputs: int  # LoRA weight graph inputs
+    export_seconds: float
+
+
+def export_base(base_model: str, target_modules: str | list[str], int4: dict, out_dir: str | Path,
+                trust_remote_code: bool = False) -> Int4BaseResult:
+    """Export ``base_model`` as an int4 GenAI base with LoRA slots on ``target_modules`` (``onnx/``) and write
+    its de-quantized transformers twin (``matched/``), both under ``out_dir``.
+
+    Args:
+        target_modules: as ``lora.target_modules`` (``"all-linear"`` or module names): where adapters may go.
+        int4: the model builder's int4 options (``int4_algo_config``, ``int4_block_size``,
+            ``int4_accuracy_level``, ``int4_is_symmetric``).
+
+    Raises:
+        ConfigError: ``target_modules`` names a module outside the decoder layers (the builder puts LoRA only
+            on attention and MLP projections), or the builder packed/fused a weight this reader cannot map.
+    """
+    start = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        build_with_lora_slots(base_model, target_modules, int4, tmp / "onnx", trust_remote_code)
+        n_inputs = make_lora_inputs(tmp / "onnx")
+        n_weights = write_matched_base(base_model, tmp / "onnx", tmp / "matched", trust_remote_code)
+        result = Int4BaseResult(onnx=str(Path(out_dir) / "onnx"), matched_model=str(Path(out_dir) / "matched"),
+                                matched_digest=folder_digest(tmp / "matched"), quantized_weights=n_weights,
+                                lora_inputs=n_inputs, export_seconds=round(time.perf_counter() - start, 1))
+        (tmp / "export_base.json").write_text(result.model_dump_json(indent=1), encoding="utf-8")
+    log.info("export-base: %s", result.model_dump_json())
+    return result
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 (16 hex) over ``folder``'s files: each relative name and the SHA-256 of its bytes, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}\0".encode())
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def build_with_lora_slots(base_model: str, target_modules: str | list[str], int4: dict, out: Path,
+                          trust_remote_code: bool) -> None:
+    """The model builder on ``base_model`` plus a zero rank-1 LoRA on ``target_modules``, its LoRA MatMuls kept
+    in float (the builder multiplies ``lora_B`` by the adapter's scaling; an adapter file brings its own)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.base_model import load_model
+    from tasks.export import build_genai_folder
+
+    model = get_peft_model(load_model(base_model, trust_remote_code),
+                           LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=target_modules))
+    with tempfile.TemporaryDirectory() as slots:
+        model.save_pretrained(slots, safe_serialization=True)
+        lora_nodes = [builder_node(module).removesuffix("MatMul") + f"{ab}/MatMul"
+                      for module in model.targeted_module_names for ab in ("lora_A", "lora_B")]
+        build_genai_folder(base_model, out, "int4", "cpu", trust_remote_code,
+                           {**int4, "adapter_path": slots, "int4_nodes_to_exclude": lora_nodes})
+
+
+def builder_node(module: str) -> str:
+    """The model builder's MatMul node of a transformers module: ``model.layers.3.self_attn.q_proj`` (any prefix)
+    -> ``/model/layers.3/attn/q_proj/MatMul``.
+
+    Raises:
+        ConfigError: not an attention or MLP projection of a decoder layer.
+    """
+    match = HF_MODULE.search(module)
+    if not match:
+        raise ConfigError(f"lora.target_modules: {module} is not an attention or MLP projection of a decoder "
+                          "layer; the int4 adapter export (genai-int4-adapter) can only adapt those")
+    layer, block, proj = match.groups()
+    return f"/model/layers.{layer}/{BUILDER_BLOCK[block]}/{proj}/MatMul"
+
+
+def make_lora_inputs(folder: Path) -> int:
+    """Turn the LoRA weight initializers of ``folder/model.onnx`` into optional graph inputs (empty default,
+    dynamic ``lora_r``) and list them in ``lora_inputs.json`` (``{name: [dim, dim]}``); returns how many."""
+    import onnx
+    from onnx import helper
+
+    path = folder / "model.onnx"
+    model = onnx.load(str(path))  # with its external data: the file is rewritten below
+    shapes = {}
+    for init in model.graph.initializer:
+        match = LORA_WEIGHT.match(init.name)
+        if not match:
+            continue
+        a = match.group(4) == "A"
+        dims = [init.dims[0], RANK_DIM] if a else [RANK_DIM, init.dims[1]]
+        init.ClearField("raw_data")
+        init.ClearField("float_data")
+        init.ClearField("external_data")
+        init.data_location = onnx.TensorProto.DEFAULT
+        init.dims[:] = [init.dims[0], 0] if a else [0, init.dims[1]]
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, dims))
+        shapes[init.name] = dims
+    for stale in (path, folder / "model.onnx.data"):
+        stale.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    (folder / LORA_INPUTS_FILE).write_text(json.dumps(shapes, indent=1), encoding="utf-8")
+    return len(shapes)
+
+
+def read_back(folder: str | Path) -> dict:
+    """The weights the int4 export in ``folder`` computes with, de-quantized, by transformers parameter name.
+
+    Returns:
+        ``{"model.layers.0.self_attn.q_proj.weight": float32 ndarray [out_features, in_features], ...,
+        "lm_head.weight": [vocab, hidden], "model.embed_tokens.weight": [vocab, hidden]}`` for every
+        MatMulNBits and GatherBlockQuantized node (float MatMuls and Gathers keep the model's own weights).
+
+    Raises:
+        ConfigError: a quantized node this reader cannot map to a transformers parameter (named).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(Path(folder) / "model.onnx")).graph
+    tensors = {init.name: init for init in graph.initializer}
+    made_by = {out: node for node in graph.node for out in node.output}
+
+    def array(name: str):
+        while name not in tensors and made_by.get(name) is not None and made_by[name].op_type == "Reshape":
+            name = made_by[name].input[0]  # GatherBlockQuantized reads the tied lm_head weight through a Reshape
+        return numpy_helper.to_array(tensors[name]) if name in tensors else None
+
+    weights = {}
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMulNBits":
+            zero = array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            weights[parameter_name(node.name)] = dequantize(array(node.input[1]), array(node.input[2]), zero,
+                                                            attrs["bits"], attrs["block_size"], attrs["K"])
+        elif node.op_type == "GatherBlockQuantized":
+            if attrs.get("gather_axis", 0) != 0 or attrs.get("quantize_axis", 1) != 1:
+                raise ConfigError(f"{folder}: {node.name}: only gather_axis 0, quantize_axis 1 is supported")
+            data, scales = array(node.input[0]), array(node.input[2])
+            zero = array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            bits, block = attrs.get("bits", 4), attrs["block_size"]
+            width = data.size * 8 // bits // data.shape[0]  # the lm_head weight may come un-reshaped
+            weights["model.embed_tokens.weight"] = dequantize(data.reshape(data.shape[0], -1, block * bits // 8),
+                                                              scales, zero, bits, block, width)
+    return weights
+
+
+def parameter_name(node: str) -> str:
+    """The transformers parameter a MatMulNBits node quantized: ``/model/layers.3/attn/q_proj/MatMul_Q4`` ->
+    ``model.layers.3.self_attn.q_proj.weight``; ``/lm_head/MatMul_Q4`` -> ``lm_head.weight``.
+
+    Raises:
+        ConfigError: a packed or unknown node (e.g. ``qkv_proj``, which the builder packs without LoRA slots).
+    """
+    if re.match(r"^/lm_head/MatMul(?:_Q\d+)?$", node):
+        return "lm_head.weight"
+    match = LAYER_NODE.match(node)
+    if not match or match.group(3) in ("qkv_proj", "gate_up_proj"):
+        raise ConfigError(f"int4 base: cannot map the quantized node {node} to a transformers weight")
+    layer, block, proj = match.groups()
+    return f"model.layers.{layer}.{'self_attn' if block == 'attn' else 'mlp'}.{proj}.weight"
+
+
+def dequantize(packed, scales, zero_points, bits: int, block_size: int, k: int):
+    """De-quantize block-quantized weights as ONNX Runtime's MatMulNBits / GatherBlockQuantized define them.
+
+    Args:
+        packed: uint8 ``[N, n_blocks, block_size * bits / 8]``; with ``bits`` 4 each byte holds two values, the
+            first in its low nibble.
+        scales: float ``[N, n_blocks]`` (or flat ``[N * n_blocks]``).
+        zero_points: uint8, ``[N, n_blocks]`` for 8 bits or ``[N, ceil(n_blocks / 2)]`` packed for 4 bits;
+            None = ``2 ** (bits - 1)`` (the spec's default for unsigned storage).
+        k: the real K (the last block is padded).
+
+    Returns:
+        float32 ndarray ``[N, k]``: ``(q - zero_point) * scale`` per block.
+
+    Raises:
+        ConfigError: ``bits`` other than 4 or 8, or float zero points.
+    """
+    import numpy as np
+
+    if bits not in (4, 8):
+        raise ConfigError(f"int4 base: {bits}-bit weights are not supported (4 or 8)")
+    n, blocks = packed.shape[0], packed.shape[1]
+    q = packed.astype(np.int32)
+    if bits == 4:
+        q = np.stack([q & 0x0F, q >> 4], axis=-1).reshape(n, blocks, -1)
+    if zero_points is None:
+        zero = np.full((n, blocks), 2 ** (bits - 1), dtype=np.int32)
+    elif zero_points.dtype != np.uint8:
+        raise ConfigError("int4 base: float zero points are not supported")
+    else:
+        zero = zero_points.reshape(n, -1).astype(np.int32)
+        if bits == 4:
+            zero = np.stack([zero & 0x0F, zero >> 4], axis=-1).reshape(n, -1)
+        zero = zero[:, :blocks]
+    weights = (q - zero[..., None]).astype(np.float32) * scales.reshape(n, blocks, 1).astype(np.float32)
+    return weights.reshape(n, -1)[:, :k]
+
+
+def write_matched_base(base_model: str, onnx_folder: Path, out: Path, trust_remote_code: bool) -> int:
+    """Save ``base_model`` with every weight ``read_back(onnx_folder)`` returns put in place (safetensors, fp32),
+    plus its tokenizer, to ``out``; returns how many weights were replaced.
+
+    Raises:
+        ConfigError: a read-back weight has another shape than the model's, or two read-back weights land on one
+            tied parameter with different values.
+    """
+    import torch
+
+    from tasks.base_model import load_model, load_tokenizer
+
+    model = load_model(base_model, trust_remote_code, dtype=torch.float32)
+    weights = read_back(onnx_folder)
+    with torch.no_grad():
+        for name, value in weights.items():
+            param = model.get_parameter(name)
+            if tuple(param.shape) != value.shape:
+                raise ConfigError(f"int4 base: {name} is {tuple(param.shape)} in the model, {value.shape} in the "
+                                  "export")
+            param.copy_(torch.from_numpy(value))
+        for name, value in weights.items():  # tied weights: the last copy must not have overwritten another one
+            if not torch.equal(model.get_parameter(name), torch.from_numpy(value)):
+                raise ConfigError(f"int4 base: {name} is tied to another weight that the export quantized "
+                                  "differently")
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(base_model, trust_remote_code).save_pretrained(out)
+    return len(weights)
