@@ -207,10 +207,10 @@ def load(models: list[str]) -> Predictor:
         if name in named:
             raise InputError(f"two adapters named {name!r} ({named[name]}, {folder}); name them: --model NAME=DIR")
         named[name] = folder
-    bases = {base_of(folder).resolve() for folder in named.values()}
+    bases = {json.loads((Path(f) / ADAPTER_INFO).read_text(encoding="utf-8"))["base_sha256"] for f in named.values()}
     if len(bases) > 1:
         raise InputError(f"the adapters run on {len(bases)} different int4 bases; one process serves one base")
-    return Predictor(bases.pop(), adapters=named)
+    return Predictor(base_of(next(iter(named.values()))), adapters=named)
 
 
 def split_model_arg(spec: str) -> tuple[str, str]:

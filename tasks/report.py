@@ -146,7 +146,11 @@ def export_lines(metrics: dict) -> list[str]:
     lines = []
     primary = task_kind(metrics["task"]).primary
     for target, r in (metrics["onnx"] or {}).items():
-        lines.append(f"{target} ({r['execution_provider']}, {r['size_mb']:.0f} MB): {primary} {r[primary]:.4f} vs "
+        form = f"{r['size_mb']:.1f} MB on the int4 base {r['base']}" if r.get("base") else f"{r['size_mb']:.0f} MB"
+        if r.get("ladder"):
+            form += f", ladder rung {r['precision']} of " + ", ".join(
+                f"{t['rung']} {t[primary]:.4f}{'' if t['passed'] else ' (failed)'}" for t in r["ladder"])
+        lines.append(f"{target} ({r['execution_provider']}, {form}): {primary} {r[primary]:.4f} vs "
                      f"merged {r['reference_' + primary]:.4f} on {r['n_examples']} test rows, same answer "
                      f"{r['same_answer']:.1%}, greedy agreement {r['greedy_agreement']:.0%} on "
                      f"{r['n_check_prompts']} prompts, tokenizer mismatches {r['tokenizer_mismatches']}")
