@@ -20,7 +20,7 @@ from prefect import flow
 from configs.schema import ConfigError, FinetuneConfig, load_config
 from flows import artifacts
 from flows.caching import StageRun, fingerprint, run_stage, source_fingerprint, stage_key
-from flows.stages import (EVALUATE, EXPORT, EXPORT_BASE, INGEST, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, REPORT,
+from flows.stages import (EVALUATE, EXPORT, INGEST, INT4_BASE, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, REPORT,
                           SPLIT, TRAIN, VALIDATE)
 from tasks import base_model, export, ingest, predict, report, validate
 from tasks.files import verify_folder
@@ -94,9 +94,9 @@ def export_int4_base(run, cfg: FinetuneConfig, base: str, base_key: str) -> Stag
     ``output.dir``); None unless ``genai-int4-adapter`` is an enabled export target."""
     if not (cfg.export.enabled and ADAPTER_TARGET in cfg.export.targets):
         return None
-    trc, int4 = cfg.model.trust_remote_code, export.int4_options(cfg.export)
-    key = stage_key(EXPORT_BASE, None, base_key, cfg.lora.target_modules, int4, trc)
-    return run(EXPORT_BASE, base, cfg.lora.target_modules, int4, trust_remote_code=trc,
+    trc, options = cfg.model.trust_remote_code, export.int4_options(cfg.export)
+    key = stage_key(INT4_BASE, None, base_key, cfg.lora.target_modules, options, trc)
+    return run(INT4_BASE, base, cfg.lora.target_modules, options, trust_remote_code=trc,
                out_dir=Path(cfg.model.cache_dir).expanduser() / f"int4-base-{key}", store=shared_store(cfg))
 
 

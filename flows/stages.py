@@ -68,7 +68,7 @@ MERGE = Stage("merge", merge.merge, sections=("merge",), needs=("train",), gpu=T
 EXPORT = Stage("export", export.export, sections=("export",), needs=("merge", "evaluate"),
                libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir", "optimum",
                           "optimum-onnx"))
-EXPORT_BASE = Stage("int4-base", int4_base.export_base, needs=("prepare-base-model",),
+INT4_BASE = Stage("int4-base", int4_base.export_base, needs=("prepare-base-model",),
                     libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir"))
 REPORT = Stage("report", report.write_report)
 PUBLISH_LATEST = Stage("publish-latest", report.update_latest)
