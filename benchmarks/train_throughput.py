@@ -280,6 +280,8 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # training only: the config's export targets do not apply (genai-int4-adapter would refuse lora.method=qlora)
+    args.set = ["export.enabled=false", *args.set]
     if args.arm:
         return arm(args)
 

@@ -77,7 +77,8 @@ def remove_stale_temporaries(final: str | Path) -> list[Path]:
     return removed
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -106,7 +107,7 @@ def write_manifest(folder: str | Path) -> Path:
         if path.is_symlink():
             files[rel] = {"link": os.readlink(path)}
         else:
-            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     return write_json(folder / MANIFEST, {"files": files})
 
 
@@ -157,7 +158,7 @@ def verify_folder(path: str | Path) -> str | None:
         if size != entry.get("size"):
             return f"{file}: {size} bytes, the manifest says {entry.get('size')} (truncated or rewritten)"
     for rel, entry in files.items():
-        if "link" not in entry and _sha256(folder / rel) != entry.get("sha256"):
+        if "link" not in entry and file_sha256(folder / rel) != entry.get("sha256"):
             return f"{folder / rel}: sha256 differs from the manifest (corrupted)"
     return None
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from configs.schema import ConfigError
-from tasks.files import atomic_dir
+from tasks.files import atomic_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,7 @@ def folder_digest(folder: Path) -> str:
     """SHA-256 (16 hex) over ``folder``'s files: each relative name and the SHA-256 of its bytes, in name order."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder)}\0".encode())
-        with open(path, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+        digest.update(f"{path.relative_to(folder)}\0{file_sha256(path)}".encode())
     return digest.hexdigest()[:16]
 
 

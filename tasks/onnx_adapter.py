@@ -9,11 +9,11 @@ numpy and safetensors are imported here: ``tasks/predict.py`` loads adapters wit
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
+from tasks.files import file_sha256
 from tasks.int4_base import LORA_INPUTS_FILE, RANK_DIM, builder_node
 
 ADAPTER_FILE = "adapter.onnx_adapter"
@@ -28,14 +28,6 @@ class AdapterError(ValueError):
 def base_identity(base_onnx: str | Path) -> str:
     """SHA-256 (hex) of the int4 base's weights file ``model.onnx.data``: the identity an adapter records."""
     return file_sha256(Path(base_onnx) / "model.onnx.data")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def lora_inputs(base_onnx: str | Path) -> dict:
