@@ -69,6 +69,6 @@ EXPORT = Stage("export", export.export, sections=("export",), needs=("merge", "e
                libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir", "optimum",
                           "optimum-onnx"))
 INT4_BASE = Stage("int4-base", int4_base.export_base, needs=("prepare-base-model",),
-                    libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir"))
+                  libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir"))
 REPORT = Stage("report", report.write_report)
 PUBLISH_LATEST = Stage("publish-latest", report.update_latest)

@@ -165,7 +165,7 @@ def climb_ladder(merged_model: str, out: Path, inference: dict, test_file: str, 
     Raises:
         ExportCheckError: no rung passed; names each rung's failed checks.
     """
-    tried = []
+    primary, tried = task_kind(read_json(Path(reference_eval) / "metrics.json")["task"]).primary, []
     for rung in cfg.ladder:
         folder, (precision, options) = out / f".rung-{rung}", RUNGS[rung]
         start = time.perf_counter()
@@ -175,7 +175,6 @@ def climb_ladder(merged_model: str, out: Path, inference: dict, test_file: str, 
         built = round(time.perf_counter() - start, 1)
         figures, failures = measure_export("genai-ladder", folder, merged_model, test_file, reference_eval, cfg,
                                            trust_remote_code)
-        primary = next(k.removeprefix("reference_") for k in figures if k.startswith("reference_"))
         tried.append({"rung": rung, "size_mb": folder_mb(folder), "build_seconds": built, "passed": not failures,
                       primary: figures[primary], "same_answer": figures["same_answer"],
                       "greedy_agreement": figures["greedy_agreement"], "failures": failures})

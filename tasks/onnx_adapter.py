@@ -99,8 +99,9 @@ def check_parameters(shapes: dict, slots: dict, source: Path) -> None:
                                    f"{other[0] if other else 'no weight'}")
 
 
-def check_adapter(folder: str | Path, base_onnx: str | Path) -> Path:
-    """The adapter file of the adapter export ``folder`` if it may serve on ``base_onnx``.
+def check_adapter(folder: str | Path, base_onnx: str | Path, base_sha256: str | None = None) -> Path:
+    """The adapter file of the adapter export ``folder`` if it may serve on ``base_onnx`` (whose
+    ``base_identity`` the caller may pass as ``base_sha256``, to hash the base once for many adapters).
 
     Raises:
         AdapterError: no ``adapter.json`` or adapter file; the file's SHA-256 differs from the recorded one
@@ -118,7 +119,7 @@ def check_adapter(folder: str | Path, base_onnx: str | Path) -> Path:
     if actual != info.get("sha256"):
         raise AdapterError(f"{path}: corrupted (SHA-256 {actual[:12]}…, adapter.json records "
                            f"{str(info.get('sha256'))[:12]}…)")
-    if info.get("base_sha256") != base_identity(base_onnx):
+    if info.get("base_sha256") != (base_sha256 or base_identity(base_onnx)):
         raise AdapterError(f"{path}: converted for another int4 base ({info.get('base')}), not {base_onnx}")
     try:
         params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from tasks.onnx_adapter import ADAPTER_INFO, AdapterError, check_adapter
+from tasks.onnx_adapter import ADAPTER_INFO, AdapterError, base_identity, check_adapter
 
 INFERENCE_FILE = "inference.json"
 
@@ -102,8 +102,9 @@ class Predictor:
         self.model = og.Model(runtime_config(folder))
         self.tokenizer = og.Tokenizer(self.model)
         self._adapters = og.Adapters(self.model) if adapters else None
+        identity = base_identity(folder) if adapters else None  # hashed once, not per adapter
         for name, path in adapters.items():
-            file = check_adapter(path, folder)
+            file = check_adapter(path, folder, identity)
             try:
                 self._adapters.load(str(file), name)
             except Exception as e:  # noqa: BLE001 - the runtime's own error types; one line naming the file
