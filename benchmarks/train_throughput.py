@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py --config configs/banking77.yaml --set data.path=../shared/data/banking77 \
         [--model embedded | llama-3.2-1b | llama-3.1-8b | <folder>] [--steps 20] [--rounds 2] [--seq-len N] \
-        [--set lora.method=qlora ...] [--arms baseline,ours] [--tokenizer FOLDER] [--tiny] [--json FILE]
+        [--set lora.method=qlora ...] [--arms baseline,all-logits,ours] [--tokenizer FOLDER] [--tiny] [--json FILE]
 
 Both arms train the same model on the same training rows (the config's ingest + split), with the same LoRA
 settings, learning rate, schedule, batch size, seed, precision and number of steps, then compute the loss on the
@@ -11,7 +11,9 @@ same validation rows:
 - **baseline**: ``transformers.Trainer`` + ``peft.get_peft_model``, examples padded to the longest in each batch
   (``DataCollatorForSeq2Seq``), no packing, completion-only labels, the model as ``from_pretrained`` loads it;
 - **ours**: ``tasks.train.train`` exactly as the flow calls it (padding-free batches, attention kernel, Liger,
-  QLoRA... as the config resolves them).
+  QLoRA... as the config resolves them; the LM head only at completion targets, ``tasks/loss.py``);
+- **all-logits** (optional): ``ours`` with TRL's own ``SFTTrainer.compute_loss`` — logits, entropy and token
+  accuracy at every position: the train task as it was before ``tasks/loss.py``.
 
 Each arm runs in a fresh process (peak memory is per process: RSS on CPU, ``torch.cuda.max_memory_allocated`` on a
 GPU), arms alternate order round by round (baseline first in even rounds). Tokens/s = non-pad tokens trained /
@@ -150,6 +152,15 @@ def run_ours(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> 
                                                    "gradient_checkpointing", "liger_kernel", "bf16"})}
 
 
+def run_all_logits(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> dict:
+    """``run_ours`` with TRL's plain ``SFTTrainer`` (its compute_loss over every position's logits)."""
+    import tasks.train
+    from trl import SFTTrainer
+
+    tasks.train.sft_trainer_class = lambda: SFTTrainer
+    return run_ours(cfg, base, splits, out)
+
+
 def run_baseline(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> dict:
     """Plain transformers.Trainer + peft, padded batches: what a Hugging Face tutorial does."""
     import peft
@@ -229,7 +240,7 @@ def arm(args) -> None:
     cfg = load_config(args.config, args.set + [f"train.max_steps={args.steps}", f"train.eval_steps={args.steps}",
                                                f"train.save_steps={2 * args.steps}", "train.num_processes=1"])
     splits = SplitResult.model_validate(read_json(Path(args.work) / "splits.json"))
-    run = run_baseline if args.arm == "baseline" else run_ours
+    run = {"baseline": run_baseline, "all-logits": run_all_logits, "ours": run_ours}[args.arm]
     result = run(cfg, args.base, splits, Path(args.work) / f"{args.arm}-{args.round}")
     result["tokens_per_second"] = result["tokens"] / result["train_seconds"]
     if torch.cuda.is_available():
@@ -271,11 +282,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--cache", default="~/.cache/finetune-flow/models")
-    parser.add_argument("--arms", default="baseline,ours", help="comma-separated: baseline, ours")
+    parser.add_argument("--arms", default="baseline,ours", help="comma-separated: baseline, all-logits, ours")
     parser.add_argument("--tokenizer", help="tokenizer folder for the random Llama configs (default: SmolLM2's)")
     parser.add_argument("--tiny", action="store_true", help="toy-width Llama configs (CPU dry run)")
     parser.add_argument("--json", help="also write the rounds and the summary to this JSON file")
-    parser.add_argument("--arm", choices=["baseline", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--arm", choices=["baseline", "all-logits", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
@@ -317,7 +328,7 @@ def main() -> None:
 def report(args, cfg: FinetuneConfig, base: str, results: dict) -> dict:
     """Print the table (median tokens/s, max peak memory, median eval loss, MFU per arm) and return it as
     ``{"parameters", "arms": {arm: {...}}, "speed_ratio", "eval_loss_difference_pct"}`` (the last two only
-    with both arms)."""
+    with both arms; ``speed_ratio_vs_all_logits`` with that arm too)."""
     n = parameter_count(base)
     gpu = next(iter(results.values()))[0].get("gpu")
     print(f"\nmodel {args.model} ({n / 1e6:.1f} M parameters), method {cfg.lora.method}, {args.steps} steps x "
@@ -339,6 +350,11 @@ def report(args, cfg: FinetuneConfig, base: str, results: dict) -> dict:
         print(f"\nspeed ratio ours / baseline: {summary['speed_ratio']:.2f}x; eval loss difference "
               f"{summary['eval_loss_difference_pct']:+.2f} %; tokens trained per arm: "
               f"{sorted({r['tokens'] for runs in results.values() for r in runs})}")
+    if {"ours", "all-logits"} <= results.keys():
+        summary["speed_ratio_vs_all_logits"] = (summary["arms"]["ours"]["tokens_per_second"]
+                                                / summary["arms"]["all-logits"]["tokens_per_second"])
+        print(f"speed ratio ours / all-logits (the head at every position): "
+              f"{summary['speed_ratio_vs_all_logits']:.2f}x")
     return summary
 
 

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from tasks.metrics import ALL_METRICS, TASK_KINDS
+from tasks.metrics import ALL_METRICS, LOSS_METRICS, TASK_KINDS
 
 # choices read from the metric registry (tasks/metrics.py): a new task kind or metric is valid config at once
 EvalTask = Literal[("auto", *TASK_KINDS)]
@@ -74,10 +74,12 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
-    method: Literal["lora", "qlora", "dora"] = Field(
+    method: Literal["lora", "qlora", "dora", "full"] = Field(
         "lora", description="lora: LoRA on the float32 base (Hu et al. 2021); qlora: LoRA on a 4-bit "
         "bitsandbytes base (Dettmers et al. 2023, settings below; the merge reloads the base in float32); dora: "
-        "weight-decomposed LoRA (Liu et al. 2024, peft use_dora).")
+        "weight-decomposed LoRA (Liu et al. 2024, peft use_dora); full: full fine-tuning, every weight trained "
+        "(no adapter: r, lora_alpha, lora_dropout and target_modules are unused; the merge stage copies the "
+        "trained model and checks the copy; learning rates ~1e-5–1e-4 rather than LoRA's ~1e-4–2e-3).")
     r: int = Field(16, gt=0)
     lora_alpha: float = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -131,13 +133,19 @@ class TrainConfig(_Section):
     save_steps: int = Field(200, gt=0, description="Checkpoint interval in steps.")
     save_total_limit: int = Field(2, gt=0)
     early_stopping_patience: int | None = Field(
-        None, gt=0, description="Stop after this many evaluations without a validation-loss improvement larger "
-        "than early_stopping_min_delta (transformers EarlyStoppingCallback); None = train to the end. Needs "
+        None, gt=0, description="Stop after this many evaluations without an improvement of metric_for_best_model "
+        "larger than early_stopping_min_delta (transformers EarlyStoppingCallback); None = train to the end. Needs "
         "eval_steps; implies load_best_model_at_end.")
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss decrease (nats/token) "
-                                                                   "that counts as an improvement.")
-    load_best_model_at_end: bool = Field(False, description="Publish the checkpoint with the lowest validation loss "
-                                                            "instead of the last one. Needs eval_steps.")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest improvement of metric_for_best_model "
+                                                                   "that counts (nats/token for eval_loss).")
+    load_best_model_at_end: bool = Field(False, description="Publish the checkpoint with the best "
+                                                            "metric_for_best_model instead of the last one. Needs "
+                                                            "eval_steps.")
+    metric_for_best_model: str = Field(
+        "eval_loss", description="What early stopping and the best checkpoint go by: eval_loss, or eval_<metric> "
+        "for a quality metric of the task (eval_accuracy, eval_macro_f1, eval_rouge_l, ...), generated on the "
+        "validation split at every evaluation as the test evaluation does (classification data always reports "
+        "it; generation data only when named here, its generations being long).")
     seed: int = 42
 
     @model_validator(mode="after")
@@ -145,6 +153,9 @@ class TrainConfig(_Section):
         if (self.early_stopping_patience or self.load_best_model_at_end) and self.eval_steps is None:
             raise ValueError("early_stopping_patience / load_best_model_at_end need train.eval_steps (validation "
                              "loss every N steps, with save_steps a multiple of it)")
+        allowed = ["eval_loss"] + [f"eval_{m}" for m in ALL_METRICS if m not in LOSS_METRICS]
+        if self.metric_for_best_model not in allowed:
+            raise ValueError(f"metric_for_best_model={self.metric_for_best_model!r}: expected one of {allowed}")
         return self
 
 
@@ -159,6 +170,13 @@ class EvalConfig(_Section):
         "or the whole match); exact_match then compares the extracted answers, commas removed. gsm8k: "
         "'####\\s*\\$?(-?[\\d,]*\\.?\\d+)'. None = exact match of the whole text.")
     evaluate_base: bool = True
+    baseline_examples: int | None = Field(
+        300, gt=0, description="The base model's evaluations (zero-shot and few_shot) run on a stratified sample "
+        "of this many test rows (seeded by split.seed), reported with a 95 % interval; None = every row. The "
+        "fine-tuned model is always evaluated on every row.")
+    few_shot: int = Field(5, ge=0, description="k: also evaluate the base model with k training examples (one "
+                                               "per label, up to k, for classification) as earlier chat turns "
+                                               "of every prompt: what prompting alone gets; 0 = off.")
     bf16: Literal["auto"] | bool = Field("auto", description="bf16 autocast for generation and eval loss; "
                                                              "auto = where the CPU/GPU supports it.")
 
@@ -340,6 +358,10 @@ class SweepConfig(_Section):
     def _grid_needs_choices(self) -> "SweepConfig":
         if self.sampler == "grid" and any(d.choice is None for d in self.space.values()):
             raise ValueError("sampler grid needs a choice list for every space dimension")
+        shared = [key for key in self.space if key.split(".", 1)[0] not in ("lora", "train")]
+        if shared:
+            raise ValueError(f"space {shared}: trials share the baseline's data, split and base model; only lora.* "
+                             "and train.* keys vary per trial (set split.* etc. in finetune:)")
         return self
 
 

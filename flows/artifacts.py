@@ -8,13 +8,17 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
-from tasks.report import export_lines, metrics_rows, metrics_table
+from tasks.metrics import ALL_METRICS, LOSS_METRICS
+from tasks.report import export_lines, method_line, metrics_rows, metrics_table
+
+QUALITY_METRICS = set(ALL_METRICS) - set(LOSS_METRICS)
 
 
 def training_progress():
     """A ``transformers.TrainerCallback`` that keeps a ``training-progress`` artifact (percent of optimizer
-    steps done) up to date at every logging step and puts the trainer's log lines (loss, learning rate,
-    eval loss) in the Prefect run logs. Built on call, so importing this module does not import transformers."""
+    steps done, the latest train loss and generated validation metrics) up to date at every logging step and
+    puts the trainer's log lines (loss, learning rate, eval loss, validation accuracy) in the Prefect run logs.
+    Built on call, so importing this module does not import transformers."""
     from transformers import TrainerCallback
 
     class TrainingProgress(TrainerCallback):
@@ -30,9 +34,13 @@ def training_progress():
             get_run_logger().info("step %d/%d: %s", state.global_step, state.max_steps, json.dumps(logs or {}))
             if self.artifact_id is not None:
                 loss = (logs or {}).get("loss")
+                latest = next((h for h in reversed(state.log_history) if "eval_loss" in h), {})
+                validation = ", ".join(f"validation {k.removeprefix('eval_')} {v:.4f}" for k, v in latest.items()
+                                       if k.startswith("eval_") and k.removeprefix("eval_") in QUALITY_METRICS)
                 update_progress_artifact(self.artifact_id, 100.0 * state.global_step / max(state.max_steps, 1),
                                          description=f"step {state.global_step}/{state.max_steps}"
-                                                     + (f", train loss {loss:.4f}" if loss is not None else ""))
+                                                     + (f", train loss {loss:.4f}" if loss is not None else "")
+                                                     + (f", {validation}" if validation else ""))
 
     return TrainingProgress()
 
@@ -41,11 +49,11 @@ def model_card(run_dir: Path, metrics: dict) -> str:
     """Markdown model card: base model, data and its hash, quality, how to load the merged and ONNX models."""
     cfg, data = metrics["config"], metrics["data"]
     genai = next((target for target in metrics["onnx"] or {} if target.startswith("genai")), "genai-int4")
-    return f"""# {cfg['name']}: LoRA fine-tune of `{cfg['model']['name_or_path']}`
+    kind = "full fine-tune" if cfg["lora"].get("method") == "full" else "LoRA fine-tune"
+    return f"""# {cfg['name']}: {kind} of `{cfg['model']['name_or_path']}`
 
 - **Data**: `{cfg['data']['path']}` (content sha256 `{data.get('fingerprint')}`), splits {data['split']}
-- **Method**: LoRA r={cfg['lora']['r']}, lora_alpha={cfg['lora']['lora_alpha']}, \
-target_modules={cfg['lora']['target_modules']}; lr {cfg['train']['learning_rate']}, \
+- **Method**: {method_line(cfg['lora'])}; lr {cfg['train']['learning_rate']}, \
 {cfg['train']['num_train_epochs']} epoch(s), batch {cfg['train']['per_device_train_batch_size']}
 
 {metrics_table(metrics)}

@@ -121,8 +121,7 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     trc = cfg.model.trust_remote_code
     base, base_key, data_key, data, split, int4 = prepare(cfg, run)
     test_file, kind = split.result.files["test"], data.result.task
-    base_eval = evaluate_on(run, cfg, base, base_key, split.dir, "test", kind,
-                            label="evaluate-base") if cfg.eval.evaluate_base else None
+    base_eval = evaluate_baselines(run, cfg, base, base_key, split, kind) if cfg.eval.evaluate_base else None
     adapter, merged = train_and_merge(run, cfg, base, base_key, split)
     tuned = evaluate_on(run, cfg, merged.dir, merged.dir, split.dir, "test", kind, label="evaluate-finetuned")
     inference = predict.inference_settings(cfg.data, tuned.result.task, tuned.result.max_new_tokens, cfg.name)
@@ -136,6 +135,7 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     metrics = run_metrics(cfg, data_key, runs)
     links = {"data": split.dir, "adapter": adapter.dir, "merged": merged.dir, "eval/finetuned": tuned.dir}
     links |= ({"eval/base": base_eval.dir} if base_eval else {}) | {f"onnx/{t}": r.dir for t, r in onnx.items()}
+    links |= {"eval/base-few-shot": runs["evaluate_fewshot"].dir} if "evaluate_fewshot" in runs else {}
     links |= {"onnx/int4-base": int4.result.onnx} if int4 else {}
     run_dir = run_dir_for(cfg)
     metrics_json = metrics.model_dump(mode="json")
@@ -164,13 +164,30 @@ def train_and_merge(run, cfg: FinetuneConfig, base: str, base_key: str, split: S
 
 
 def evaluate_on(run, cfg: FinetuneConfig, model: str, model_key: str, split_dir: str, rows: str, kind: str,
-                label: str | None = None) -> StageRun:
+                label: str | None = None, sample: int | None = None, few_shot: int = 0) -> StageRun:
     """Evaluate ``model`` (content key ``model_key``: the base model's key, or a merged folder) on the ``rows``
-    split (``<split_dir>/<rows>.jsonl``, as ``tasks.split`` writes it), keyed alike in every flow, so that the
-    finetune, sweep and nightly flows share an evaluation of the same model on the same rows."""
-    trc = cfg.model.trust_remote_code
+    split (``<split_dir>/<rows>.jsonl``, as ``tasks.split`` writes it) — a stratified ``sample`` of it, with
+    ``few_shot`` training examples before every prompt — keyed alike in every flow, so that the finetune, sweep
+    and nightly flows share an evaluation of the same model on the same rows."""
+    trc, seed = cfg.model.trust_remote_code, cfg.split.seed
+    shots = {"few_shot": few_shot, "shots_file": str(Path(split_dir) / "train.jsonl")} if few_shot else {}
     return run(EVALUATE, model, str(Path(split_dir) / f"{rows}.jsonl"), kind, cfg.eval, trust_remote_code=trc,
-               after=(model_key, split_dir, rows, kind, trc), label=label)
+               max_examples=sample, seed=seed, **shots, after=(model_key, split_dir, rows, kind, trc, sample, seed,
+                                                               few_shot), label=label)
+
+
+def evaluate_baselines(run, cfg: FinetuneConfig, base: str, base_key: str, split: StageRun, kind: str) -> StageRun:
+    """The base model zero-shot and, with ``eval.few_shot`` k, k-shot, on a stratified sample of
+    ``eval.baseline_examples`` test rows: what prompting alone gets, beside what fine-tuning gets.
+
+    Returns:
+        the zero-shot run (``metrics.json["base"]``; the k-shot one is ``runs["evaluate_fewshot"]``).
+    """
+    sample = cfg.eval.baseline_examples
+    if cfg.eval.few_shot:
+        evaluate_on(run, cfg, base, base_key, split.dir, "test", kind, label="evaluate-fewshot", sample=sample,
+                    few_shot=cfg.eval.few_shot)
+    return evaluate_on(run, cfg, base, base_key, split.dir, "test", kind, label="evaluate-base", sample=sample)
 
 
 def run_metrics(cfg: FinetuneConfig, data_key: str, runs: dict[str, StageRun]) -> RunMetrics:
@@ -180,6 +197,7 @@ def run_metrics(cfg: FinetuneConfig, data_key: str, runs: dict[str, StageRun]) -
     onnx = {name.removeprefix("export_"): r.result for name, r in runs.items() if name.startswith("export_")}
     return RunMetrics(
         task=tuned.result.task, base=runs["evaluate_base"].result if "evaluate_base" in runs else None,
+        base_few_shot=runs["evaluate_fewshot"].result if "evaluate_fewshot" in runs else None,
         finetuned=tuned.result, onnx=onnx or None,
         train=TrainSummary(**runs["train"].result.model_dump(exclude={"adapter"})),
         merge=MergeChecks(**runs["merge"].result.model_dump()),

@@ -18,7 +18,7 @@ from configs.schema import EvalConfig
 from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16
 from tasks.chat import batches, generate, prompt_ids, tokenize_with_completion_mask
 from tasks.files import atomic_dir, read_jsonl, write_json, write_jsonl
-from tasks.metrics import score, task_kind
+from tasks.metrics import score, task_kind, wilson_interval
 
 log = logging.getLogger(__name__)
 GENERATION_MAX_NEW_TOKENS = 256
@@ -38,6 +38,9 @@ class EvalResult(BaseModel):
     bf16: bool
     max_new_tokens: int
     wall_seconds: float
+    population: int | None = None  # rows in the split; n_examples < population: a stratified sample of it
+    few_shot: int = 0  # training examples shown before every prompt (k-shot prompting)
+    interval95: dict[str, tuple[float, float]] = {}  # Wilson 95 % interval of each per-row proportion metric
 
     @model_validator(mode="after")
     def _has_its_metrics(self) -> EvalResult:
@@ -59,31 +62,52 @@ class EvalResult(BaseModel):
 
 
 def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_dir: str | Path,
-             trust_remote_code: bool = False) -> EvalResult:
+             trust_remote_code: bool = False, max_examples: int | None = None, few_shot: int = 0,
+             shots_file: str | None = None, seed: int = 0) -> EvalResult:
     """Evaluate the model at ``model_path`` on ``test_file``; publish ``metrics.json`` + ``predictions.jsonl``
     in ``out_dir`` atomically.
 
     Args:
         task: ``"classification"`` or ``"generation"`` (``cfg.task`` overrides it unless ``"auto"``).
+        max_examples: evaluate a stratified sample of this many rows (``tasks.split.subsample`` with ``seed``);
+            None = every row.
+        few_shot: k; with ``shots_file`` (a split's JSONL), k of its examples (``few_shot_examples``) precede every
+            prompt as earlier chat turns.
 
     Returns:
-        ``EvalResult``.
+        ``EvalResult``, with the Wilson 95 % interval of its per-row proportion metric
+        (``tasks.metrics.TaskKind.per_row``).
+
+    Raises:
+        ValueError: ``few_shot`` without ``shots_file``.
     """
+    from tasks.split import subsample
+
     start = time.perf_counter()
     task = task if cfg.task == "auto" else cfg.task
     records = read_jsonl(test_file)
+    population = len(records)
+    records = subsample(records, max_examples, seed)
+    if few_shot:
+        if shots_file is None:
+            raise ValueError("evaluate: few_shot needs shots_file (the split to draw the examples from)")
+        shots = few_shot_examples(read_jsonl(shots_file), few_shot, seed)
+        records = [with_shots(r, shots) for r in records]
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     model = load_model(model_path, trust_remote_code)
     prompts = [prompt_ids(tokenizer, r) for r in records]
     references = [r["messages"][-1]["content"] for r in records]
-    max_new = cfg.max_new_tokens or _default_max_new_tokens(tokenizer, references, task)
+    max_new = cfg.max_new_tokens or default_max_new_tokens(tokenizer, references, task)
     bf16 = use_bf16(cfg.bf16)
     with autocast(bf16):
         predictions = generate(model, tokenizer, prompts, max_new, cfg.batch_size)
         loss = completion_loss(model, tokenizer, records, cfg.batch_size)
     scores = score(task, predictions, references, cfg.answer_pattern)
+    per_row = task_kind(task).per_row
     metrics = EvalResult(task=task, **scores, eval_loss=loss, perplexity=math.exp(loss), n_examples=len(records),
-                         bf16=bf16, max_new_tokens=max_new, wall_seconds=time.perf_counter() - start)
+                         bf16=bf16, max_new_tokens=max_new, wall_seconds=time.perf_counter() - start,
+                         population=population, few_shot=len(shots) if few_shot else 0,
+                         interval95={per_row: wilson_interval(round(scores[per_row] * len(records)), len(records))})
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "predictions.jsonl", [{"prompt": r["messages"][:-1], "reference": ref, "prediction": p}
                                                 for r, ref, p in zip(records, references, predictions)])
@@ -92,16 +116,49 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
     return metrics
 
 
-def _default_max_new_tokens(tokenizer, references: list[str], task: str) -> int:
+def few_shot_examples(records: list[dict], k: int, seed: int) -> list[dict]:
+    """k of ``records`` for k-shot prompting, drawn with ``seed``: for labelled rows one per label (labels in a
+    seeded random order, then a second round, ... until k), else k random rows.
+
+    Raises:
+        ValueError: fewer than k records.
+    """
+    import random
+
+    if len(records) < k:
+        raise ValueError(f"few_shot={k} needs {k} training examples; the split has {len(records)}")
+    rng = random.Random(seed)
+    shuffled = rng.sample(records, len(records))
+    by_label: dict = {}
+    for r in shuffled:
+        by_label.setdefault(r.get("label"), []).append(r)
+    rounds = [group[i] for i in range(max(map(len, by_label.values()))) for group in by_label.values()
+              if i < len(group)]
+    return rounds[:k]
+
+
+def with_shots(record: dict, shots: list[dict]) -> dict:
+    """``record`` with each shot's user/assistant turns inserted after its system turn (if any), before its own."""
+    system = [m for m in record["messages"] if m["role"] == "system"]
+    turns = [m for shot in shots for m in shot["messages"] if m["role"] != "system"]
+    return {**record, "messages": system + turns + [m for m in record["messages"] if m["role"] != "system"]}
+
+
+def default_max_new_tokens(tokenizer, references: list[str], task: str) -> int:
+    """``eval.max_new_tokens``'s default: the longest reference label's tokens + 2 for classification (the
+    end-of-turn token and a margin), ``GENERATION_MAX_NEW_TOKENS`` for generation."""
     if task != "classification":
         return GENERATION_MAX_NEW_TOKENS
     return max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in set(references)) + 2
 
 
 def completion_loss(model, tokenizer, records: list[dict], batch_size: int) -> float:
-    """Mean cross-entropy (nats) over completion tokens only, teacher-forced, summed over the whole split."""
+    """Mean cross-entropy (nats) over completion tokens only, teacher-forced, summed over the whole split; the LM
+    head runs only at the positions that predict a completion token (``tasks.loss``)."""
     import torch
     from tqdm.auto import tqdm
+
+    from tasks.loss import IGNORE_INDEX, completion_logits
 
     rows = tokenize_with_completion_mask(tokenizer, records)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -110,14 +167,11 @@ def completion_loss(model, tokenizer, records: list[dict], batch_size: int) -> f
         batch = tokenizer.pad({"input_ids": [rows[i][0] for i in idx]}, padding=True, return_tensors="pt",
                               padding_side="right").to(model.device)
         labels = batch["input_ids"].clone()
-        labels[batch["attention_mask"] == 0] = -100
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         for j, i in enumerate(idx):
-            labels[j, : rows[i][1]] = -100
+            labels[j, : rows[i][1]] = IGNORE_INDEX
         with torch.inference_mode():
-            logits = model(**batch).logits[:, :-1].float()
-        target = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total += loss.item()
-        count += int((target != -100).sum())
+            logits, targets, _ = completion_logits(model, dict(batch), labels)
+            total += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
+        count += targets.numel()
     return total / max(count, 1)

@@ -2,7 +2,8 @@
 
 A QLoRA adapter is never merged into 4-bit weights (rounding the sum back to 4 bits would lose most of the
 adapter): the base is reloaded in float32, merged there, and the merged model is compared with the adapter on the
-4-bit base, the model as trained.
+4-bit base, the model as trained. Full fine-tuning has no adapter: the trained model is copied, with its checks
+(``copy_full_model``).
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
     base+adapter model's logits within ``cfg.logit_atol`` (max abs difference over non-pad positions); (3) for
     a QLoRA adapter (``method: qlora`` in the adapter's ``train.json``), the merged float32 model's next-token
     choice agrees with the adapter on the 4-bit base at ``cfg.min_qlora_top1_agreement`` of the answer
-    positions at least (:func:`compare_with_4bit`; the logit differences are reported).
+    positions at least (:func:`compare_with_4bit`; the logit differences are reported). A fully fine-tuned
+    model (``method: full``) is copied instead (:func:`copy_full_model`).
 
     Returns:
         ``MergeResult``.
@@ -58,14 +60,14 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
     """
     import torch
 
+    trained = _train_record(adapter)
+    if trained.get("method") == "full":
+        return copy_full_model(base_model, adapter, check_file, cfg, out_dir, trust_remote_code)
     tokenizer = load_tokenizer(adapter, trust_remote_code)
     base = load_model(base_model, trust_remote_code)
     before = {name: p.detach().clone() for name, p in base.named_parameters()}
     tuned = load_adapter(base, adapter).eval()
-    rows = tokenize_with_completion_mask(tokenizer, read_jsonl(check_file)[: cfg.n_check_prompts])
-    batch = tokenizer.pad({"input_ids": [ids for ids, _ in rows]}, padding=True, return_tensors="pt",
-                          padding_side="right").to(base.device)
-    trained = _train_record(adapter)
+    rows, batch = check_batch(tokenizer, check_file, cfg.n_check_prompts, base.device)
     with torch.inference_mode():
         adapter_logits = tuned(**batch).logits
         merged = tuned.merge_and_unload()
@@ -102,6 +104,50 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
                     f"{cfg.min_qlora_top1_agreement:.0%}")
     return MergeResult(merged=str(out_dir), max_abs_logit_diff=logit_diff, max_abs_weight_diff=weight_diff,
                        method=trained.get("method", "lora"), qlora_vs_4bit=vs_4bit)
+
+
+def check_batch(tokenizer, check_file: str, n: int, device) -> tuple[list[tuple[list[int], int]], dict]:
+    """The first ``n`` examples of ``check_file`` as ``(prompt+answer ids, prompt length)`` rows and as one
+    right-padded batch on ``device`` (``input_ids``, ``attention_mask``: int64 (n, longest))."""
+    rows = tokenize_with_completion_mask(tokenizer, read_jsonl(check_file)[:n])
+    batch = tokenizer.pad({"input_ids": [ids for ids, _ in rows]}, padding=True, return_tensors="pt",
+                          padding_side="right").to(device)
+    return rows, batch
+
+
+def copy_full_model(base_model: str, trained: str, check_file: str, cfg: MergeConfig, out_dir: str | Path,
+                    trust_remote_code: bool = False) -> MergeResult:
+    """Full fine-tuning: publish the trained model (``trained``, written by the train task) as the merged model in
+    ``out_dir``, atomically, after checking that (1) some weight differs from the base's and (2) the published
+    copy, loaded back, gives the trained model's logits within ``cfg.logit_atol`` on the first
+    ``cfg.n_check_prompts`` examples of ``check_file``.
+
+    Raises:
+        MergeCheckError: a check fails; nothing is written to ``out_dir`` then.
+    """
+    import torch
+
+    tokenizer = load_tokenizer(trained, trust_remote_code)
+    tuned = load_model(trained, trust_remote_code)
+    base = dict(load_model(base_model, trust_remote_code).named_parameters())
+    weight_diff = max((p.detach() - base[name].detach()).abs().max().item() for name, p in tuned.named_parameters())
+    del base
+    if weight_diff == 0:
+        raise MergeCheckError("merge: the trained weights equal the base weights: training changed nothing")
+    _, batch = check_batch(tokenizer, check_file, cfg.n_check_prompts, tuned.device)
+    with atomic_dir(out_dir) as tmp:
+        tuned.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        with torch.inference_mode():
+            expected, copied = tuned(**batch).logits, load_model(str(tmp), trust_remote_code)(**batch).logits
+        logit_diff = (expected - copied).abs()[batch["attention_mask"].bool()].max().item()
+        log.info("merge (full fine-tuning, a copy): max abs logit diff %.3g, max abs weight change %.3g",
+                 logit_diff, weight_diff)
+        if not logit_diff <= cfg.logit_atol:
+            raise MergeCheckError(f"merge: the published copy's logits differ from the trained model's by "
+                                  f"{logit_diff:.3g} > merge.logit_atol={cfg.logit_atol:g}")
+    return MergeResult(merged=str(out_dir), max_abs_logit_diff=logit_diff, max_abs_weight_diff=weight_diff,
+                       method="full", qlora_vs_4bit=None)
 
 
 def _free_memory() -> None:

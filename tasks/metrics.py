@@ -19,15 +19,18 @@ class TaskKind:
         metrics: the quality metrics ``tasks.evaluate.evaluate`` returns for it, in report order (fractions in
             [0, 1], greater is better).
         primary: the one the promotion gate, the export gate and ``sweep.metric: auto`` use.
+        per_row: the metric that is the fraction of rows answered right (its 95 % interval is reported).
     """
 
     metrics: tuple[str, ...]
     primary: str
+    per_row: str
 
 
 TASK_KINDS = {
-    "classification": TaskKind(metrics=("accuracy", "macro_f1"), primary="accuracy"),
-    "generation": TaskKind(metrics=("rouge_l", "bleu", "exact_match"), primary="rouge_l"),
+    "classification": TaskKind(metrics=("accuracy", "macro_f1"), primary="accuracy", per_row="accuracy"),
+    "generation": TaskKind(metrics=("rouge_l", "bleu", "exact_match"), primary="rouge_l",
+                           per_row="exact_match"),
 }
 # every evaluation also reports these (teacher-forced completion loss in nats per token, and exp of it)
 LOSS_METRICS = ("eval_loss", "perplexity")
@@ -48,6 +51,17 @@ def task_kind(name: str) -> TaskKind:
 def greater_is_better(metric: str) -> bool:
     """False for the loss metrics (``LOSS_METRICS``), True for every quality metric."""
     return metric not in LOSS_METRICS
+
+
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    """The Wilson score 95 % interval of a proportion ``successes / n`` (Wilson 1927, via scipy's
+    ``BinomTestResult.proportion_ci(method="wilson")``); ``(0.0, 1.0)`` for ``n`` = 0."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return 0.0, 1.0
+    ci = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def normalise_answer(text: str) -> str:

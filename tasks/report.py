@@ -12,7 +12,7 @@ from tasks.export import ExportResult
 from tasks.files import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
 from tasks.ingest import SplitCounts
 from tasks.merge import MergeChecks
-from tasks.metrics import LOSS_METRICS, task_kind
+from tasks.metrics import ALL_METRICS, LOSS_METRICS, task_kind
 from tasks.train import TrainSummary
 
 N_SAMPLES = 5  # test prompts shown base vs fine-tuned in report.md and the sample-generations artifact
@@ -46,6 +46,7 @@ class RunMetrics(BaseModel):
 
     task: str
     base: EvalResult | None
+    base_few_shot: EvalResult | None = None
     finetuned: EvalResult
     onnx: dict[str, ExportResult] | None
     train: TrainSummary
@@ -84,11 +85,15 @@ def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], trai
 
 def sample_generations(base_eval: str | None, tuned_eval: str, n: int = N_SAMPLES) -> list[dict]:
     """The first ``n`` test rows side by side: ``[{"prompt": last user message, "reference", "base" (None
-    without a base evaluation), "fine-tuned"}]``, read from the evaluations' ``predictions.jsonl``."""
-    tuned = read_jsonl(Path(tuned_eval) / "predictions.jsonl")[:n]
-    base = read_jsonl(Path(base_eval) / "predictions.jsonl")[:n] if base_eval else [{}] * len(tuned)
-    return [{"prompt": t["prompt"][-1]["content"], "reference": t["reference"], "base": b.get("prediction"),
-             "fine-tuned": t["prediction"]} for b, t in zip(base, tuned)]
+    without a base evaluation), "fine-tuned"}]``, read from the evaluations' ``predictions.jsonl``; with a base
+    evaluation (a sample of the test rows) the first ``n`` rows it answered."""
+    tuned = read_jsonl(Path(tuned_eval) / "predictions.jsonl")
+    base = {}
+    if base_eval:
+        base = {json.dumps(r["prompt"]): r["prediction"] for r in read_jsonl(Path(base_eval) / "predictions.jsonl")}
+        tuned = [t for t in tuned if json.dumps(t["prompt"]) in base]
+    return [{"prompt": t["prompt"][-1]["content"], "reference": t["reference"],
+             "base": base.get(json.dumps(t["prompt"])), "fine-tuned": t["prediction"]} for t in tuned[:n]]
 
 
 def samples_markdown(samples: list[dict]) -> str:
@@ -104,7 +109,8 @@ def samples_markdown(samples: list[dict]) -> str:
 
 
 def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
-    """Plot train loss (per logging step) and validation loss (per evaluation) against the step (matplotlib)."""
+    """Plot train loss (per logging step) and validation loss (per evaluation) against the step, and on a second
+    axis the generated validation quality metrics the trainer logged (``eval_accuracy``, ...) (matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,7 +123,18 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
             ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    quality = [m for m in ALL_METRICS if m not in LOSS_METRICS and any(f"eval_{m}" in h for h in history)]
+    if quality:
+        right = ax.twinx()
+        for name, style in zip(quality, ("s--", "^:", "v-.")):
+            right.plot(*zip(*[(h["step"], h[f"eval_{name}"]) for h in history if f"eval_{name}" in h]), style,
+                       color=f"C{2 + quality.index(name)}", label=f"validation {name}")
+        right.set_ylabel("validation metric")
+        right.set_ylim(0, 1)
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -162,24 +179,56 @@ def _fmt(value) -> str:
 
 
 def metrics_rows(metrics: dict) -> list[dict]:
-    """One row per quality metric, eval loss and perplexity: base, fine-tuned and the delta (4 decimals)."""
-    base, tuned = metrics["base"] or {}, metrics["finetuned"]
+    """One row per quality metric, eval loss and perplexity: base (zero-shot), base k-shot (with a few-shot
+    evaluation), fine-tuned and the delta fine-tuned − zero-shot base (4 decimals)."""
+    base, shots, tuned = metrics["base"] or {}, metrics.get("base_few_shot"), metrics["finetuned"]
     rows = []
     for key in (*task_kind(metrics["task"]).metrics, *LOSS_METRICS):
         b, t = base.get(key), tuned[key]
-        rows.append({"metric": key, "base": None if b is None else round(b, 4), "fine-tuned": round(t, 4),
-                     "delta": None if b is None else round(t - b, 4)})
+        row = {"metric": key, "base": None if b is None else round(b, 4)}
+        if shots:
+            row[f"base {shots['few_shot']}-shot"] = round(shots[key], 4)
+        rows.append(row | {"fine-tuned": round(t, 4), "delta": None if b is None else round(t - b, 4)})
     return rows
 
 
 def metrics_table(metrics: dict) -> str:
-    """Markdown table of ``metrics_rows`` plus the number of test examples."""
-    base = metrics["base"] or {}
-    lines = ["| metric | base | fine-tuned | delta |", "|---|---|---|---|"]
-    lines += [f"| {r['metric']} | {_fmt(r['base'])} | {_fmt(r['fine-tuned'])} | {_fmt(r['delta'])} |"
-              for r in metrics_rows(metrics)]
-    lines.append(f"| n_examples | {_fmt(base.get('n_examples'))} | {metrics['finetuned']['n_examples']} | — |")
+    """Markdown table of ``metrics_rows``, the number of test rows each evaluation saw, and the 95 % intervals."""
+    rows = metrics_rows(metrics)
+    columns = list(rows[0])[1:]
+    runs = {"base": metrics["base"], "fine-tuned": metrics["finetuned"]}
+    if metrics.get("base_few_shot"):
+        runs[columns[1]] = metrics["base_few_shot"]
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + " | ".join([r["metric"]] + [_fmt(r[c]) for c in columns]) + " |" for r in rows]
+    lines.append("| n_examples | " + " | ".join(_rows_seen(runs.get(c)) for c in columns) + " |")
+    lines.append("| 95 % interval | " + " | ".join(_interval(runs.get(c)) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def _rows_seen(result: dict | None) -> str:
+    if not result:
+        return "—"
+    population = result.get("population")
+    if population and population > result["n_examples"]:
+        return f"{result['n_examples']} of {population} (stratified)"
+    return str(result["n_examples"])
+
+
+def _interval(result: dict | None) -> str:
+    """``metric [low, high]`` (Wilson) of an evaluation's per-row proportion metric, or "—"."""
+    if not result or not result.get("interval95"):
+        return "—"
+    return ", ".join(f"{name} [{low:.3f}, {high:.3f}]" for name, (low, high) in result["interval95"].items())
+
+
+def method_line(lora: dict) -> str:
+    """The training method in one phrase: ``lora: r=16, lora_alpha=32, target_modules=all-linear`` (qlora and
+    dora alike) or ``full fine-tuning (every weight trained)``."""
+    method = lora.get("method", "lora")
+    if method == "full":
+        return "full fine-tuning (every weight trained)"
+    return f"{method}: r={lora['r']}, lora_alpha={lora['lora_alpha']}, target_modules={lora['target_modules']}"
 
 
 def length_lines(train: dict) -> list[str]:
@@ -191,10 +240,11 @@ def length_lines(train: dict) -> list[str]:
             lines.append(f"{split}: {c['over_max_seq_length']} of {c['examples']} examples longer than "
                          f"max_seq_length={lengths['max_seq_length']} (longest {c['longest']} tokens): "
                          f"{c['dropped']} dropped, {c['truncated']} truncated")
+    metric = train.get("metric_for_best_model") or "eval_loss"
     if train.get("stopped_early"):
-        lines.append(f"stopped early after {train['steps']} steps (validation loss stopped improving)")
+        lines.append(f"stopped early after {train['steps']} steps ({metric} stopped improving)")
     if train.get("best_checkpoint"):
-        lines.append(f"published the best checkpoint by validation loss: {train['best_checkpoint']}")
+        lines.append(f"published the best checkpoint by {metric}: {train['best_checkpoint']}")
     return lines
 
 
@@ -214,12 +264,12 @@ Base model: `{cfg['model']['name_or_path']}` · data: `{cfg['data']['path']}` ·
 {samples_markdown(samples or [])}
 
 ## Training
-- {cfg['lora'].get('method', 'lora')}: r={cfg['lora']['r']}, lora_alpha={cfg['lora']['lora_alpha']}, \
-target_modules={cfg['lora']['target_modules']}
+- {method_line(cfg['lora'])}
 - {train['steps']} steps, {train['train_tokens']} tokens in {train['wall_seconds']:.0f} s \
 ({train['tokens_per_second']:.1f} tokens/s), bf16 autocast: {train['bf16']}, padding-free: \
 {train.get('padding_free')}, attention: {train.get('attn_implementation')}
-- final train loss {_fmt(train['train_loss'])}, validation loss {_fmt(train['eval_loss'])}
+- final train loss {_fmt(train['train_loss'])}, validation loss {_fmt(train['eval_loss'])}\
+{"".join(f", validation {k} {v:.4f} (generated)" for k, v in (train.get('validation') or {}).items())}
 {"".join(f"- {line}{chr(10)}" for line in length_lines(train))}{"![loss curve](loss_curve.png)" if has_curve else ""}
 
 ## Checks

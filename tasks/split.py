@@ -53,9 +53,9 @@ def split(ingested: IngestResult, cfg: SplitConfig, out_dir: str | Path) -> Spli
     train, leaked["train"] = _drop_keys(train, test_keys | {prompt_key(r) for r in validation})
 
     splits = {
-        "train": _subsample(train, cfg.max_train_examples, cfg.seed),
-        "validation": _subsample(validation, cfg.max_validation_examples, cfg.seed),
-        "test": _subsample(test, cfg.max_test_examples, cfg.seed),
+        "train": subsample(train, cfg.max_train_examples, cfg.seed),
+        "validation": subsample(validation, cfg.max_validation_examples, cfg.seed),
+        "test": subsample(test, cfg.max_test_examples, cfg.seed),
     }
     check_disjoint(splits)
     out_dir = Path(out_dir)
@@ -89,7 +89,9 @@ def _split_off(records: list[dict], size: float | int, seed: int) -> tuple[list[
         return train_test_split(records, test_size=size, random_state=seed)
 
 
-def _subsample(records: list[dict], n: int | None, seed: int) -> list[dict]:
+def subsample(records: list[dict], n: int | None, seed: int) -> list[dict]:
+    """``n`` of ``records`` (all of them when ``n`` is None or not smaller), drawn with ``seed``, stratified by
+    ``label`` where every label has two or more rows and ``n`` is at least the number of labels."""
     if n is None or n >= len(records):
         return records
     return _split_off(records, n, seed)[1]

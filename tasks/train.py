@@ -128,6 +128,8 @@ class TrainSummary(BaseModel):
     train_loss: float
     eval_loss: float | None = Field(description="the published adapter's: the best one's with "
                                                 "load_best_model_at_end; None without an evaluation")
+    validation: dict[str, float] = Field(default={}, description="the published adapter's generated quality "
+                                                                 "metrics on the validation split (accuracy, ...)")
     bf16: bool
     method: str
     bnb_4bit: dict | None = Field(description="qlora's 4-bit settings (LoraConfig bnb_4bit_*)")
@@ -140,6 +142,7 @@ class TrainSummary(BaseModel):
     resumed_from: str | None = Field(description="checkpoint folder the run resumed from")
     stopped_early: bool
     best_checkpoint: str | None = Field(description="folder name of the published checkpoint (best-model runs)")
+    metric_for_best_model: str | None = Field(default=None, description="what chose it (best-model runs)")
     sequence_lengths: dict = Field(description="see sequence_lengths")
 
 
@@ -185,7 +188,7 @@ def resolve_settings(model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainCon
 NOT_SFT_CONFIG = {"max_seq_length", "overlength", "num_processes", "early_stopping_patience",
                   "early_stopping_min_delta"}
 RESOLVED = {"bf16", "gradient_checkpointing", "use_liger_kernel", "padding_free", "group_by_length",
-            "load_best_model_at_end"}
+            "load_best_model_at_end", "metric_for_best_model"}
 
 
 def training_arguments(cfg: TrainConfig, settings: Settings, checkpoint_dir: str | Path):
@@ -195,6 +198,8 @@ def training_arguments(cfg: TrainConfig, settings: Settings, checkpoint_dir: str
     import dataclasses
 
     from trl import SFTConfig
+
+    from tasks.metrics import greater_is_better
 
     names = {f.name for f in dataclasses.fields(SFTConfig)}
     passed = cfg.model_dump(include=names - RESOLVED - NOT_SFT_CONFIG)
@@ -215,8 +220,8 @@ def training_arguments(cfg: TrainConfig, settings: Settings, checkpoint_dir: str
         eval_strategy="steps" if cfg.eval_steps else "epoch",
         save_strategy="steps",
         load_best_model_at_end=best,
-        metric_for_best_model="eval_loss" if best else None,
-        greater_is_better=False if best else None,
+        metric_for_best_model=cfg.metric_for_best_model if best else None,
+        greater_is_better=greater_is_better(cfg.metric_for_best_model) if best else None,  # eval_loss: False
         data_seed=cfg.seed,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
@@ -243,14 +248,48 @@ def make_trainer(model, tokenizer, records: dict[str, list[dict]], lora_cfg: Lor
     # TRL adds the LoRA weights (random lora_A) before the Trainer seeds the RNGs: seed them here, so that the
     # same config gives the same adapter whatever ran before in this process
     set_seed(cfg.seed)
-    return sft_trainer_class()(
+    trainer = sft_trainer_class()(
         model=model, args=training_arguments(cfg, settings, checkpoint_dir),
         train_dataset=to_prompt_completion(records["train"]), eval_dataset=to_prompt_completion(records["validation"]),
         processing_class=tokenizer, peft_config=peft_config(lora_cfg), callbacks=callbacks, data_collator=collator)
+    trainer.validation_scorer = validation_scorer(tokenizer, records["validation"], cfg, settings.bf16)
+    return trainer
 
 
-def run_training(trainer, checkpoint_dir: str | Path) -> tuple[object, dict]:
-    """``trainer.train()``, resumed from the latest complete checkpoint in ``checkpoint_dir`` if there is one.
+def validation_scorer(tokenizer, records: list[dict], cfg: TrainConfig, bf16: bool):
+    """The task's quality metrics on the validation rows, generated greedily as ``tasks.evaluate`` does (same
+    prompts, ``max_new_tokens`` and scoring), as a function of the model: ``scorer(model) -> {"accuracy": ...}``.
+    None for generation data unless ``cfg.metric_for_best_model`` names one of its metrics (long generations)."""
+    from tasks.metrics import score
+
+    task = "classification" if all(r.get("label") is not None for r in records) else "generation"
+    if task == "generation" and cfg.metric_for_best_model == "eval_loss":
+        return None
+    from tasks.base_model import autocast
+    from tasks.chat import generate, prompt_ids
+    from tasks.evaluate import default_max_new_tokens
+
+    prompts = [prompt_ids(tokenizer, r) for r in records]
+    references = [r["messages"][-1]["content"] for r in records]
+    max_new = default_max_new_tokens(tokenizer, references, task)
+
+    def scorer(model) -> dict[str, float]:
+        training = model.training
+        model.eval()
+        with autocast(bf16):
+            predictions = generate(model, tokenizer, prompts, max_new, cfg.per_device_eval_batch_size,
+                                   desc="validation generate")
+        model.train(training)
+        return score(task, predictions, references)
+
+    return scorer
+
+
+def run_training(trainer, checkpoint_dir: str | Path, best_model: bool = False) -> tuple[object, dict]:
+    """``trainer.train()``, resumed from the latest complete checkpoint in ``checkpoint_dir`` if there is one,
+    then one more evaluation unless the last one was at the final step (transformers evaluates every
+    ``eval_steps`` only) or ``best_model`` publishes an evaluated checkpoint: the published adapter's validation
+    figures are its own.
 
     Returns:
         ``(trainer.train's output, {"resumed_from": path | None, "tokens_before": tokens seen before the resume,
@@ -261,6 +300,9 @@ def run_training(trainer, checkpoint_dir: str | Path) -> tuple[object, dict]:
         log.info("train: resuming from %s (step %s)", resume, state.get("global_step"))
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
+    evaluated = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
+    if not best_model and evaluated[-1:] != [trainer.state.global_step]:
+        trainer.evaluate()
     return output, {"resumed_from": resume, "tokens_before": int(state.get("num_input_tokens_seen", 0)),
                     "wall_seconds": time.perf_counter() - start}
 
@@ -268,14 +310,22 @@ def run_training(trainer, checkpoint_dir: str | Path) -> tuple[object, dict]:
 def train_result(trainer, output, run: dict, settings: Settings, lora_cfg: LoraConfig, out_dir: str | Path,
                  lengths: dict) -> TrainResult:
     """The ``TrainResult`` of a finished ``run_training`` (``output``, ``run``)."""
+    from tasks.metrics import ALL_METRICS, LOSS_METRICS
+
+    quality = set(ALL_METRICS) - set(LOSS_METRICS)
     state, wall = trainer.state, run["wall_seconds"]
-    eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    evaluations = [h for h in state.log_history if "eval_loss" in h]
+    if settings.best_model and state.best_model_checkpoint:
+        best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1])
+        evaluations = [h for h in evaluations if h["step"] == best_step]
+    published = evaluations[-1] if evaluations else {}
     tokens = int(state.num_input_tokens_seen)
     return TrainResult(
         adapter=str(out_dir), train_tokens=tokens,
         tokens_per_second=(tokens - run["tokens_before"]) / wall if wall > 0 else 0.0,
         wall_seconds=wall, steps=state.global_step, train_loss=output.training_loss,
-        eval_loss=state.best_metric if settings.best_model else (eval_losses[-1] if eval_losses else None),
+        eval_loss=published.get("eval_loss"),
+        validation={k.removeprefix("eval_"): v for k, v in published.items() if k.removeprefix("eval_") in quality},
         bf16=settings.bf16, method=lora_cfg.method,
         bnb_4bit=lora_cfg.model_dump(include={"bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                                               "bnb_4bit_compute_dtype"}) if lora_cfg.method == "qlora" else None,
@@ -284,12 +334,13 @@ def train_result(trainer, output, run: dict, settings: Settings, lora_cfg: LoraC
         processes=int(os.environ.get("WORLD_SIZE", 1)), peak_memory_bytes=peak_memory_bytes(trainer.model.device),
         resumed_from=run["resumed_from"], stopped_early=state.global_step < state.max_steps,
         best_checkpoint=Path(state.best_model_checkpoint).name if settings.best_model else None,
+        metric_for_best_model=trainer.args.metric_for_best_model,
         sequence_lengths=lengths)
 
 
 def publish_adapter(trainer, tokenizer, out_dir: str | Path, result: TrainResult) -> None:
-    """Publish the adapter (safetensors + tokenizer), the trainer's log history (``train_log.json``) and
-    ``train.json`` (``result``) in ``out_dir``, atomically."""
+    """Publish the adapter (safetensors + tokenizer; the whole model for full fine-tuning), the trainer's log
+    history (``train_log.json``) and ``train.json`` (``result``) in ``out_dir``, atomically."""
     with atomic_dir(out_dir) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -301,8 +352,10 @@ def publish_adapter(trainer, tokenizer, out_dir: str | Path, result: TrainResult
 def train(base_model: str, splits: SplitResult, model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainConfig,
           out_dir: str | Path, checkpoint_dir: str | Path | None = None,
           callback_factories: list | None = None) -> TrainResult:
-    """Train a LoRA, QLoRA or DoRA adapter (``lora_cfg.method``) on ``splits.files["train"]``, with eval loss
-    on the validation split, and publish it in ``out_dir`` (``publish_adapter``).
+    """Train a LoRA, QLoRA or DoRA adapter (``lora_cfg.method``) on ``splits.files["train"]``, with eval loss and
+    the task's generated quality metrics (``validation_scorer``) on the validation split, and publish it in
+    ``out_dir`` (``publish_adapter``); with method ``full`` every weight is trained and ``out_dir`` holds the
+    whole model (safetensors) instead of an adapter.
 
     Batches are padding-free by default (``cfg.padding_free``: examples end to end, position ids restarting, no
     cross-example attention; same loss as padded batches). Examples longer than ``cfg.max_seq_length`` are
@@ -337,7 +390,7 @@ def train(base_model: str, splits: SplitResult, model_cfg: ModelConfig, lora_cfg
                               settings.gradient_checkpointing)
     records, lengths = sequence_lengths(tokenizer, splits.files, cfg)
     trainer = make_trainer(model, tokenizer, records, lora_cfg, cfg, settings, checkpoint_dir, callback_factories)
-    output, run = run_training(trainer, checkpoint_dir)
+    output, run = run_training(trainer, checkpoint_dir, settings.best_model)
     result = train_result(trainer, output, run, settings, lora_cfg, out_dir, lengths)
     if trainer.is_world_process_zero():
         publish_adapter(trainer, tokenizer, out_dir, result)
@@ -345,31 +398,75 @@ def train(base_model: str, splits: SplitResult, model_cfg: ModelConfig, lora_cfg
 
 
 def sft_trainer_class():
-    """TRL's ``SFTTrainer``, asking Liger's fused linear cross-entropy for its loss in evaluation too.
+    """TRL's ``SFTTrainer`` with the LM head only where the completion-only loss needs it.
 
-    Liger computes the loss without logits only in training mode (``skip_logits`` defaults to
-    ``self.training``); in evaluation it returns logits and no token accuracy, which TRL 0.26's ``compute_loss``
-    reads whenever ``use_liger_kernel`` is on (``AttributeError: 'NoneType' object has no attribute 'mean'``,
-    seen on an H200 by ``benchmarks/gpu_check.sh``). Passing ``skip_logits=True`` whenever there are labels gives
-    the same loss, the token accuracy TRL logs, and no [batch, length, vocabulary] logits in evaluation.
+    Without Liger, ``compute_loss`` runs the head at the completion targets' positions only
+    (``tasks.loss.completion_logits``): the same loss and gradients as TRL's (transformers' causal-LM loss,
+    ``num_items_in_batch`` and the multi-process scaling as ``Trainer.compute_loss``), without the
+    [rows, length, vocabulary] logits; TRL's logged ``mean_token_accuracy`` (over target tokens, as TRL) and
+    ``entropy`` (here over target positions, where TRL takes every position) come from the gathered logits.
+
+    With Liger, its fused linear cross-entropy never builds logits in training; in evaluation it does unless
+    asked not to (``skip_logits`` defaults to ``self.training``) and then returns no token accuracy, which TRL
+    0.26 reads (``AttributeError: 'NoneType' object has no attribute 'mean'``, seen on an H200 by
+    ``benchmarks/gpu_check.sh``): ``skip_logits=True`` whenever there are labels.
     """
     from trl import SFTTrainer
 
-    class SFTTrainerLigerEval(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.args.use_liger_kernel and "labels" in inputs:
-                inputs["skip_logits"] = True
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+    class CompletionOnlySFTTrainer(SFTTrainer):
+        validation_scorer = None  # make_trainer sets it: generated quality metrics at every evaluation
 
-    return SFTTrainerLigerEval
+        def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+            output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+            if self.validation_scorer is not None:
+                scores = self.validation_scorer(self.model)
+                output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in scores.items()})
+            return output
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if (self.args.use_liger_kernel or self.aux_loss_enabled or "labels" not in inputs
+                    or "shift_labels" in inputs):  # MoE router loss, context parallelism: TRL's own path
+                if self.args.use_liger_kernel and "labels" in inputs:
+                    inputs["skip_logits"] = True
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            return self._completion_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _completion_loss(self, model, inputs, return_outputs, num_items_in_batch):
+            import torch
+            from trl.trainer.utils import entropy_from_logits
+
+            from tasks.loss import completion_logits, cross_entropy
+
+            inputs = dict(inputs, use_cache=False)
+            labels = inputs.pop("labels")
+            logits, targets, outputs = completion_logits(model, inputs, labels, self.accelerator.unwrap_model(model))
+            loss = cross_entropy(logits, targets, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages gradients
+            mode = "train" if model.training else "eval"
+            with torch.no_grad():
+                correct = self.accelerator.gather_for_metrics((logits.argmax(-1) == targets).sum())
+                count = self.accelerator.gather_for_metrics(torch.tensor(targets.numel(), device=logits.device))
+                entropy = self.accelerator.gather_for_metrics(entropy_from_logits(logits).mean()).mean().item()
+            self._metrics[mode]["mean_token_accuracy"].append(correct.sum().item() / max(count.sum().item(), 1))
+            self._metrics[mode]["entropy"].append(entropy)
+            if mode == "train":
+                tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(
+                    inputs["input_ids"].numel(), device=logits.device)
+                self._total_train_tokens += self.accelerator.gather_for_metrics(tokens).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return (loss, outputs) if return_outputs else loss
+
+    return CompletionOnlySFTTrainer
 
 
 def base_for_training(path: str, trust_remote_code: bool, lora_cfg: LoraConfig, attn: str,
                       checkpointing: bool):
-    """The base model to put the adapter on: float32 for lora/dora (bf16 autocast does the matmuls), or 4-bit
-    (``tasks.base_model.load_4bit``) run through peft's ``prepare_model_for_kbit_training`` for qlora (the
-    non-quantized weights in float32, input gradients on, gradient checkpointing as ``checkpointing``)."""
+    """The base model to put the adapter on (or to train whole, method full): float32 for lora/dora/full (bf16
+    autocast does the matmuls), or 4-bit (``tasks.base_model.load_4bit``) run through peft's
+    ``prepare_model_for_kbit_training`` for qlora (the non-quantized weights in float32, input gradients on,
+    gradient checkpointing as ``checkpointing``)."""
     if lora_cfg.method != "qlora":
         return load_model(path, trust_remote_code, attn_implementation=attn)
     from peft import prepare_model_for_kbit_training
@@ -380,8 +477,11 @@ def base_for_training(path: str, trust_remote_code: bool, lora_cfg: LoraConfig, 
 
 
 def peft_config(lora_cfg: LoraConfig):
-    """The ``peft.LoraConfig`` for ``lora_cfg`` (``use_dora`` for method dora)."""
+    """The ``peft.LoraConfig`` for ``lora_cfg`` (``use_dora`` for method dora); None for full fine-tuning."""
     import peft
+
+    if lora_cfg.method == "full":
+        return None
 
     return peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
                            target_modules=lora_cfg.target_modules, use_dora=lora_cfg.method == "dora",

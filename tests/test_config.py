@@ -88,10 +88,11 @@ def test_shipped_configs_ingest_their_real_data(name, shared_data, tmp_path):
     ("train.load_best_model_at_end=true", "need train.eval_steps"),
     ("eval.answer_pattern='####(('", "eval.answer_pattern: Value error, not a valid regular expression"),
     ("train.overlength=cut", "train.overlength: Input should be 'drop', 'truncate' or 'error'"),
+    ("train.metric_for_best_model=accuracy", "metric_for_best_model='accuracy': expected one of"),
 ])
 def test_new_training_and_eval_settings_are_validated(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, ["train.eval_steps=null", override])  # banking77.yaml sets eval_steps
 
 
 def _sweep(tmp_path: Path, text: str) -> Path:
@@ -120,6 +121,8 @@ def test_sweep_loads_the_space_and_the_baseline_with_its_overrides(tmp_path):
     ("space: {lora.r: {choice: [8], integer: [1, 4]}}", "set exactly one of"),
     ("sampler: grid\nspace: {train.learning_rate: {log_uniform: [0.001, 0.01]}}", "grid needs a choice list"),
     ("space: {lora.r: {choice: [8]}}\nn_trial: 3", "n_trial: Extra inputs are not permitted"),
+    ("space: {split.max_train_examples: {choice: [800, 1600]}}",
+     "space \\['split.max_train_examples'\\]: trials share the baseline's data, split and base model"),
 ])
 def test_bad_sweeps_are_rejected_naming_the_file_and_key(tmp_path, text, message):
     from configs.schema import load_sweep

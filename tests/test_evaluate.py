@@ -108,3 +108,59 @@ def test_an_evaluation_result_carries_its_kinds_metrics_and_round_trips_through_
         EvalResult(task="classification", accuracy=0.5, **common)
     with pytest.raises(ValueError, match="unknown task"):
         EvalResult(task="ranking", **common)
+
+
+def test_the_eval_loss_equals_the_loss_over_all_logits(tiny_trained):
+    """The head only at completion targets (tasks/loss.py) gives the eval loss of full logits (float32)."""
+    import torch
+
+    from tasks.base_model import load_model, load_tokenizer
+    from tasks.chat import tokenize_with_completion_mask
+    from tasks.evaluate import completion_loss
+
+    records = read_jsonl(tiny_trained["splits"].files["test"])
+    tok, model = load_tokenizer(tiny_trained["base"]), load_model(tiny_trained["base"])
+    total, count = 0.0, 0
+    for ids, prompt in tokenize_with_completion_mask(tok, records):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        targets = torch.tensor(ids[1:])
+        targets[: prompt - 1] = -100
+        total += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+        count += int((targets != -100).sum())
+    assert completion_loss(model, tok, records, batch_size=4) == pytest.approx(total / count, rel=0, abs=1e-5)
+
+
+def test_few_shot_examples_take_one_per_label_first():
+    from tasks.evaluate import few_shot_examples
+
+    rows = [{"label": label, "i": i} for i in range(4) for label in "abc"] + [{"label": "d", "i": 0}]
+    shots = few_shot_examples(rows, 5, seed=3)
+    assert sorted(r["label"] for r in shots[:4]) == ["a", "b", "c", "d"]  # every label before any repeats
+    assert shots[4]["label"] != "d"  # d has one row only
+    assert few_shot_examples(rows, 5, seed=3) == shots  # seeded
+    with pytest.raises(ValueError, match="few_shot=20 needs 20 training examples; the split has 13"):
+        few_shot_examples(rows, 20, seed=0)
+
+
+def test_a_sampled_few_shot_evaluation_reports_its_sample_shots_and_interval(tmp_path, tiny_trained):
+    from collections import Counter
+
+    files = tiny_trained["splits"].files
+    test = read_jsonl(files["test"])
+    cfg = EvalConfig(batch_size=4, bf16=False)
+    m = evaluate(tiny_trained["base"], files["test"], "classification", cfg, tmp_path / "k", max_examples=6,
+                 few_shot=3, shots_file=files["train"], seed=0)
+    assert (m.n_examples, m.population, m.few_shot) == (6, len(test), 3)
+    low, high = m.interval95["accuracy"]
+    assert 0 <= low <= m.accuracy <= high <= 1 and high - low > 0.2  # 6 rows: a wide interval
+    rows = read_jsonl(tmp_path / "k" / "predictions.jsonl")
+    assert Counter(r["reference"] for r in rows) == {"fruit": 2, "tool": 2, "colour": 2}  # stratified
+    train_turns = {json.dumps(m) for r in read_jsonl(files["train"]) for m in r["messages"]}
+    for r in rows:
+        turns = [t for t in r["prompt"] if t["role"] != "system"]
+        assert len(turns) == 2 * 3 + 1 and all(json.dumps(t) in train_turns for t in turns[:-1])
+        assert [t["role"] for t in turns] == ["user", "assistant"] * 3 + ["user"]
+        assert {t["content"] for t in turns[1:-1:2]} == {"fruit", "tool", "colour"}  # one shot per label
+    with pytest.raises(ValueError, match="few_shot needs shots_file"):
+        evaluate(tiny_trained["base"], files["test"], "classification", cfg, tmp_path / "x", few_shot=2)

@@ -42,6 +42,23 @@ def test_metrics_table_shows_base_tuned_and_delta():
     assert "| n_examples | 10 | 10 | — |" in table
 
 
+def test_metrics_table_shows_the_few_shot_baseline_its_sample_and_intervals():
+    sampled = {"n_examples": 500, "population": 3079}
+    table = metrics_table({"task": "classification",
+                           "base": {"accuracy": 0.0, "macro_f1": 0.0, "eval_loss": 4.6, "perplexity": 100.0,
+                                    **sampled, "interval95": {"accuracy": [0.0, 0.0076]}},
+                           "base_few_shot": {"accuracy": 0.12, "macro_f1": 0.08, "eval_loss": 3.1, "perplexity": 22.2,
+                                             **sampled, "few_shot": 5, "interval95": {"accuracy": [0.094, 0.152]}},
+                           "finetuned": {"accuracy": 0.75, "macro_f1": 0.74, "eval_loss": 0.1, "perplexity": 1.1,
+                                         "n_examples": 3079, "population": 3079,
+                                         "interval95": {"accuracy": [0.735, 0.765]}}})
+    assert table.splitlines()[0] == "| metric | base | base 5-shot | fine-tuned | delta |"
+    assert "| accuracy | 0.0000 | 0.1200 | 0.7500 | 0.7500 |" in table
+    assert "| n_examples | 500 of 3079 (stratified) | 500 of 3079 (stratified) | 3079 | — |" in table
+    assert ("| 95 % interval | accuracy [0.000, 0.008] | accuracy [0.094, 0.152] | accuracy [0.735, 0.765] | — |"
+            in table)
+
+
 def test_published_folders_carry_a_manifest_that_catches_truncation_and_corruption(tmp_path):
     from tasks.files import MANIFEST, verify_folder
 

@@ -14,8 +14,8 @@ from tests.conftest import tiny_config, write_classification_dir
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = {"validate", "ingest", "split", "evaluate_base", "train", "merge", "evaluate_finetuned",
-              "export_genai-int4"}
+ALL_STAGES = {"validate", "ingest", "split", "evaluate_base", "evaluate_fewshot", "train", "merge",
+              "evaluate_finetuned", "export_genai-int4"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,7 +36,8 @@ def _rename(cfg, run_name, **sections):
 def flow_run(tmp_path_factory, tiny_model_dir):
     """The whole flow once on the tiny model: (config, final state, output dir)."""
     root = tmp_path_factory.mktemp("flow")
-    cfg = tiny_config(write_classification_dir(root / "cls"), root / "out", tiny_model_dir)
+    cfg = tiny_config(write_classification_dir(root / "cls"), root / "out", tiny_model_dir,
+                      eval={"baseline_examples": 6, "few_shot": 3})  # the base on 6 of the 12 test rows
     state = finetune(cfg, return_state=True)
     assert state.is_completed(), state.message
     return cfg, state, root / "out"
@@ -47,13 +48,21 @@ def test_whole_flow_meets_the_output_contract(flow_run):
     result = state.result()
     run = out / "run"
     assert result["run_dir"] == str(run)
-    for folder in ("adapter", "merged", "onnx/genai-int4", "data", "eval/base", "eval/finetuned"):
+    for folder in ("adapter", "merged", "onnx/genai-int4", "data", "eval/base", "eval/base-few-shot",
+                   "eval/finetuned"):
         assert (run / folder).is_dir() and any((run / folder).iterdir()), folder
     assert (run / "merged" / "model.safetensors").is_file()
     assert (run / "onnx" / "genai-int4" / "model.onnx").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
-    for side in ("base", "finetuned"):
-        assert {"accuracy", "macro_f1", "eval_loss", "perplexity", "n_examples"} <= set(metrics[side])
+    for side in ("base", "base_few_shot", "finetuned"):
+        assert {"accuracy", "macro_f1", "eval_loss", "perplexity", "n_examples", "interval95"} <= set(metrics[side])
+    assert (metrics["base"]["n_examples"], metrics["base"]["population"], metrics["base"]["few_shot"]) == (6, 12, 0)
+    assert (metrics["base_few_shot"]["n_examples"], metrics["base_few_shot"]["few_shot"]) == (6, 3)
+    assert metrics["finetuned"]["n_examples"] == metrics["finetuned"]["population"] == 12  # always every row
+    base_rows = [json.loads(line)["prompt"] for line in (run / "eval" / "base" / "predictions.jsonl").open()]
+    shot_rows = [json.loads(line)["prompt"] for line in (run / "eval" / "base-few-shot" / "predictions.jsonl").open()]
+    assert [p[-1] for p in shot_rows] == [p[-1] for p in base_rows]  # the same sampled rows, 3 shots before each
+    assert all(len(s) == len(b) + 6 for s, b in zip(shot_rows, base_rows))
     assert metrics["finetuned"]["eval_loss"] < metrics["base"]["eval_loss"]
     int4 = metrics["onnx"]["genai-int4"]
     assert int4["tokenizer_mismatches"] == 0 and int4["greedy_agreement"] >= cfg.export.min_greedy_agreement
@@ -66,9 +75,15 @@ def test_whole_flow_meets_the_output_contract(flow_run):
     assert set(metrics["stage_states"].values()) == {"Completed"}
     report = (run / "report.md").read_text()
     assert "| accuracy |" in report and "greedy agreement" in report and "loss_curve.png" in report
+    assert "| metric | base | base 3-shot | fine-tuned | delta |" in report and "6 of 12 (stratified)" in report
     samples = json.loads((run / "samples.json").read_text())
     tuned = [json.loads(line) for line in (run / "eval" / "finetuned" / "predictions.jsonl").open()]
-    assert [s["fine-tuned"] for s in samples] == [t["prediction"] for t in tuned[:5]]
+    base = {row["prompt"][-1]["content"]: row["prediction"]
+            for row in map(json.loads, (run / "eval" / "base" / "predictions.jsonl").open())}
+    shown = [t for t in tuned if t["prompt"][-1]["content"] in base][:5]  # the first test rows the base answered
+    assert [s["prompt"] for s in samples] == [t["prompt"][-1]["content"] for t in shown]
+    assert [(s["base"], s["fine-tuned"]) for s in samples] == [(base[s["prompt"]], t["prediction"])
+                                                                for s, t in zip(samples, shown)]
     assert all(s["base"] is not None and s["prompt"] in report for s in samples)
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.rglob(".*tmp-*"))
@@ -85,6 +100,7 @@ def test_artifacts_are_in_prefect(flow_run):
             "sample-generations"} <= set(by_key)
     table = json.loads(by_key["metrics"].data) if isinstance(by_key["metrics"].data, str) else by_key["metrics"].data
     assert {row["metric"] for row in table} == {"accuracy", "macro_f1", "eval_loss", "perplexity"}
+    assert set(table[0]) == {"metric", "base", "base 3-shot", "fine-tuned", "delta"}
     assert "data:image/png;base64," in by_key["loss-curve"].data
     assert "from_pretrained" in by_key["model-card"].data and "sha256" in by_key["model-card"].data
     assert float(by_key["training-progress"].data) == pytest.approx(100.0)
@@ -108,7 +124,8 @@ def test_changing_only_evaluation_reruns_only_evaluation_and_its_gate(flow_run):
     result = finetune(_rename(cfg, "eval-change", eval={"batch_size": 3}))
     states = result["stage_states"]
     # the export's quality gate is measured against the merged model's evaluation, so it reruns with it
-    assert states["evaluate_base"] == states["evaluate_finetuned"] == states["export_genai-int4"] == "Completed"
+    assert states["evaluate_base"] == states["evaluate_fewshot"] == states["evaluate_finetuned"] == "Completed"
+    assert states["export_genai-int4"] == "Completed"
     assert {states[s] for s in ("ingest", "split", "train", "merge")} == {"Cached"}, states
 
 

@@ -1,4 +1,4 @@
-"""QLoRA and DoRA on the tiny model (CPU: bitsandbytes 4-bit works there), and the QLoRA merge."""
+"""QLoRA, DoRA and full fine-tuning on the tiny model (CPU: bitsandbytes 4-bit works there), and their merges."""
 import json
 from pathlib import Path
 
@@ -100,6 +100,41 @@ def test_dora_trains_and_merges(tiny_trained, tmp_path):
     merged = merge(tiny_trained["base"], trained.adapter, tiny_trained["splits"].files["test"], MergeConfig(),
                    tmp_path / "merged")
     assert merged.max_abs_weight_diff > 0 and merged.qlora_vs_4bit is None
+
+
+def test_full_fine_tuning_trains_every_weight_and_the_merge_is_a_checked_copy(tiny_trained, tmp_path):
+    trained = train_with(tiny_trained, tmp_path, {"method": "full"}, learning_rate=1e-3)
+    folder = Path(trained.adapter)
+    assert trained.method == "full" and not (folder / "adapter_config.json").exists()
+    weights, base = load_file(folder / "model.safetensors"), load_model(tiny_trained["base"])
+    changed = {name for name, p in base.named_parameters() if not torch.equal(weights[name], p.detach())}
+    assert changed == {name for name, _ in base.named_parameters()}  # every weight trained, not only adapters
+    merged = merge(tiny_trained["base"], trained.adapter, tiny_trained["splits"].files["validation"], MergeConfig(),
+                   tmp_path / "merged")
+    assert merged.method == "full" and merged.max_abs_weight_diff > 0 and merged.max_abs_logit_diff == 0
+    published = load_file(Path(merged.merged) / "model.safetensors")
+    assert published.keys() == weights.keys() and all(torch.equal(published[k], weights[k]) for k in weights)
+    assert not (Path(merged.merged) / "train.json").exists()  # the model and tokenizer only
+
+
+def test_the_full_fine_tuning_merge_refuses_an_unchanged_model(tiny_trained, tmp_path):
+    import shutil
+
+    untrained = tmp_path / "untrained"
+    shutil.copytree(tiny_trained["base"], untrained)
+    (untrained / "train.json").write_text(json.dumps({"method": "full"}))
+    with pytest.raises(MergeCheckError, match="training changed nothing"):
+        merge(tiny_trained["base"], str(untrained), tiny_trained["splits"].files["validation"], MergeConfig(),
+              tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_full_fine_tuning_cannot_export_as_an_adapter():
+    from configs.schema import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="genai-int4-adapter needs lora.method lora \\(got 'full'"):
+        load_config(None, ["lora.method=full"])
+    assert load_config(None, ["lora.method=full", "export.targets=[genai-int4]"]).lora.method == "full"
 
 
 def test_two_training_processes_share_the_batches(tiny_trained, tmp_path):

@@ -137,6 +137,50 @@ def test_early_stopping_stops_and_publishes_the_best_checkpoint(tmp_path, tiny_t
     assert all((published[k] - best[k]).abs().max() == 0 for k in best)
 
 
+def test_validation_accuracy_is_generated_at_every_evaluation_and_can_choose_the_checkpoint(tmp_path, tiny_trained):
+    from peft import PeftModel
+
+    from tasks.base_model import load_model, load_tokenizer
+    from tasks.chat import generate, prompt_ids
+    from tasks.evaluate import default_max_new_tokens
+    from tasks.metrics import classification_metrics
+
+    cfg = tiny_trained["cfg"]
+    best = cfg.train.model_copy(update={"eval_steps": 4, "save_steps": 4, "load_best_model_at_end": True,
+                                        "metric_for_best_model": "eval_accuracy", "save_total_limit": 5})
+    result = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora, best, tmp_path / "adapter",
+                   tmp_path / "checkpoints")
+    log = json.loads((tmp_path / "adapter" / "train_log.json").read_text())
+    evals = {h["step"]: h for h in log if "eval_loss" in h}
+    assert len(evals) >= 3 and all({"eval_accuracy", "eval_macro_f1"} <= h.keys() for h in evals.values())
+    best_step = int(result.best_checkpoint.rsplit("-", 1)[1])
+    assert evals[best_step]["eval_accuracy"] == max(h["eval_accuracy"] for h in evals.values())
+    assert result.metric_for_best_model == "eval_accuracy"
+    assert result.validation == {"accuracy": evals[best_step]["eval_accuracy"],
+                                 "macro_f1": evals[best_step]["eval_macro_f1"]}
+    assert result.eval_loss == evals[best_step]["eval_loss"]
+    # it is the evaluation's accuracy of the published adapter: the same greedy answers on the validation rows
+    records = read_jsonl(tiny_trained["splits"].files["validation"])
+    tok = load_tokenizer(tiny_trained["base"])
+    model = PeftModel.from_pretrained(load_model(tiny_trained["base"], attn_implementation="sdpa"),
+                                      tmp_path / "adapter").eval()
+    labels = [r["messages"][-1]["content"] for r in records]
+    answers = generate(model, tok, [prompt_ids(tok, r) for r in records],
+                       default_max_new_tokens(tok, labels, "classification"), best.per_device_eval_batch_size)
+    assert classification_metrics(answers, labels)["accuracy"] == result.validation["accuracy"]
+
+
+def test_the_published_adapter_is_evaluated_at_the_last_step(tmp_path, tiny_trained):
+    cfg = tiny_trained["cfg"]
+    result = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora,
+                   cfg.train.model_copy(update={"eval_steps": 4, "save_steps": 4}), tmp_path / "adapter",
+                   tmp_path / "checkpoints")
+    log = json.loads((tmp_path / "adapter" / "train_log.json").read_text())
+    evals = [h for h in log if "eval_loss" in h]
+    assert result.steps % 4 and [h["step"] for h in evals] == [*range(4, result.steps, 4), result.steps]
+    assert result.eval_loss == evals[-1]["eval_loss"] and result.validation["accuracy"] == evals[-1]["eval_accuracy"]
+
+
 def test_packing_fits_several_examples_per_sequence(tmp_path, tiny_trained):
     cfg = tiny_trained["cfg"]
     packed = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora,
