@@ -1,7 +1,8 @@
 """The chat format as every stage sees it: prompt ids, prompt+answer ids with the answer's start (as TRL
-tokenises for completion-only loss), TRL's prompt/completion rows, and batched greedy generation.
+tokenises for completion-only loss), TRL's prompt/completion rows, batched greedy generation and its default length.
 
-Shared by validate, train, merge, evaluate and export, so that each tokenises exactly as the others do.
+Shared by validate, train, merge, evaluate and export, so that each tokenises (and decodes classification labels)
+exactly as the others do.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import datasets
+
+GENERATION_MAX_NEW_TOKENS = 256
 
 
 def prompt_ids(tokenizer, record: dict) -> list[int]:
@@ -56,3 +59,11 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = text.strip()
     return out
+
+
+def default_max_new_tokens(tokenizer, references: list[str], task: str) -> int:
+    """``eval.max_new_tokens``'s default: the longest reference label's tokens + 2 for classification (the
+    end-of-turn token and a margin), ``GENERATION_MAX_NEW_TOKENS`` for generation."""
+    if task != "classification":
+        return GENERATION_MAX_NEW_TOKENS
+    return max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in set(references)) + 2

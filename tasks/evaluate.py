@@ -16,12 +16,11 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from configs.schema import EvalConfig
 from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16
-from tasks.chat import batches, generate, prompt_ids, tokenize_with_completion_mask
+from tasks.chat import batches, default_max_new_tokens, generate, prompt_ids, tokenize_with_completion_mask
 from tasks.files import atomic_dir, read_jsonl, write_json, write_jsonl
 from tasks.metrics import score, task_kind, wilson_interval
 
 log = logging.getLogger(__name__)
-GENERATION_MAX_NEW_TOKENS = 256
 
 
 class EvalResult(BaseModel):
@@ -142,14 +141,6 @@ def with_shots(record: dict, shots: list[dict]) -> dict:
     system = [m for m in record["messages"] if m["role"] == "system"]
     turns = [m for shot in shots for m in shot["messages"] if m["role"] != "system"]
     return {**record, "messages": system + turns + [m for m in record["messages"] if m["role"] != "system"]}
-
-
-def default_max_new_tokens(tokenizer, references: list[str], task: str) -> int:
-    """``eval.max_new_tokens``'s default: the longest reference label's tokens + 2 for classification (the
-    end-of-turn token and a margin), ``GENERATION_MAX_NEW_TOKENS`` for generation."""
-    if task != "classification":
-        return GENERATION_MAX_NEW_TOKENS
-    return max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in set(references)) + 2
 
 
 def completion_loss(model, tokenizer, records: list[dict], batch_size: int) -> float:

@@ -266,8 +266,7 @@ def validation_scorer(tokenizer, records: list[dict], cfg: TrainConfig, bf16: bo
     if task == "generation" and cfg.metric_for_best_model == "eval_loss":
         return None
     from tasks.base_model import autocast
-    from tasks.chat import generate, prompt_ids
-    from tasks.evaluate import default_max_new_tokens
+    from tasks.chat import default_max_new_tokens, generate, prompt_ids
 
     prompts = [prompt_ids(tokenizer, r) for r in records]
     references = [r["messages"][-1]["content"] for r in records]

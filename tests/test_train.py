@@ -141,8 +141,7 @@ def test_validation_accuracy_is_generated_at_every_evaluation_and_can_choose_the
     from peft import PeftModel
 
     from tasks.base_model import load_model, load_tokenizer
-    from tasks.chat import generate, prompt_ids
-    from tasks.evaluate import default_max_new_tokens
+    from tasks.chat import default_max_new_tokens, generate, prompt_ids
     from tasks.metrics import classification_metrics
 
     cfg = tiny_trained["cfg"]
