@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from tasks.metrics import ALL_METRICS, LOSS_METRICS, TASK_KINDS
+from tasks.metrics import ALL_METRICS, QUALITY_METRICS, TASK_KINDS
 
 # choices read from the metric registry (tasks/metrics.py): a new task kind or metric is valid config at once
 EvalTask = Literal[("auto", *TASK_KINDS)]
@@ -153,7 +153,7 @@ class TrainConfig(_Section):
         if (self.early_stopping_patience or self.load_best_model_at_end) and self.eval_steps is None:
             raise ValueError("early_stopping_patience / load_best_model_at_end need train.eval_steps (validation "
                              "loss every N steps, with save_steps a multiple of it)")
-        allowed = ["eval_loss"] + [f"eval_{m}" for m in ALL_METRICS if m not in LOSS_METRICS]
+        allowed = ["eval_loss"] + [f"eval_{m}" for m in QUALITY_METRICS]
         if self.metric_for_best_model not in allowed:
             raise ValueError(f"metric_for_best_model={self.metric_for_best_model!r}: expected one of {allowed}")
         return self

@@ -8,10 +8,8 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
-from tasks.metrics import ALL_METRICS, LOSS_METRICS
+from tasks.metrics import QUALITY_METRICS
 from tasks.report import export_lines, method_line, metrics_rows, metrics_table
-
-QUALITY_METRICS = set(ALL_METRICS) - set(LOSS_METRICS)
 
 
 def training_progress():
@@ -35,8 +33,8 @@ def training_progress():
             if self.artifact_id is not None:
                 loss = (logs or {}).get("loss")
                 latest = next((h for h in reversed(state.log_history) if "eval_loss" in h), {})
-                validation = ", ".join(f"validation {k.removeprefix('eval_')} {v:.4f}" for k, v in latest.items()
-                                       if k.startswith("eval_") and k.removeprefix("eval_") in QUALITY_METRICS)
+                validation = ", ".join(f"validation {m} {latest[f'eval_{m}']:.4f}" for m in QUALITY_METRICS
+                                       if f"eval_{m}" in latest)
                 update_progress_artifact(self.artifact_id, 100.0 * state.global_step / max(state.max_steps, 1),
                                          description=f"step {state.global_step}/{state.max_steps}"
                                                      + (f", train loss {loss:.4f}" if loss is not None else "")

@@ -34,7 +34,8 @@ TASK_KINDS = {
 }
 # every evaluation also reports these (teacher-forced completion loss in nats per token, and exp of it)
 LOSS_METRICS = ("eval_loss", "perplexity")
-ALL_METRICS = tuple(dict.fromkeys(m for kind in TASK_KINDS.values() for m in kind.metrics)) + LOSS_METRICS
+QUALITY_METRICS = tuple(dict.fromkeys(m for kind in TASK_KINDS.values() for m in kind.metrics))
+ALL_METRICS = QUALITY_METRICS + LOSS_METRICS
 
 
 def task_kind(name: str) -> TaskKind:

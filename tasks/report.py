@@ -12,7 +12,7 @@ from tasks.export import ExportResult
 from tasks.files import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
 from tasks.ingest import SplitCounts
 from tasks.merge import MergeChecks
-from tasks.metrics import ALL_METRICS, LOSS_METRICS, task_kind
+from tasks.metrics import LOSS_METRICS, QUALITY_METRICS, task_kind
 from tasks.train import TrainSummary
 
 N_SAMPLES = 5  # test prompts shown base vs fine-tuned in report.md and the sample-generations artifact
@@ -124,7 +124,7 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     handles, labels = ax.get_legend_handles_labels()
-    quality = [m for m in ALL_METRICS if m not in LOSS_METRICS and any(f"eval_{m}" in h for h in history)]
+    quality = [m for m in QUALITY_METRICS if any(f"eval_{m}" in h for h in history)]
     if quality:
         right = ax.twinx()
         for name, style in zip(quality, ("s--", "^:", "v-.")):

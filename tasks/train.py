@@ -309,9 +309,8 @@ def run_training(trainer, checkpoint_dir: str | Path, best_model: bool = False) 
 def train_result(trainer, output, run: dict, settings: Settings, lora_cfg: LoraConfig, out_dir: str | Path,
                  lengths: dict) -> TrainResult:
     """The ``TrainResult`` of a finished ``run_training`` (``output``, ``run``)."""
-    from tasks.metrics import ALL_METRICS, LOSS_METRICS
+    from tasks.metrics import QUALITY_METRICS
 
-    quality = set(ALL_METRICS) - set(LOSS_METRICS)
     state, wall = trainer.state, run["wall_seconds"]
     evaluations = [h for h in state.log_history if "eval_loss" in h]
     if settings.best_model and state.best_model_checkpoint:
@@ -324,7 +323,7 @@ def train_result(trainer, output, run: dict, settings: Settings, lora_cfg: LoraC
         tokens_per_second=(tokens - run["tokens_before"]) / wall if wall > 0 else 0.0,
         wall_seconds=wall, steps=state.global_step, train_loss=output.training_loss,
         eval_loss=published.get("eval_loss"),
-        validation={k.removeprefix("eval_"): v for k, v in published.items() if k.removeprefix("eval_") in quality},
+        validation={m: published[f"eval_{m}"] for m in QUALITY_METRICS if f"eval_{m}" in published},
         bf16=settings.bf16, method=lora_cfg.method,
         bnb_4bit=lora_cfg.model_dump(include={"bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                                               "bnb_4bit_compute_dtype"}) if lora_cfg.method == "qlora" else None,
