@@ -74,7 +74,7 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
         merged_logits = merged(**batch).logits
     mask = batch["attention_mask"].bool()
     logit_diff = (adapter_logits - merged_logits).abs()[mask].max().item()
-    weight_diff = max((p.detach() - before[name]).abs().max().item() for name, p in merged.named_parameters())
+    weight_diff = max_weight_change(merged, before)
     log.info("merge: max abs logit diff %.3g (tolerance %.3g), max abs weight change %.3g",
              logit_diff, cfg.logit_atol, weight_diff)
     if weight_diff == 0:
@@ -106,6 +106,12 @@ def merge(base_model: str, adapter: str, check_file: str, cfg: MergeConfig, out_
                        method=trained.get("method", "lora"), qlora_vs_4bit=vs_4bit)
 
 
+def max_weight_change(model, reference: dict) -> float:
+    """The largest absolute difference between any parameter of ``model`` and the same-named tensor of
+    ``reference`` (``{name: tensor}``, e.g. the base model's ``named_parameters()``)."""
+    return max((p.detach() - reference[name].detach()).abs().max().item() for name, p in model.named_parameters())
+
+
 def check_batch(tokenizer, check_file: str, n: int, device) -> tuple[list[tuple[list[int], int]], dict]:
     """The first ``n`` examples of ``check_file`` as ``(prompt+answer ids, prompt length)`` rows and as one
     right-padded batch on ``device`` (``input_ids``, ``attention_mask``: int64 (n, longest))."""
@@ -129,9 +135,7 @@ def copy_full_model(base_model: str, trained: str, check_file: str, cfg: MergeCo
 
     tokenizer = load_tokenizer(trained, trust_remote_code)
     tuned = load_model(trained, trust_remote_code)
-    base = dict(load_model(base_model, trust_remote_code).named_parameters())
-    weight_diff = max((p.detach() - base[name].detach()).abs().max().item() for name, p in tuned.named_parameters())
-    del base
+    weight_diff = max_weight_change(tuned, dict(load_model(base_model, trust_remote_code).named_parameters()))
     if weight_diff == 0:
         raise MergeCheckError("merge: the trained weights equal the base weights: training changed nothing")
     _, batch = check_batch(tokenizer, check_file, cfg.n_check_prompts, tuned.device)
