@@ -351,8 +351,16 @@ class SweepConfig(_Section):
     seed: int = 0
     metric: SweepMetric = \
         Field("auto", description="Validation metric to optimise; auto = accuracy (classification) or rouge_l.")
-    max_parallel: int = Field(1, gt=0, description="Trials run at once (mapped Prefect tasks); each trial also "
-                                                   "holds a `gpu` concurrency slot where the worker sets one.")
+    max_parallel: int = Field(1, gt=0, description="Trials run at once (mapped Prefect tasks, or flow runs of "
+                                                   "trial_deployment); each trial's GPU stages hold a `gpu` "
+                                                   "concurrency slot where the worker sets one.")
+    storage: str | None = Field(None, description="Optuna storage the study lives in, so an interrupted sweep "
+                                "resumes where it stopped: a database URL (sqlite:///sweeps.db, postgresql://...) "
+                                "or a journal file path; None = <output.dir>/sweeps/optuna.journal.")
+    trial_deployment: str | None = Field(None, description="Run each trial as a flow run of this deployment "
+                                         "(e.g. sweep-trial/trial, deployments/prefect.yaml) on its work pool, so "
+                                         "idle workers on any host take them (output.dir must be storage every "
+                                         "worker shares); None = trials as tasks in this flow run's processes.")
 
     @model_validator(mode="after")
     def _grid_needs_choices(self) -> "SweepConfig":
@@ -459,18 +467,63 @@ def load_sweep(path: str | Path | None = None,
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
     try:
-        tree = apply_overrides(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, overrides or [])
-        sweep = SweepConfig.model_validate(tree)
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    sweep = validate_sweep(apply_overrides(tree, overrides or []), str(path))
+    return sweep, sweep_baseline(sweep, str(path))
+
+
+def validate_sweep(tree: dict, source: str) -> SweepConfig:
+    """Validate a plain sweep-config tree.
+
+    Raises:
+        ConfigError: naming ``source`` and each bad field's dotted path.
+    """
+    try:
+        return SweepConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, str(path))) from None
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def sweep_baseline(sweep: SweepConfig, source: str) -> FinetuneConfig:
+    """The finetune config every trial starts from: ``sweep.config`` (relative to the current folder) with
+    ``sweep.finetune`` on top, after checking that every end of each ``space`` range makes a valid config.
+
+    Raises:
+        ConfigError: naming ``source``: the finetune config is missing or invalid, a ``space`` key is not a
+            finetune-config field, or a sampled value would be invalid.
+    """
     base = load_config(sweep.config)
-    baseline = validate_config(merge_trees(base.model_dump(mode="json"), sweep.finetune), f"{path}: finetune")
+    baseline = validate_config(merge_trees(base.model_dump(mode="json"), sweep.finetune), f"{source}: finetune")
     for key, dim in sweep.space.items():
         for value in dim.choice if dim.choice is not None else (dim.log_uniform or dim.uniform or dim.integer):
-            trial_config(baseline, {key: value}, f"{path}: space.{key}")
-    return sweep, baseline
+            trial_config(baseline, {key: value}, f"{source}: space.{key}")
+    return baseline
+
+
+def deployment_parameters(config: str | None = None, sweep: str | None = None, overrides: list[str] | None = None,
+                          extra: str = "") -> dict:
+    """A deployment's default parameters, read from ``configs/`` at deploy time (a build step of
+    ``deployments/prefect.yaml``, so the deployments have no copy of a config to keep in step).
+
+    Args:
+        config: a finetune YAML → ``{"cfg": <config as JSON>}``.
+        sweep: or a sweep YAML → ``{"spec": <sweep as JSON>}`` (the sweep flow reads its baseline from it).
+        overrides: ``--set`` items (``data.path=...``; for a sweep, of its own keys).
+        extra: more finetune ``--set`` items in one shell-quoted string, e.g. the deployer's
+            ``FINETUNE_DEPLOY_SET="output.dir=/mnt/shared/outputs"`` (a sweep gets them under ``finetune.``).
+
+    Raises:
+        ConfigError: a bad file, key or value, as ``load_config``/``load_sweep``.
+    """
+    import shlex
+
+    more = shlex.split(extra)
+    if sweep:
+        spec, _ = load_sweep(sweep, [*(overrides or []), *(f"finetune.{item}" for item in more)])
+        return {"spec": spec.model_dump(mode="json")}
+    return {"cfg": load_config(config, [*(overrides or []), *more]).model_dump(mode="json")}
 
 
 def merge_trees(base: dict, update: dict) -> dict:

@@ -1,5 +1,5 @@
 # Sourced by the scripts in deployments/: the project's virtualenv first on PATH, the Prefect API address,
-# and FINETUNE_FLOW_ROOT (the checkout the worker runs flows from; used by prefect.yaml's pull step).
+# and FINETUNE_FLOW_ROOT (this checkout).
 FINETUNE_FLOW_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export FINETUNE_FLOW_ROOT
 export PATH="$FINETUNE_FLOW_ROOT/.venv/bin:$PATH"

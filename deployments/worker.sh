@@ -1,11 +1,32 @@
 #!/usr/bin/env bash
-# Start a process worker for a pool (default gpu) on this machine; it runs flows from this checkout.
-#   deployments/worker.sh [POOL] [extra `prefect worker start` options, e.g. --limit 2]
+# Start a process worker for a pool (default gpu) on this host; its flow runs start in this checkout
+# (FINETUNE_WORKER_ROOT, read by prefect.yaml's pull step when a run starts).
+#   [GPU=<index>] deployments/worker.sh [POOL] [extra `prefect worker start` options]
+# One worker per GPU: GPU=1 deployments/worker.sh gpu --limit 1. A gpu-pool worker's runs see only its GPU
+# (CUDA_VISIBLE_DEVICES=$GPU, default 0) and their GPU stages hold a slot of the global concurrency limit
+# FINETUNE_GPU_SLOT (default gpu-<host>-<GPU>, created here with one slot: flows/gpu.py), so runs sharing a GPU
+# train one at a time while CPU stages overlap. A deployment (job_variables) or a run may set both variables
+# in its `env` to pick another GPU. The cpu pool's runs see no GPU and take no slot.
 # Hub token (gated or private models/datasets): export HF_TOKEN before starting it (each flow run's process
 # inherits it), or save the token in a Prefect Secret block and set model.hf_token_secret to the block's
 # name; never put the token in a config or in prefect.yaml's parameters (the config refuses one).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
+export FINETUNE_WORKER_ROOT="$FINETUNE_FLOW_ROOT"   # where its flow runs start (prefect.yaml's pull step)
 pool="${1:-gpu}"
 shift || true
+if [[ "$pool" == cpu ]]; then
+  export CUDA_VISIBLE_DEVICES=""
+  unset FINETUNE_GPU_SLOT
+else
+  export CUDA_VISIBLE_DEVICES="${GPU:-0}"
+  export FINETUNE_GPU_SLOT="${FINETUNE_GPU_SLOT:-gpu-$(hostname -s)-${GPU:-0}}"
+  # the limit exists already, or is created now (by this worker or, at the same moment, another one)
+  prefect global-concurrency-limit inspect "$FINETUNE_GPU_SLOT" > /dev/null 2>&1 \
+    || prefect global-concurrency-limit create "$FINETUNE_GPU_SLOT" --limit 1 > /dev/null 2>&1 \
+    || prefect global-concurrency-limit inspect "$FINETUNE_GPU_SLOT" > /dev/null
+fi
+# a worker stopped with SIGTERM (a host drained, a pod evicted) hands its running flow runs back to the pool, where
+# another worker takes them, instead of leaving them Crashed
+export PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR="${PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR:-reschedule}"
 exec prefect worker start --pool "$pool" --type process "$@"

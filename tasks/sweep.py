@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from configs.schema import FinetuneConfig, SearchDimension, SweepConfig, get_dotted
 from tasks.evaluate import EvalResult
-from tasks.files import atomic_dir, write_json, write_text_atomic
+from tasks.files import atomic_dir, verify_folder, write_json, write_text_atomic
 from tasks.metrics import LOSS_METRICS, greater_is_better, task_kind
 from tasks.train import TrainSummary
 
@@ -37,18 +37,41 @@ def objective(sweep: SweepConfig, task: str) -> tuple[str, str]:
     return metric, "maximize" if greater_is_better(metric) else "minimize"
 
 
-def make_study(sweep: SweepConfig, direction: str) -> optuna.Study:
-    """An in-memory Optuna study with ``sweep.sampler`` seeded by ``sweep.seed`` (grid: over the choices)."""
+def make_study(sweep: SweepConfig, direction: str, storage: str | None = None,
+               study_name: str | None = None) -> optuna.Study:
+    """An Optuna study with ``sweep.sampler`` (grid: over the choices): in memory, or loaded from ``storage``
+    (``study_storage``) by ``study_name`` and created there if absent.
+
+    The sampler is seeded with ``sweep.seed`` plus the number of trials the study already holds, so a resumed
+    sweep does not draw the samples of its first run again (a random sampler restarts its sequence).
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=direction, storage=study_storage(storage) if storage else None,
+                                study_name=study_name, load_if_exists=True)
+    seed = sweep.seed + len(study.trials)
     if sweep.sampler == "grid":
-        sampler = optuna.samplers.GridSampler({k: d.choice for k, d in sweep.space.items()}, seed=sweep.seed)
+        study.sampler = optuna.samplers.GridSampler({k: d.choice for k, d in sweep.space.items()}, seed=seed)
     elif sweep.sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=sweep.seed)
+        study.sampler = optuna.samplers.TPESampler(seed=seed)
     else:
-        sampler = optuna.samplers.RandomSampler(seed=sweep.seed)
-    return optuna.create_study(direction=direction, sampler=sampler)
+        study.sampler = optuna.samplers.RandomSampler(seed=seed)
+    return study
+
+
+def study_storage(location: str):
+    """Optuna storage for ``location``: a database URL (``sqlite:///sweeps.db``, ``postgresql://...``: Optuna's
+    ``RDBStorage``) or a file path, kept as an Optuna journal (``JournalFileBackend``, its lock a symlink: safe
+    on NFS and other shared filesystems; the file's folder is created)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if "://" in location:
+        return location
+    path = Path(location).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def n_trials(sweep: SweepConfig) -> int:
@@ -87,6 +110,41 @@ def tell(study: optuna.Study, trial: optuna.Trial, value: float | None) -> None:
         study.tell(trial, value)
 
 
+def record(study: optuna.Study, trial: optuna.Trial | None, entry: dict) -> None:
+    """Keep a finished trial's ``entry`` (JSON: ``trial``, ``params``, ``validation`` value or None, ``cfg``,
+    ``merged`` folder or None, ``row``) in the study, then tell Optuna its value; ``trial`` None is the
+    baseline, kept as a study attribute (it is not one of Optuna's samples)."""
+    if trial is None:
+        study.set_user_attr("baseline", entry)
+        return
+    trial.set_user_attr("sweep", entry)
+    tell(study, trial, entry["validation"])
+
+
+def restore(study: optuna.Study) -> tuple[list[dict], list[dict]]:
+    """What a resumed sweep keeps and what it runs again.
+
+    Returns:
+        ``(entries, again)``: the ``record``ed entries of finished trials in run order (the baseline first), and
+        the params of trials to run again: those a killed sweep left running (told failed now, so Optuna does
+        not wait for them) and finished ones whose merged model is gone or fails its manifest.
+    """
+    from optuna.trial import TrialState
+
+    entries = [study.user_attrs["baseline"]] if "baseline" in study.user_attrs else []
+    again = []
+    for trial in study.trials:
+        if trial.state in (TrialState.RUNNING, TrialState.WAITING):
+            study.tell(trial.number, state=TrialState.FAIL)
+            again.append(trial.params)
+        elif "sweep" in trial.user_attrs:
+            entries.append(trial.user_attrs["sweep"])
+    kept = [e for e in entries if e["merged"] is None or not verify_folder(e["merged"])]
+    covered = [e["params"] for e in kept]  # a lost model trained again since is not lost any more
+    again += [e["params"] for e in entries if e not in kept and e["trial"] != "baseline" and e["params"] not in covered]
+    return kept, again
+
+
 def baseline_params(baseline: FinetuneConfig, space: dict[str, SearchDimension]) -> dict[str, Any]:
     """The baseline config's own values of the searched keys."""
     tree = baseline.model_dump(mode="json")
@@ -100,17 +158,18 @@ class TrialResult(BaseModel):
     validation: EvalResult
     merged: str
     train: TrainSummary
+    ran_on: str = Field("", description="host:checkout of the process that ran it (a trial flow run's worker).")
 
 
 def result_row(name: str, params: dict, result: TrialResult | None, metric: str, error: str | None = None) -> dict:
-    """One line of the results table: trial name, its parameters, the validation metric, eval loss, steps and
-    train time (``None`` and the error for a failed trial)."""
+    """One line of the results table: trial name, its parameters, the validation metric, eval loss, steps,
+    train time and where it ran (``None`` and the error for a failed trial)."""
     if result is None:
         return {"trial": name, **params, f"validation_{metric}": None, "validation_loss": None, "steps": None,
-                "train_seconds": None, "error": error}
+                "train_seconds": None, "error": error, "ran_on": None}
     return {"trial": name, **params, f"validation_{metric}": result.validation.metric(metric),
             "validation_loss": result.validation.eval_loss, "steps": result.train.steps,
-            "train_seconds": round(result.train.wall_seconds, 1), "error": error}
+            "train_seconds": round(result.train.wall_seconds, 1), "error": error, "ran_on": result.ran_on}
 
 
 def write_results(out_dir: str | Path, rows: list[dict], best: dict, best_cfg: FinetuneConfig,

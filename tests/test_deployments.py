@@ -7,11 +7,14 @@ sets it). Without it the PostgreSQL test skips, except under CI (``CI=true``), w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -19,15 +22,14 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import DeploymentUpdate
 from playwright.sync_api import expect, sync_playwright
-from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterName, LogFilter,
-                                            LogFilterFlowRunId)
+from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterId,
+                                            FlowRunFilterName, LogFilter, LogFilterFlowRunId)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from configs.schema import FinetuneConfig, load_config
+from configs.schema import FinetuneConfig, SweepConfig, load_config, load_sweep, sweep_baseline
 from tests.conftest import require, tiny_config, write_classification_dir
 
 pytestmark = pytest.mark.service
@@ -57,11 +59,18 @@ def _background(cmd: list[str], env: dict, log: Path):
     try:
         yield proc
     finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to ``proc``'s process group, SIGKILL after 30 s; nothing if it has ended already."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextmanager
@@ -104,11 +113,15 @@ def api(env: dict):
 
 
 def use_tiny_defaults(env: dict, cfg: FinetuneConfig) -> None:
-    """Set both deployments' default ``cfg`` to the tiny model's (what an admin does with "Edit deployment")."""
+    """Set both deployments' default ``cfg`` to the tiny model's (what an admin does with "Edit deployment"),
+    keeping the deployed ones in ``$PREFECT_HOME/deployed-defaults.json``."""
+    deployed = {}
     with api(env) as client:
         for name in ("finetune/on-demand", "nightly-retrain/nightly"):
             deployment = client.read_deployment_by_name(name)
+            deployed[name] = deployment.parameters["cfg"]
             client.update_deployment(deployment.id, DeploymentUpdate(parameters={"cfg": cfg.model_dump(mode="json")}))
+    (Path(env["PREFECT_HOME"]) / "deployed-defaults.json").write_text(json.dumps(deployed))
 
 
 def wait_for(env: dict, run_ids: list, timeout: float = 600) -> list:
@@ -136,25 +149,66 @@ def service(tmp_path_factory, tiny_cfg):
     home = tmp_path_factory.mktemp("prefect-home")
     with prefect_service(home) as env:
         use_tiny_defaults(env, tiny_cfg)
-        with _background([str(DEPLOY / "worker.sh"), "gpu"], env, home / "worker.log"):
+        with _background([str(DEPLOY / "worker.sh"), "gpu"], {**env, "FINETUNE_GPU_SLOT": "gpu"}, home / "worker.log"):
+            _wait_for_limit(env, "gpu")
             yield env
 
 
-def test_prefect_yaml_defaults_are_the_banking77_config():
-    spec = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
+def _wait_for_limit(env: dict, name: str, timeout: float = 60) -> None:
+    """Until worker.sh has created the global concurrency limit ``name``."""
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    with api(env) as client:
+        while True:
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+                return
+            except ObjectNotFound:
+                assert time.monotonic() < deadline, f"no concurrency limit {name!r} after {timeout} s"
+                time.sleep(0.5)
+
+
+def test_deployed_defaults_are_read_from_configs(service):
+    """The deployments' default parameters are configs/banking77.yaml and configs/sweeps/banking77.yaml with the
+    local data copy, read by deploy.sh's build step (``FINETUNE_DEPLOY_SET`` adds to them), not a copy."""
     expected = load_config(ROOT / "configs" / "banking77.yaml", ["data.path=../shared/data/banking77"])
-    for deployment in spec["deployments"]:
-        assert FinetuneConfig.model_validate(deployment["parameters"]["cfg"]) == expected, deployment["name"]
+    spec, baseline = load_sweep(ROOT / "configs" / "sweeps" / "banking77.yaml",
+                                ["finetune.data.path=../shared/data/banking77", "trial_deployment=sweep-trial/trial"])
+    with api(service) as client:
+        sweep = client.read_deployment_by_name("sweep/sweep").parameters
+        trial = client.read_deployment_by_name("sweep-trial/trial")
+        nightly = client.read_deployment_by_name("nightly-retrain/nightly")
+    deployed = json.loads((Path(service["PREFECT_HOME"]) / "deployed-defaults.json").read_text())
+    assert {name: FinetuneConfig.model_validate(cfg) for name, cfg in deployed.items()} == \
+        {"finetune/on-demand": expected, "nightly-retrain/nightly": expected}
+    assert set(sweep) == {"spec"} and spec.trial_deployment == "sweep-trial/trial"
+    assert SweepConfig.model_validate(sweep["spec"]) == spec
+    assert sweep_baseline(SweepConfig.model_validate(sweep["spec"]), "deployed") == baseline
+    assert trial.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+        "directory": "{{ $FINETUNE_WORKER_ROOT }}"}}]  # read on the worker's host when a run starts
+    assert nightly.global_concurrency_limit.limit == 1  # a late night is cancelled, never run beside the next
+    assert nightly.concurrency_options.collision_strategy == "CANCEL_NEW"
 
 
-def test_setup_creates_the_pools_and_the_gpu_limit(service):
+def test_deploy_time_overrides_reach_every_deployment(tmp_path):
+    from configs.schema import deployment_parameters
+
+    extra = f"'output.dir={tmp_path / 'shared out'}' train.learning_rate=1e-3"  # shell-quoted, as in the env
+    cfg = deployment_parameters(config=str(ROOT / "configs" / "banking77.yaml"), extra=extra)["cfg"]
+    assert cfg["output"]["dir"] == str(tmp_path / "shared out") and cfg["train"]["learning_rate"] == 1e-3
+    swept = deployment_parameters(sweep=str(ROOT / "configs" / "sweeps" / "banking77.yaml"),
+                                  extra=f"output.dir={tmp_path}")
+    assert swept["spec"]["finetune"]["output"]["dir"] == str(tmp_path)
+
+
+def test_setup_creates_the_pools_and_the_worker_its_gpu_limit(service):
+    """setup.sh: the pools, their templates unedited; worker.sh: the slot of its GPU (here named ``gpu``)."""
     with api(service) as client:
         cpu, gpu, k8s = (client.read_work_pool(name) for name in ("cpu", "gpu", "gpu-k8s"))
         limit = client.read_global_concurrency_limit_by_name("gpu")
     assert (cpu.type, gpu.type, k8s.type) == ("process", "process", "kubernetes")
-    assert gpu.base_job_template["variables"]["properties"]["env"]["default"] == {
-        "CUDA_VISIBLE_DEVICES": "0", "FINETUNE_GPU_SLOT": "gpu"}
-    assert "FINETUNE_GPU_SLOT" not in json.dumps(cpu.base_job_template)
+    assert "FINETUNE_GPU_SLOT" not in json.dumps(gpu.base_job_template) + json.dumps(cpu.base_job_template)
     container = k8s.base_job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
     assert k8s.base_job_template["variables"]["properties"]["gpu_count"]["default"] == 1
@@ -190,6 +244,13 @@ def test_bad_parameters_are_rejected_before_a_run_exists(service):
     done = subprocess.run([str(DEPLOY / "trigger.sh"), "finetune/on-demand", "--set",
                            "train.learning_rate=-1"], env=service, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 1 and "train.learning_rate" in done.stderr
+    for bad in ("n_trials=0", "finetune.train.learning_rate=-1"):  # the sweep's own keys, and its finetune ones
+        done = subprocess.run([str(DEPLOY / "trigger.sh"), "sweep/sweep", "--set", bad], env=service,
+                              capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 1 and bad.split("=")[0].removeprefix("finetune.") in done.stderr, done.stderr
+    with api(service) as client:
+        assert not client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(
+            any_=[client.read_deployment_by_name("sweep/sweep").id])))
 
 
 def _scheduled_runs(env: dict, deployment_id, at_least: int = 2, timeout: float = 120) -> list:
@@ -274,6 +335,115 @@ def test_service_on_postgresql(tmp_path, tiny_cfg):
         with api(env) as client:
             assert client.read_deployment_by_name("nightly-retrain/nightly").schedules
     assert (Path(tiny_cfg.output.dir) / "on-postgres" / "metrics.json").is_file()
+
+
+def _clone(dest: Path) -> Path:
+    """Another host's checkout: a copy of this one's tracked and untracked, not ignored files (no .venv: the
+    host's Python environment is the one on its PATH)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    return dest
+
+
+def _stage_states(client, deployment_id) -> dict[str, str]:
+    """``{task run name: state}`` of the stages of every flow run of ``deployment_id``."""
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])))
+    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs])))
+    return {f"{t.name}@{t.flow_run_id}": t.state.name for t in tasks}
+
+
+@contextmanager
+def _two_hosts(tmp_path: Path):
+    """A server with the deployments, and a gpu-pool worker (``--limit 1``, a slot of its own) in each of two other
+    checkouts, ``host-a`` and ``host-b``; yields ``(env, {host name: (checkout, worker process)})``."""
+    with prefect_service(tmp_path / "home") as env, contextlib.ExitStack() as stack:
+        path = f"{Path(sys.executable).parent}:{env['PATH']}"
+        hosts = {}
+        for name in ("host-a", "host-b"):
+            host = _clone(tmp_path / name)
+            hosts[name] = (host, stack.enter_context(_background(
+                [str(host / "deployments" / "worker.sh"), "gpu", "--limit", "1", "--name", name],
+                {**env, "PATH": path, "FINETUNE_GPU_SLOT": f"gpu-{name}"}, tmp_path / f"{name}.log")))
+        for name in hosts:
+            _wait_for_limit(env, f"gpu-{name}")
+        yield env, hosts
+
+
+def _sweep_spec(tmp_path: Path, tiny_cfg: FinetuneConfig, n_trials: int, max_parallel: int):
+    spec = SweepConfig(config="tiny", space={"train.learning_rate": {"log_uniform": [1e-3, 3e-2]},
+                                             "lora.r": {"choice": [4, 8]}},
+                       n_trials=n_trials, seed=1, max_parallel=max_parallel, trial_deployment="sweep-trial/trial",
+                       storage=str(tmp_path / "study.journal"))
+    baseline = tiny_cfg.model_copy(update={"output": tiny_cfg.output.model_copy(update={
+        "dir": str(tmp_path / "shared"), "run_name": "two-hosts"})})
+    return spec, baseline
+
+
+def test_sweep_trials_run_as_flow_runs_on_workers_of_two_hosts(tmp_path, tiny_cfg):
+    """Two workers in two other checkouts (standing in for two hosts, one job at a time each, a slot each)
+    share an output folder; the sweep, run from this checkout, submits its trials to the trial deployment: both
+    workers run trials, and a sweep with a new study is served from their cache."""
+    from flows.sweep import sweep
+
+    spec, baseline = _sweep_spec(tmp_path, tiny_cfg, n_trials=4, max_parallel=4)
+    with _two_hosts(tmp_path) as (env, hosts):
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            first = sweep(spec, baseline)
+            again = sweep(spec.model_copy(update={"storage": str(tmp_path / "new-study.journal")}), baseline)
+        with api(env) as client:
+            states = _stage_states(client, client.read_deployment_by_name("sweep-trial/trial").id)
+    rows = first["trials"]
+    assert [r["trial"] for r in rows] == ["baseline", "trial-0", "trial-1", "trial-2", "trial-3"]
+    assert all(r["error"] is None for r in rows), rows
+    ran_on = {r["trial"]: r["ran_on"].split(":", 1)[1] for r in rows}
+    assert set(ran_on.values()) == {str(host) for host, _ in hosts.values()}, ran_on  # both, from their checkouts
+    assert again["trials"] == [{**r, "ran_on": a["ran_on"]} for r, a in zip(rows, again["trials"])]
+    assert Path(first["paths"]["best_config"]).is_file()
+    trained = [name for name in states if name.startswith(("train-", "merge-", "evaluate-"))]
+    assert len(trained) == 2 * 15, sorted(states)  # train, merge, evaluate of 5 trials, in each sweep
+    assert sum(states[name] == "Cached" for name in trained) == 15, sorted(states.items())
+    assert sum(states[name] == "Completed" for name in trained) == 15
+
+
+def test_a_worker_stopped_mid_trial_hands_it_to_the_other_and_the_sweep_completes(tmp_path, tiny_cfg):
+    """host-b's worker is stopped (SIGTERM, as when a host is drained) while it trains a trial: the run goes back
+    to the pool (deployments/worker.sh), host-a's worker runs it, and the sweep completes without an error."""
+    import contextvars
+    import threading
+
+    from flows.sweep import sweep
+
+    spec, baseline = _sweep_spec(tmp_path, tiny_cfg, n_trials=1, max_parallel=2)
+    with _two_hosts(tmp_path) as (env, hosts):
+        out = {}
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            context = contextvars.copy_context()
+        runner = threading.Thread(target=lambda: out.update(result=context.run(sweep, spec, baseline)))
+        runner.start()
+        log = tmp_path / "host-b.log"
+        deadline = time.monotonic() + 300
+        while "submitted to infrastructure" not in log.read_text():
+            assert time.monotonic() < deadline and runner.is_alive(), "host-b never took a trial"
+            time.sleep(0.5)
+        taken = log.read_text().split("submitted to infrastructure")[0].rsplit("Flow run '", 1)[1].split("'")[0]
+        with api(env) as client:
+            [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[taken])))
+            while not any(t.name.startswith("train-") and t.state.is_running() for t in client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))):
+                assert time.monotonic() < deadline, "the trial on host-b never started training"
+                time.sleep(0.2)
+        _stop(hosts["host-b"][1])
+        runner.join(timeout=300)
+        assert not runner.is_alive(), "the sweep did not complete within 5 min of the worker's stop"
+    rows = out["result"]["trials"]
+    assert all(r["error"] is None for r in rows), rows
+    ran_on = {r["trial"]: r["ran_on"].split(":", 1)[1] for r in rows}
+    assert ran_on[taken] == str(hosts["host-a"][0]), (taken, ran_on)
 
 
 CHROMIUM = Path("/usr/bin/chromium")

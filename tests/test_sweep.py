@@ -2,6 +2,7 @@
 Optuna's samples inside the space, best picked on validation, best + baseline measured on test, results table
 and best config written, and a re-run served from the cache."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,13 +115,89 @@ def test_trials_run_the_declared_stages_named_by_trial(first_sweep):
         assert {f"train-{trial}", f"merge-{trial}", f"evaluate-{trial}"} <= names, sorted(names)
 
 
-def test_rerunning_the_same_sweep_is_served_from_the_cache(first_sweep):
+def test_rerunning_the_same_sweep_is_served_from_the_cache(first_sweep, tmp_path):
+    """A new study (another Optuna storage) of the same sweep draws the same samples: every stage is Cached."""
     spec, baseline, state = first_sweep
-    again = sweep(spec, baseline, return_state=True)
+    again = sweep(spec.model_copy(update={"storage": str(tmp_path / "other.journal")}), baseline, return_state=True)
     runs, _ = _task_runs(again.state_details.flow_run_id)
     stages = [r for r in runs if r.name.split("-", 1)[0] in ("train", "merge", "evaluate", "ingest", "split")]
     assert len(stages) >= 17 and {r.state.name for r in stages} == {"Cached"}, [(r.name, r.state.name) for r in runs]
     assert again.result()["trials"] == state.result()["trials"]
+
+
+def test_rerunning_a_finished_sweep_resumes_its_study_and_runs_no_trial(first_sweep):
+    spec, baseline, state = first_sweep
+    assert (Path(baseline.output.dir) / "sweeps" / "optuna.journal").is_file()
+    again = sweep(spec, baseline, return_state=True)
+    runs, _ = _task_runs(again.state_details.flow_run_id)
+    assert _trial_runs(runs) == [], [r.name for r in runs]
+    assert again.result()["trials"] == state.result()["trials"]
+    assert again.result()["best"] == state.result()["best"]
+
+
+def _fake_result(accuracy: float, merged: str):
+    from tasks.evaluate import EvalResult
+    from tasks.sweep import TrialResult
+    from tasks.train import TrainSummary
+
+    validation = EvalResult(task="classification", accuracy=accuracy, macro_f1=accuracy, eval_loss=1.0,
+                            perplexity=2.72, n_examples=4, bf16=False, max_new_tokens=4, wall_seconds=1.0)
+    return TrialResult(validation=validation, merged=merged, train=TrainSummary.model_construct(
+        steps=3, wall_seconds=2.0))
+
+
+def _published(folder: Path) -> str:
+    from tasks.files import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+    return str(folder)
+
+
+def test_an_interrupted_sweep_resumes_from_its_storage_without_rerunning_finished_trials(sweep_files, tmp_path):
+    """The sweep is killed while its third trial runs: the next run keeps the baseline and trial-0 from the
+    journal, runs the interrupted trial's sample again and then the rest; a merged model deleted since is
+    trained again."""
+    from flows.sweep import search
+    from tasks.sweep import make_study
+
+    spec, baseline = load_sweep(sweep_files / "sweep.yaml")
+    spec = spec.model_copy(update={"max_parallel": 1, "n_trials": 3})
+    storage = str(tmp_path / "optuna.journal")
+    ran, params = [], {}
+
+    def run_configs(named):
+        [(name, cfg)] = named
+        ran.append(name)
+        params[name] = (cfg.train.learning_rate, cfg.lora.r, cfg.train.per_device_train_batch_size)
+        if name == "trial-1" and len(ran) == 3:
+            raise KeyboardInterrupt  # the flow run is killed during this trial
+        return [(_fake_result(cfg.train.learning_rate, _published(tmp_path / name)), None)]
+
+    with pytest.raises(KeyboardInterrupt):
+        search(spec, baseline, "accuracy", "maximize", run_configs, make_study(spec, "maximize", storage, "s"))
+    assert ran == ["baseline", "trial-0", "trial-1"]
+
+    ran.clear()
+    rows, done = search(spec, baseline, "accuracy", "maximize", run_configs,
+                        make_study(spec, "maximize", storage, "s"))
+    assert ran == ["trial-2", "trial-3"]  # trial-1 (told failed) is sampled again as trial-2, then one more
+    assert params["trial-2"] == params["trial-1"]
+    assert [r["trial"] for r in rows] == ["baseline", "trial-0", "trial-2", "trial-3"] == list(done)
+    assert done["trial-0"]["validation"] == params["trial-0"][0]
+
+    shutil.rmtree(tmp_path / "trial-0")  # its merged model is gone: the study cannot vouch for it any more
+    ran.clear()
+    more = spec.model_copy(update={"n_trials": 4})  # and the sweep is extended by one trial
+    rows, done = search(more, baseline, "accuracy", "maximize", run_configs,
+                        make_study(more, "maximize", storage, "s"))
+    assert ran == ["trial-4", "trial-5"] and params["trial-4"] == params["trial-0"]
+    assert [r["trial"] for r in rows] == ["baseline", "trial-2", "trial-3", "trial-4", "trial-5"]
+
+    ran.clear()
+    rows_again, _ = search(more, baseline, "accuracy", "maximize", run_configs,
+                           make_study(more, "maximize", storage, "s"))
+    assert ran == [] and rows_again == rows
 
 
 def test_a_failed_trial_is_recorded_and_told_to_optuna_and_the_rest_go_on(sweep_files):
