@@ -3,6 +3,7 @@
 #   cpu      process pool for CPU-only work: batch predictions (no GPU slot)
 #   gpu      process pool for training: any number of workers, on any number of hosts, one per GPU
 #            (deployments/worker.sh pins each worker's runs to its GPU and creates that GPU's slot)
+#   and the automation of zombie-runs.yaml: a run whose worker died is marked Crashed
 #   gpu-k8s  (KUBERNETES=1) a Kubernetes pool whose jobs request nvidia.com/gpu (pools/gpu-kubernetes.json;
 #            the device plugin gives each pod its own GPU; set the image to one containing this project)
 set -euo pipefail
@@ -10,6 +11,9 @@ cd "$(dirname "$0")"
 source ./env.sh
 prefect work-pool create cpu --type process --overwrite
 prefect work-pool create gpu --type process --overwrite
+# flow runs whose worker died are marked Crashed (zombie-runs.yaml), once
+prefect automation inspect crash-zombie-flow-runs > /dev/null 2>&1 \
+  || prefect automation create --from-file zombie-runs.yaml > /dev/null
 if [[ "${KUBERNETES:-0}" == 1 ]]; then
   prefect work-pool create gpu-k8s --type kubernetes --base-job-template pools/gpu-kubernetes.json --overwrite
 fi

@@ -29,4 +29,6 @@ fi
 # a worker stopped with SIGTERM (a host drained, a pod evicted) hands its running flow runs back to the pool, where
 # another worker takes them, instead of leaving them Crashed
 export PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR="${PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR:-reschedule}"
+# and its runs send a heartbeat every 30 s: if this host dies, zombie-runs.yaml marks them Crashed after 90 s
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
 exec prefect worker start --pool "$pool" --type process "$@"

@@ -358,16 +358,16 @@ def _stage_states(client, deployment_id) -> dict[str, str]:
 
 
 @contextmanager
-def _two_hosts(tmp_path: Path):
-    """A server with the deployments, and a gpu-pool worker (``--limit 1``, a slot of its own) in each of two other
+def _two_hosts(tmp_path: Path, database_url: str | None = None, limit: int = 1):
+    """A server with the deployments, and a gpu-pool worker (``--limit``, a slot of its own) in each of two other
     checkouts, ``host-a`` and ``host-b``; yields ``(env, {host name: (checkout, worker process)})``."""
-    with prefect_service(tmp_path / "home") as env, contextlib.ExitStack() as stack:
+    with prefect_service(tmp_path / "home", database_url) as env, contextlib.ExitStack() as stack:
         path = f"{Path(sys.executable).parent}:{env['PATH']}"
         hosts = {}
         for name in ("host-a", "host-b"):
             host = _clone(tmp_path / name)
             hosts[name] = (host, stack.enter_context(_background(
-                [str(host / "deployments" / "worker.sh"), "gpu", "--limit", "1", "--name", name],
+                [str(host / "deployments" / "worker.sh"), "gpu", "--limit", str(limit), "--name", name],
                 {**env, "PATH": path, "FINETUNE_GPU_SLOT": f"gpu-{name}"}, tmp_path / f"{name}.log")))
         for name in hosts:
             _wait_for_limit(env, f"gpu-{name}")
@@ -410,9 +410,12 @@ def test_sweep_trials_run_as_flow_runs_on_workers_of_two_hosts(tmp_path, tiny_cf
     assert sum(states[name] == "Completed" for name in trained) == 15
 
 
-def test_a_worker_stopped_mid_trial_hands_it_to_the_other_and_the_sweep_completes(tmp_path, tiny_cfg):
-    """host-b's worker is stopped (SIGTERM, as when a host is drained) while it trains a trial: the run goes back
-    to the pool (deployments/worker.sh), host-a's worker runs it, and the sweep completes without an error."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_a_worker_lost_mid_trial_hands_it_to_the_other_and_the_sweep_completes(tmp_path, tiny_cfg, sig):
+    """host-b's worker and its runs are stopped (SIGTERM, as when a host is drained: the run goes back to the
+    pool, deployments/worker.sh) or killed (SIGKILL, as when a host dies: its heartbeats stop, zombie-runs.yaml
+    marks it Crashed and the sweep submits it again) while it trains a trial; host-a's worker runs it and the
+    sweep completes without an error."""
     import contextvars
     import threading
 
@@ -437,13 +440,69 @@ def test_a_worker_stopped_mid_trial_hands_it_to_the_other_and_the_sweep_complete
                     flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))):
                 assert time.monotonic() < deadline, "the trial on host-b never started training"
                 time.sleep(0.2)
-        _stop(hosts["host-b"][1])
+        os.killpg(hosts["host-b"][1].pid, sig)
         runner.join(timeout=300)
         assert not runner.is_alive(), "the sweep did not complete within 5 min of the worker's stop"
     rows = out["result"]["trials"]
     assert all(r["error"] is None for r in rows), rows
     ran_on = {r["trial"]: r["ran_on"].split(":", 1)[1] for r in rows}
     assert ran_on[taken] == str(hosts["host-a"][0]), (taken, ran_on)
+
+
+def test_a_burst_of_twenty_runs_on_postgresql_computes_each_stage_once(tmp_path, tiny_cfg):
+    """20 runs of the on-demand deployment sent at once (5 configs, each 4 times) to two workers of two checkouts
+    on a PostgreSQL-backed server: all complete, each distinct stage is computed once and reused by the others
+    (the cache-key locks), every published folder matches its manifest, and the API answers throughout (the
+    slowest call is printed)."""
+    import threading
+
+    from tasks.files import verify_folder
+
+    require(bool(POSTGRES_URL), "FINETUNE_TEST_POSTGRES_URL (a PostgreSQL database for the Prefect server)")
+    shared = tmp_path / "shared"
+    configs = [tiny_cfg.model_copy(update={
+        "output": tiny_cfg.output.model_copy(update={"dir": str(shared)}),
+        "train": tiny_cfg.train.model_copy(update={"learning_rate": 1e-3 * (i + 1)})}) for i in range(5)]
+    slowest, stop = [0.0, ""], threading.Event()
+
+    def probe(env):  # the API as the UI and the workers use it, timed while the burst runs
+        with api(env) as client:
+            while not stop.is_set():
+                for name, call in (("read_flow_runs", lambda: client.read_flow_runs(limit=50)),
+                                   ("read_work_pool", lambda: client.read_work_pool("gpu"))):
+                    start = time.perf_counter()
+                    call()
+                    slowest[:] = max(slowest, [time.perf_counter() - start, name])
+                time.sleep(0.25)
+
+    with _two_hosts(tmp_path, POSTGRES_URL, limit=5) as (env, _):
+        prober = threading.Thread(target=probe, args=(env,))
+        prober.start()
+        try:
+            with api(env) as client:
+                deployment = client.read_deployment_by_name("finetune/on-demand")
+                ids = [client.create_flow_run_from_deployment(deployment.id, name=f"burst-{i}-{copy}", parameters={
+                    "cfg": cfg.model_copy(update={"output": cfg.output.model_copy(update={
+                        "run_name": f"burst-{i}-{copy}"})}).model_dump(mode="json")}).id
+                    for copy in range(4) for i, cfg in enumerate(configs)]
+            runs = wait_for(env, ids, timeout=1200)
+            with api(env) as client:
+                tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+        finally:
+            stop.set()
+            prober.join()
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state.name, r.state.message) for r in runs]
+    computed: dict[str, int] = {}
+    for t in tasks:
+        computed[t.name] = computed.get(t.name, 0) + (t.state.name == "Completed")
+    # shared by all 20: ingest, split, the base model's evaluations; one per config: train, merge, evaluate-finetuned
+    assert computed["ingest"] == computed["split"] == computed["evaluate-base"] == 1, computed
+    assert computed["train"] == computed["merge"] == computed["evaluate-finetuned"] == 5, computed
+    folders = [f for stage in (shared / "stages").iterdir() for f in stage.iterdir() if not f.name.startswith(".")]
+    assert len(folders) >= 13 and not [problem for f in folders if (problem := verify_folder(f))]
+    assert all(json.loads((shared / f"burst-{i}-{c}" / "metrics.json").read_text())["finetuned"]
+               for i in range(5) for c in range(4))
+    print(f"burst of 20 runs: slowest API call {slowest[0]:.3f} s ({slowest[1]})")
 
 
 CHROMIUM = Path("/usr/bin/chromium")
