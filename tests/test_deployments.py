@@ -22,6 +22,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import DeploymentUpdate
 from playwright.sync_api import expect, sync_playwright
@@ -374,36 +375,51 @@ def _two_hosts(tmp_path: Path, database_url: str | None = None, limit: int = 1):
         yield env, hosts
 
 
-def _sweep_spec(tmp_path: Path, tiny_cfg: FinetuneConfig, n_trials: int, max_parallel: int):
-    spec = SweepConfig(config="tiny", space={"train.learning_rate": {"log_uniform": [1e-3, 3e-2]},
-                                             "lora.r": {"choice": [4, 8]}},
-                       n_trials=n_trials, seed=1, max_parallel=max_parallel, trial_deployment="sweep-trial/trial",
-                       storage=str(tmp_path / "study.journal"))
-    baseline = tiny_cfg.model_copy(update={"output": tiny_cfg.output.model_copy(update={
+def _sweep_file(tmp_path: Path, tiny_cfg: FinetuneConfig, n_trials: int, max_parallel: int) -> Path:
+    """A sweep YAML over the tiny config (output in ``tmp_path/shared``, the sweep's folder ``two-hosts``) whose
+    trials are runs of the trial deployment."""
+    cfg = tiny_cfg.model_copy(update={"output": tiny_cfg.output.model_copy(update={
         "dir": str(tmp_path / "shared"), "run_name": "two-hosts"})})
-    return spec, baseline
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    spec = {"config": str(tmp_path / "tiny.yaml"), "n_trials": n_trials, "seed": 1, "max_parallel": max_parallel,
+            "trial_deployment": "sweep-trial/trial", "storage": str(tmp_path / "study.journal"),
+            "space": {"train.learning_rate": {"log_uniform": [1e-3, 3e-2]}, "lora.r": {"choice": [4, 8]}}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path / "sweep.yaml"
+
+
+def _sweep_command(sweep_file: Path, *overrides: str) -> list[str]:
+    """The sweep CLI, run from this checkout in its own process (as a user would, against the server in env)."""
+    return [sys.executable, "-m", "flows.sweep", "--config", str(sweep_file),
+            *[arg for item in overrides for arg in ("--set", item)]]
+
+
+def _trials(tmp_path: Path) -> list[dict]:
+    return json.loads((tmp_path / "shared" / "two-hosts" / "trials.json").read_text())
 
 
 def test_sweep_trials_run_as_flow_runs_on_workers_of_two_hosts(tmp_path, tiny_cfg):
     """Two workers in two other checkouts (standing in for two hosts, one job at a time each, a slot each)
     share an output folder; the sweep, run from this checkout, submits its trials to the trial deployment: both
     workers run trials, and a sweep with a new study is served from their cache."""
-    from flows.sweep import sweep
-
-    spec, baseline = _sweep_spec(tmp_path, tiny_cfg, n_trials=4, max_parallel=4)
+    sweep_file = _sweep_file(tmp_path, tiny_cfg, n_trials=4, max_parallel=4)
     with _two_hosts(tmp_path) as (env, hosts):
-        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
-            first = sweep(spec, baseline)
-            again = sweep(spec.model_copy(update={"storage": str(tmp_path / "new-study.journal")}), baseline)
+        first = subprocess.run(_sweep_command(sweep_file), env=env, cwd=ROOT, capture_output=True, text=True,
+                               timeout=900)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        rows = _trials(tmp_path)
+        again = subprocess.run(_sweep_command(sweep_file, f"storage={tmp_path / 'new-study.journal'}"), env=env,
+                               cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         with api(env) as client:
             states = _stage_states(client, client.read_deployment_by_name("sweep-trial/trial").id)
-    rows = first["trials"]
     assert [r["trial"] for r in rows] == ["baseline", "trial-0", "trial-1", "trial-2", "trial-3"]
     assert all(r["error"] is None for r in rows), rows
     ran_on = {r["trial"]: r["ran_on"].split(":", 1)[1] for r in rows}
     assert set(ran_on.values()) == {str(host) for host, _ in hosts.values()}, ran_on  # both, from their checkouts
-    assert again["trials"] == [{**r, "ran_on": a["ran_on"]} for r, a in zip(rows, again["trials"])]
-    assert Path(first["paths"]["best_config"]).is_file()
+    again_rows = _trials(tmp_path)  # the same trials, the same results, wherever they ran this time
+    assert again_rows == [{**r, "ran_on": a["ran_on"]} for r, a in zip(rows, again_rows)]
+    assert (tmp_path / "shared" / "two-hosts" / "best.yaml").is_file()
     trained = [name for name in states if name.startswith(("train-", "merge-", "evaluate-"))]
     assert len(trained) == 2 * 15, sorted(states)  # train, merge, evaluate of 5 trials, in each sweep
     assert sum(states[name] == "Cached" for name in trained) == 15, sorted(states.items())
@@ -413,25 +429,16 @@ def test_sweep_trials_run_as_flow_runs_on_workers_of_two_hosts(tmp_path, tiny_cf
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
 def test_a_worker_lost_mid_trial_hands_it_to_the_other_and_the_sweep_completes(tmp_path, tiny_cfg, sig):
     """host-b's worker and its runs are stopped (SIGTERM, as when a host is drained: the run goes back to the
-    pool, deployments/worker.sh) or killed (SIGKILL, as when a host dies: its heartbeats stop, zombie-runs.yaml
-    marks it Crashed and the sweep submits it again) while it trains a trial; host-a's worker runs it and the
-    sweep completes without an error."""
-    import contextvars
-    import threading
-
-    from flows.sweep import sweep
-
-    spec, baseline = _sweep_spec(tmp_path, tiny_cfg, n_trials=1, max_parallel=2)
-    with _two_hosts(tmp_path) as (env, hosts):
-        out = {}
-        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
-            context = contextvars.copy_context()
-        runner = threading.Thread(target=lambda: out.update(result=context.run(sweep, spec, baseline)))
-        runner.start()
+    pool, deployments/worker.sh) or killed (SIGKILL: the run ends Crashed — here its orphaned engine reports it;
+    on a host that died, zombie-runs.yaml's heartbeat automation would — and the sweep submits it again) while it
+    trains a trial; host-a's worker runs it and the sweep completes without an error."""
+    sweep_file = _sweep_file(tmp_path, tiny_cfg, n_trials=1, max_parallel=2)
+    with _two_hosts(tmp_path) as (env, hosts), _background(_sweep_command(sweep_file), env,
+                                                           tmp_path / "sweep.log") as sweep:
         log = tmp_path / "host-b.log"
         deadline = time.monotonic() + 300
         while "submitted to infrastructure" not in log.read_text():
-            assert time.monotonic() < deadline and runner.is_alive(), "host-b never took a trial"
+            assert time.monotonic() < deadline and sweep.poll() is None, "host-b never took a trial"
             time.sleep(0.5)
         taken = log.read_text().split("submitted to infrastructure")[0].rsplit("Flow run '", 1)[1].split("'")[0]
         with api(env) as client:
@@ -441,9 +448,8 @@ def test_a_worker_lost_mid_trial_hands_it_to_the_other_and_the_sweep_completes(t
                 assert time.monotonic() < deadline, "the trial on host-b never started training"
                 time.sleep(0.2)
         os.killpg(hosts["host-b"][1].pid, sig)
-        runner.join(timeout=300)
-        assert not runner.is_alive(), "the sweep did not complete within 5 min of the worker's stop"
-    rows = out["result"]["trials"]
+        assert sweep.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    rows = _trials(tmp_path)
     assert all(r["error"] is None for r in rows), rows
     ran_on = {r["trial"]: r["ran_on"].split(":", 1)[1] for r in rows}
     assert ran_on[taken] == str(hosts["host-a"][0]), (taken, ran_on)
