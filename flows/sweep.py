@@ -164,13 +164,13 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig | None = None) -> dict:
     kind = data.result.task
     metric, direction = trials.objective(spec, kind)
     name = study_name(spec, baseline, data_key, base_key)
-    storage = spec.storage or str(Path(baseline.output.dir) / "sweeps" / "optuna.journal")
+    sweeps = Path(baseline.output.dir).expanduser().resolve() / "sweeps"  # shared by every worker
+    storage = spec.storage or str(sweeps / "optuna.journal")
     study = trials.make_study(spec, direction, storage, name)
 
     def run_configs(named: list[tuple[str, FinetuneConfig]]) -> list[tuple[TrialResult | None, str | None]]:
         if spec.trial_deployment:
-            folder = Path(baseline.output.dir).expanduser().resolve() / "sweeps" / name  # where workers write
-            return run_remote_wave(spec.trial_deployment, folder, named)
+            return run_remote_wave(spec.trial_deployment, sweeps / name, named)
         return run_wave(base, base_key, split, kind, named)
 
     rows, done = search(spec, baseline, metric, direction, run_configs, study)

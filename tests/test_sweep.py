@@ -203,25 +203,17 @@ def test_an_interrupted_sweep_resumes_from_its_storage_without_rerunning_finishe
 def test_a_failed_trial_is_recorded_and_told_to_optuna_and_the_rest_go_on(sweep_files):
     from configs.schema import SweepConfig
     from flows.sweep import search
-    from tasks.evaluate import EvalResult
-    from tasks.sweep import TrialResult, make_study, tell
-    from tasks.train import TrainSummary
+    from tasks.sweep import make_study, tell
 
     spec, baseline = load_sweep(sweep_files / "sweep.yaml")
     spec = SweepConfig.model_validate(spec.model_dump() | {"sampler": "grid", "n_trials": 3, "space": {
         "lora.r": {"choice": [4, 8]}, "train.per_device_train_batch_size": {"choice": [4, 8]}}})
     waves = []
 
-    def result(accuracy, merged):
-        validation = EvalResult(task="classification", accuracy=accuracy, macro_f1=accuracy, eval_loss=1.0,
-                                perplexity=2.72, n_examples=4, bf16=False, max_new_tokens=4, wall_seconds=1.0)
-        return TrialResult(validation=validation, merged=merged, train=TrainSummary.model_construct(
-            steps=3, wall_seconds=2.0))
-
     def run_configs(named):  # stands in for the mapped trial tasks: the second trial of the first wave fails
         waves.append(len(named))
         return [(None, "MergeCheckError: merged weights equal the base weights") if len(waves) == 1 and i == 1
-                else (result(c.lora.r / 10, f"m{i}"), None) for i, (_, c) in enumerate(named)]
+                else (_fake_result(c.lora.r / 10, f"m{i}"), None) for i, (_, c) in enumerate(named)]
 
     rows, done = search(spec, baseline, "accuracy", "maximize", run_configs)
     assert waves == [2, 2]  # the baseline + 3 grid trials, in waves of max_parallel=2
