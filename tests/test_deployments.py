@@ -355,7 +355,7 @@ def _stage_states(client, deployment_id) -> dict[str, str]:
     runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
         deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])))
     tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs])))
-    return {f"{t.name}@{t.flow_run_id}": t.state.name for t in tasks}
+    return {f"{t.name}@{t.flow_run_id}": t.state.name if t.state else None for t in tasks}
 
 
 @contextmanager
@@ -443,7 +443,7 @@ def test_a_worker_lost_mid_trial_hands_it_to_the_other_and_the_sweep_completes(t
         taken = log.read_text().split("submitted to infrastructure")[0].rsplit("Flow run '", 1)[1].split("'")[0]
         with api(env) as client:
             [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[taken])))
-            while not any(t.name.startswith("train-") and t.state.is_running() for t in client.read_task_runs(
+            while not any(t.name.startswith("train-") and t.state is not None and t.state.is_running() for t in client.read_task_runs(
                     flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))):
                 assert time.monotonic() < deadline, "the trial on host-b never started training"
                 time.sleep(0.2)
