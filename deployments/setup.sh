@@ -4,8 +4,9 @@
 #   gpu      process pool for training: any number of workers, on any number of hosts, one per GPU
 #            (deployments/worker.sh pins each worker's runs to its GPU and creates that GPU's slot)
 #   and the automation of zombie-runs.yaml: a run whose worker died is marked Crashed
-#   gpu-k8s  (KUBERNETES=1) a Kubernetes pool whose jobs request nvidia.com/gpu (pools/gpu-kubernetes.json;
-#            the device plugin gives each pod its own GPU; set the image to one containing this project)
+#   gpu-k8s  a Kubernetes pool whose jobs request nvidia.com/gpu and mount the shared claim at /mnt/shared
+#            (pools/gpu-kubernetes.json); its runs wait until a Kubernetes worker starts in a cluster:
+#            pip install ".[kubernetes]"; prefect worker start --pool gpu-k8s --type kubernetes
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./env.sh
@@ -14,6 +15,4 @@ prefect work-pool create gpu --type process --overwrite
 # flow runs whose worker died are marked Crashed (zombie-runs.yaml), once
 prefect automation inspect crash-zombie-flow-runs > /dev/null 2>&1 \
   || prefect automation create --from-file zombie-runs.yaml > /dev/null
-if [[ "${KUBERNETES:-0}" == 1 ]]; then
-  prefect work-pool create gpu-k8s --type kubernetes --base-job-template pools/gpu-kubernetes.json --overwrite
-fi
+prefect work-pool create gpu-k8s --type kubernetes --base-job-template pools/gpu-kubernetes.json --overwrite

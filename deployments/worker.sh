@@ -5,7 +5,8 @@
 # One worker per GPU: GPU=1 deployments/worker.sh gpu --limit 1. A gpu-pool worker's runs see only its GPU
 # (CUDA_VISIBLE_DEVICES=$GPU, default 0) and their GPU stages hold a slot of the global concurrency limit
 # FINETUNE_GPU_SLOT (default gpu-<host>-<GPU>, created here with one slot: flows/gpu.py), so runs sharing a GPU
-# train one at a time while CPU stages overlap. A deployment (job_variables) or a run may set both variables
+# train one at a time while CPU stages overlap. A worker for multi-GPU jobs (GPU=0,1) has its runs see both GPUs
+# and hold a slot of each GPU's limit at once, so it never trains beside a one-GPU worker of GPU 0 or 1. A deployment (job_variables) or a run may set both variables
 # in its `env` to pick another GPU. The cpu pool's runs see no GPU and take no slot.
 # Hub token (gated or private models/datasets): export HF_TOKEN before starting it (each flow run's process
 # inherits it), or save the token in a Prefect Secret block and set model.hf_token_secret to the block's
@@ -20,11 +21,16 @@ if [[ "$pool" == cpu ]]; then
   unset FINETUNE_GPU_SLOT
 else
   export CUDA_VISIBLE_DEVICES="${GPU:-0}"
-  export FINETUNE_GPU_SLOT="${FINETUNE_GPU_SLOT:-gpu-$(hostname -s)-${GPU:-0}}"
-  # the limit exists already, or is created now (by this worker or, at the same moment, another one)
-  prefect global-concurrency-limit inspect "$FINETUNE_GPU_SLOT" > /dev/null 2>&1 \
-    || prefect global-concurrency-limit create "$FINETUNE_GPU_SLOT" --limit 1 > /dev/null 2>&1 \
-    || prefect global-concurrency-limit inspect "$FINETUNE_GPU_SLOT" > /dev/null
+  # one limit of one slot per GPU (GPU=0,1: gpu-<host>-0,gpu-<host>-1; a job holds a slot of each)
+  slots=()
+  for index in ${CUDA_VISIBLE_DEVICES//,/ }; do slots+=("gpu-$(hostname -s)-$index"); done
+  export FINETUNE_GPU_SLOT="${FINETUNE_GPU_SLOT:-$(IFS=,; echo "${slots[*]}")}"
+  for limit in ${FINETUNE_GPU_SLOT//,/ }; do
+    # the limit exists already, or is created now (by this worker or, at the same moment, another one)
+    prefect global-concurrency-limit inspect "$limit" > /dev/null 2>&1 \
+      || prefect global-concurrency-limit create "$limit" --limit 1 > /dev/null 2>&1 \
+      || prefect global-concurrency-limit inspect "$limit" > /dev/null
+  done
 fi
 # a worker stopped with SIGTERM (a host drained, a pod evicted) hands its running flow runs back to the pool, where
 # another worker takes them, instead of leaving them Crashed

@@ -1,10 +1,12 @@
 """One training job per GPU: the stages that put a model on the accelerator hold a slot of a Prefect global
 concurrency limit while they run; CPU-only stages (ingest, split, export, report) never wait for it.
 
-The limit's name comes from the worker's environment, ``FINETUNE_GPU_SLOT`` (set by the GPU work pools'
-job templates in ``deployments/pools/``; ``deployments/setup.sh`` creates the limit with one slot per GPU).
-Unset — a laptop run, the CPU pool — means no slot is taken. The slot is taken with ``strict=True``: a limit
-that does not exist on the server is an error, never a silent free-for-all. A cache hit never calls the
+The limit's name comes from the worker's environment, ``FINETUNE_GPU_SLOT`` (set by ``deployments/worker.sh``,
+which creates a limit with one slot per GPU: ``gpu-<host>-<index>``). A worker given several GPUs (``GPU=0,1``)
+names one limit per GPU, comma-separated, and its jobs hold a slot of each, all at once or none (Prefect takes
+the slots of several limits in one server call), so a two-GPU job never starts while a one-GPU job holds either
+of its GPUs. Unset — a laptop run, the CPU pool — means no slot is taken. Slots are taken with ``strict=True``:
+a limit that does not exist on the server is an error, never a silent free-for-all. A cache hit never calls the
 function, so a cached stage does not wait for the GPU either.
 """
 from __future__ import annotations
@@ -18,8 +20,9 @@ GPU_SLOT_ENV = "FINETUNE_GPU_SLOT"
 
 
 def holds_gpu_slot(fn):
-    """``fn`` wrapped to hold one slot of the concurrency limit named by ``$FINETUNE_GPU_SLOT`` (if set) for the
-    whole call. ``functools.wraps`` keeps ``fn``'s signature and source for Prefect (parameters, cache key).
+    """``fn`` wrapped to hold one slot of each concurrency limit named by ``$FINETUNE_GPU_SLOT`` (if set;
+    several names comma-separated, one per GPU the job uses) for the whole call. ``functools.wraps`` keeps
+    ``fn``'s signature and source for Prefect (parameters, cache key).
 
     Raises (from the wrapped call):
         prefect.concurrency ConcurrencySlotAcquisitionError: the named limit does not exist on the server.
@@ -27,18 +30,18 @@ def holds_gpu_slot(fn):
 
     @functools.wraps(fn)
     def holding_gpu_slot(*args, **kwargs):
-        limit = os.environ.get(GPU_SLOT_ENV)
-        if not limit:
+        limits = [name.strip() for name in os.environ.get(GPU_SLOT_ENV, "").split(",") if name.strip()]
+        if not limits:
             return fn(*args, **kwargs)
         from prefect.concurrency.sync import concurrency
 
         log = get_run_logger()
-        log.info("%s: waiting for a slot of concurrency limit %r", fn.__name__, limit)
-        with concurrency(limit, occupy=1, strict=True):
-            log.info("%s: holding a slot of %r", fn.__name__, limit)
+        log.info("%s: waiting for a slot of concurrency limit(s) %s", fn.__name__, limits)
+        with concurrency(limits, occupy=1, strict=True):
+            log.info("%s: holding a slot of %s", fn.__name__, limits)
             try:
                 return fn(*args, **kwargs)
             finally:
-                log.info("%s: releasing the slot of %r", fn.__name__, limit)
+                log.info("%s: releasing the slot of %s", fn.__name__, limits)
 
     return holding_gpu_slot

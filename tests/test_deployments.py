@@ -91,7 +91,7 @@ def prefect_service(home: Path, database_url: str | None = None):
             assert server.poll() is None, (home / "server.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "server not healthy after 120 s"
             time.sleep(0.5)
-        _script("setup.sh", {**env, "KUBERNETES": "1"})
+        _script("setup.sh", env)
         _script("deploy.sh", env)
         yield env
 
@@ -212,8 +212,87 @@ def test_setup_creates_the_pools_and_the_worker_its_gpu_limit(service):
     assert "FINETUNE_GPU_SLOT" not in json.dumps(gpu.base_job_template) + json.dumps(cpu.base_job_template)
     container = k8s.base_job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
-    assert k8s.base_job_template["variables"]["properties"]["gpu_count"]["default"] == 1
+    assert k8s.base_job_template["variables"]["properties"]["gpu_count"]["default"] == 1  # rendered: test below
     assert limit.limit == 1 and limit.active
+
+
+def test_a_worker_given_two_gpus_creates_a_limit_for_each(service, tmp_path):
+    """GPU=0,1 worker.sh (a worker for two-GPU jobs; on its own pool here, so it takes no other test's runs):
+    one limit of one slot per GPU, named by host and index, which its jobs hold together (tests/test_gpu.py);
+    no deployment targets its pool."""
+    host = socket.gethostname().split(".")[0]
+    names = [f"gpu-{host}-0", f"gpu-{host}-1"]
+    with _background([str(DEPLOY / "worker.sh"), "gpu-pair"], {**service, "GPU": "0,1"}, tmp_path / "worker.log"):
+        for name in names:
+            _wait_for_limit(service, name)
+    with api(service) as client:
+        limits = [client.read_global_concurrency_limit_by_name(name) for name in names]
+    assert [limit.limit for limit in limits] == [1, 1]
+
+
+def test_the_kubernetes_deployment_is_a_valid_gpu_job_running_the_image(service):
+    """on-demand-k8s as the Kubernetes worker (prefect-kubernetes) would submit it: the gpu-k8s pool's template
+    with the deployment's job variables, prepared for a real flow run of it, is a batch/v1 Job that Kubernetes'
+    own API schema accepts in strict mode (kubernetes-validate, offline: no cluster here), one nvidia.com/gpu,
+    the image deploy.sh named (deployments/Dockerfile at this revision) running Prefect's runner in the
+    Dockerfile's WORKDIR, and the shared claim mounted where the deployment's outputs and data are."""
+    import asyncio
+
+    import kubernetes_validate
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    with api(service) as client:
+        deployment = client.read_deployment_by_name("finetune/on-demand-k8s")
+        pool = client.read_work_pool("gpu-k8s")
+        flow = client.read_flow(deployment.flow_id)
+        run = client.create_flow_run_from_deployment(deployment.id)  # no Kubernetes worker here: it stays Scheduled
+        client.delete_flow_run(run.id)
+    with temporary_settings({PREFECT_API_URL: service["PREFECT_API_URL"]}):
+        job = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(pool.base_job_template,
+                                                                                     deployment.job_variables))
+    job.prepare_for_flow_run(run, deployment, flow, pool)
+    kubernetes_validate.validate(job.job_manifest, "1.37.0", strict=True)
+
+    pod = job.job_manifest["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert container["image"] == f"finetune-flow:{revision.stdout.strip() or 'latest'}"
+    assert container["args"] == ["prefect", "flow-run", "execute"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PREFECT__FLOW_RUN_ID"] == str(run.id) and "FINETUNE_GPU_SLOT" not in env  # the pod has its GPU
+    [mount] = container["volumeMounts"]
+    [volume] = pod["volumes"]
+    assert volume == {"name": mount["name"], "persistentVolumeClaim": {"claimName": "finetune-shared"}}
+    cfg = deployment.parameters["cfg"]
+    assert Path(cfg["output"]["dir"]).is_relative_to(mount["mountPath"])
+    assert Path(cfg["data"]["path"]).is_relative_to(mount["mountPath"])
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    [workdir] = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("WORKDIR")]
+    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": workdir}}]
+    copied = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY")]
+    assert all((ROOT / src).exists() for srcs in copied for src in srcs), copied
+
+
+def test_the_kubernetes_pool_template_keeps_prefects_variables_and_strict_validation_has_teeth():
+    """gpu-kubernetes.json is prefect-kubernetes' default template (same variables, so a worker upgrade that adds
+    one shows here) plus the GPU count and the shared claim; Prefect's default layout, with the Job's
+    ``parallelism``/``completions`` inside the pod spec, is what strict validation rejects and ours fixes."""
+    import kubernetes_validate
+    from prefect_kubernetes.worker import KubernetesWorker
+
+    ours = json.loads((DEPLOY / "pools" / "gpu-kubernetes.json").read_text())
+    default = KubernetesWorker.get_default_base_job_template()
+    assert set(ours["variables"]["properties"]) == set(default["variables"]["properties"]) | {"gpu_count",
+                                                                                              "shared_claim"}
+    assert set(ours["job_configuration"]) == set(default["job_configuration"])
+    misplaced = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"generateName": "x-"}, "spec": {
+        "template": {"spec": {"parallelism": 1, "restartPolicy": "Never",
+                              "containers": [{"name": "c", "image": "i"}]}}}}
+    with pytest.raises(kubernetes_validate.ValidationError, match="parallelism"):
+        kubernetes_validate.validate(misplaced, "1.37.0", strict=True)
+    assert "parallelism" in default["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert ours["job_configuration"]["job_manifest"]["spec"]["parallelism"] == 1
 
 
 def test_server_listens_on_loopback_only(service):
@@ -443,8 +522,9 @@ def test_a_worker_lost_mid_trial_hands_it_to_the_other_and_the_sweep_completes(t
         taken = log.read_text().split("submitted to infrastructure")[0].rsplit("Flow run '", 1)[1].split("'")[0]
         with api(env) as client:
             [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[taken])))
-            while not any(t.name.startswith("train-") and t.state is not None and t.state.is_running() for t in client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))):
+            while not any(t.name.startswith("train-") and t.state is not None and t.state.is_running()
+                          for t in client.read_task_runs(
+                              flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))):
                 assert time.monotonic() < deadline, "the trial on host-b never started training"
                 time.sleep(0.2)
         os.killpg(hosts["host-b"][1].pid, sig)

@@ -250,3 +250,68 @@ def test_a_truncated_converted_base_model_is_converted_again_and_bad_data_writes
     assert main(argv) == 1  # the conversion is done again, then the same data error
     assert "label_list.jsonl: row 2: field 'label'" in capsys.readouterr().err
     assert verify_folder(converted) is None and not out.exists()
+
+
+def test_a_sweep_killed_after_two_trials_resumes_from_its_journal_without_running_them_again(tmp_path,
+                                                                                              tiny_model_dir):
+    """``python -m flows.sweep`` (a process of its own, with its Prefect server) is SIGKILLed, whole process group,
+    once the baseline and trial-0 are in its Optuna journal; the same command again keeps both from the journal
+    (no task of theirs runs, not even as a cache hit), trains the other two and completes with all four in the
+    table."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+    import yaml
+
+    from tasks.sweep import study_storage
+    from tests.faults import ROOT
+
+    out = tmp_path / "out"
+    cfg = tiny_config(write_classification_dir(tmp_path / "cls"), out, tiny_model_dir, output={"run_name": "sw"})
+    config = write_config(tmp_path / "tiny.yaml", cfg)
+    spec = {"config": str(config), "sampler": "random", "n_trials": 3, "seed": 5, "max_parallel": 1,
+            "finetune": {"eval": {"evaluate_base": False}, "export": {"enabled": False}},
+            "space": {"train.learning_rate": {"log_uniform": [1e-3, 3e-2]}, "lora.r": {"choice": [4, 8]}}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "flows.sweep", "--config", str(tmp_path / "sweep.yaml")]
+    env, journal = cli_env(tmp_path / "prefect-home"), out / "sweeps" / "optuna.journal"
+
+    def finished() -> dict:
+        """What the journal holds now: {trial name: validation value} of the finished trials."""
+        if not journal.exists():
+            return {}
+        storage = study_storage(str(journal))
+        [name] = optuna.get_all_study_names(storage) or [None]
+        if name is None:
+            return {}
+        study = optuna.load_study(study_name=name, storage=storage)
+        entries = [study.user_attrs.get("baseline")] + [t.user_attrs.get("sweep") for t in study.trials]
+        return {e["trial"]: e["validation"] for e in entries if e}
+
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while len(kept := finished()) < 2:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "two trials did not finish within 600 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert set(kept) == {"baseline", "trial-0"}, kept
+
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    ran = again.stdout + again.stderr
+    assert "train-trial-0" not in ran and "train-baseline" not in ran, "a kept trial ran again"
+    rows = json.loads((out / "sw" / "trials.json").read_text())
+    table = {r["trial"]: r for r in rows}
+    assert {name: table[name]["validation_accuracy"] for name in kept} == kept
+    assert len(rows) == 4 and all(r["error"] is None for r in rows), rows
+    rest = [r["trial"] for r in rows[2:]]  # trial-1 and trial-2, or trial-2 and trial-3 when trial-1 was asked
+    assert all(f"train-{name}" in ran for name in rest), rest  # (then told failed and its sample asked again)

@@ -71,3 +71,40 @@ def test_an_existing_limit_is_held_during_the_call_and_released(monkeypatch, pre
     with get_client(sync_client=True) as client:
         after = client.read_global_concurrency_limit_by_name("gpu-test").active_slots
     assert seen == [1] and after == 0
+
+
+def test_a_job_on_two_gpus_holds_a_slot_of_each_or_waits(monkeypatch, prefect_server):
+    """FINETUNE_GPU_SLOT="gpu-a,gpu-b" (a worker started with GPU=0,1): the call holds a slot of both limits; while
+    another job holds gpu-b, it takes neither and waits, then runs once gpu-b is free."""
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+
+    def active() -> dict:
+        with get_client(sync_client=True) as client:
+            return {n: client.read_global_concurrency_limit_by_name(n).active_slots for n in ("gpu-a", "gpu-b")}
+
+    seen = []
+    probe_task = task(holds_gpu_slot(lambda: seen.append(active()) or 7), name="probe")
+
+    @flow
+    def one():
+        return probe_task()
+
+    with get_client(sync_client=True) as client:
+        for name in ("gpu-a", "gpu-b"):
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    monkeypatch.setenv(GPU_SLOT_ENV, "gpu-a, gpu-b")
+    assert one() == 7 and seen == [{"gpu-a": 1, "gpu-b": 1}] and active() == {"gpu-a": 0, "gpu-b": 0}
+
+    seen.clear()
+    waiting = threading.Thread(target=one)
+    with concurrency("gpu-b", occupy=1, strict=True):  # a one-GPU job holds gpu-b
+        waiting.start()
+        time.sleep(5)
+        assert seen == [] and active() == {"gpu-a": 0, "gpu-b": 1}  # waits, and holds nothing of gpu-a meanwhile
+    waiting.join(timeout=60)
+    assert seen == [{"gpu-a": 1, "gpu-b": 1}] and active() == {"gpu-a": 0, "gpu-b": 0}
