@@ -9,7 +9,7 @@ from prefect import get_run_logger
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 from tasks.metrics import QUALITY_METRICS
-from tasks.report import export_lines, method_line, metrics_rows, metrics_table
+from tasks.report import metrics_rows, model_card
 
 
 def training_progress():
@@ -41,40 +41,6 @@ def training_progress():
                                                      + (f", {validation}" if validation else ""))
 
     return TrainingProgress()
-
-
-def model_card(run_dir: Path, metrics: dict) -> str:
-    """Markdown model card: base model, data and its hash, quality, how to load the merged and ONNX models."""
-    cfg, data = metrics["config"], metrics["data"]
-    genai = next((target for target in metrics["onnx"] or {} if target.startswith("genai")), "genai-int4")
-    kind = "full fine-tune" if cfg["lora"].get("method") == "full" else "LoRA fine-tune"
-    return f"""# {cfg['name']}: {kind} of `{cfg['model']['name_or_path']}`
-
-- **Data**: `{cfg['data']['path']}` (content sha256 `{data.get('fingerprint')}`), splits {data['split']}
-- **Method**: {method_line(cfg['lora'])}; lr {cfg['train']['learning_rate']}, \
-{cfg['train']['num_train_epochs']} epoch(s), batch {cfg['train']['per_device_train_batch_size']}
-
-{metrics_table(metrics)}
-
-## Load the merged model (PyTorch)
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{run_dir / 'merged'}")
-tokenizer = AutoTokenizer.from_pretrained("{run_dir / 'merged'}")
-```
-
-## Run the exported model (ONNX Runtime GenAI, CPU; no torch needed)
-{chr(10).join(f"- {line}" for line in export_lines(metrics)) or "ONNX export disabled."}
-
-```bash
-python -m flows.predict --model {run_dir / 'onnx' / genai} "your text"
-```
-
-## Config
-```json
-{json.dumps(cfg, indent=2)}
-```
-"""
 
 
 def publish(run_dir: Path, metrics: dict, paths: dict) -> None:

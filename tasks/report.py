@@ -158,6 +158,40 @@ def update_latest(output_dir: str | Path, run_dir: str | Path, source: dict | No
     return str(write_json(Path(output_dir) / "latest.json", pointer))
 
 
+def model_card(run_dir: Path, metrics: dict) -> str:
+    """Markdown model card: base model, data and its hash, quality, how to load the merged and ONNX models."""
+    cfg, data = metrics["config"], metrics["data"]
+    genai = next((target for target in metrics["onnx"] or {} if target.startswith("genai")), "genai-int4")
+    kind = "full fine-tune" if cfg["lora"].get("method") == "full" else "LoRA fine-tune"
+    return f"""# {cfg['name']}: {kind} of `{cfg['model']['name_or_path']}`
+
+- **Data**: `{cfg['data']['path']}` (content sha256 `{data.get('fingerprint')}`), splits {data['split']}
+- **Method**: {method_line(cfg['lora'])}; lr {cfg['train']['learning_rate']}, \
+{cfg['train']['num_train_epochs']} epoch(s), batch {cfg['train']['per_device_train_batch_size']}
+
+{metrics_table(metrics)}
+
+## Load the merged model (PyTorch)
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{run_dir / 'merged'}")
+tokenizer = AutoTokenizer.from_pretrained("{run_dir / 'merged'}")
+```
+
+## Run the exported model (ONNX Runtime GenAI, CPU; no torch needed)
+{chr(10).join(f"- {line}" for line in export_lines(metrics)) or "ONNX export disabled."}
+
+```bash
+python -m flows.predict --model {run_dir / 'onnx' / genai} "your text"
+```
+
+## Config
+```json
+{json.dumps(cfg, indent=2)}
+```
+"""
+
+
 def export_lines(metrics: dict) -> list[str]:
     """One line per export target: its quality next to the merged model's, and its parity checks."""
     lines = []

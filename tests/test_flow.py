@@ -198,3 +198,57 @@ def test_adapter_export_trains_on_the_int4_base_and_an_accuracy_level_change_ret
     states = finetune(_rename(cfg, "level", export={**adapter, "int4_accuracy_level": 1}))["stage_states"]
     assert states["int4_base"] == states["export_genai-int4-adapter"] == "Completed"
     assert {states[s] for s in ("train", "merge", "evaluate_base", "evaluate_finetuned")} == {"Cached"}
+
+
+def test_export_run_makes_a_run_folder_that_survives_zip_with_model_cards(flow_run, tmp_path):
+    """A run folder is links into ``stages/`` (a zip of it has no model); ``tasks.portable`` materialises it: real
+    files (hard links to the stages' bytes), one manifest that verifies, Hugging Face model cards in ``merged/``
+    and ``adapter/`` with the base model and the test metrics, and after zip → unzip elsewhere the merged model
+    and the adapter load and answer like the originals."""
+    import os
+    import zipfile
+
+    import torch
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tasks.files import read_json, verify_folder
+    from tasks.portable import EMBEDDED_HUB_ID, ExportRunError, export_run, main as export_main, portable_base_id
+
+    cfg, state, out = flow_run
+    run = Path(state.result()["run_dir"])
+    with zipfile.ZipFile(shutil.make_archive(str(tmp_path / "as-is"), "zip", run)) as z:
+        assert "merged/model.safetensors" not in z.namelist()  # why export-run exists
+
+    dest = tmp_path / "portable"
+    assert export_main([str(run), str(dest)]) == 0
+    assert not [p for p in dest.rglob("*") if p.is_symlink()] and verify_folder(dest) is None
+    weights = dest / "merged" / "model.safetensors"
+    assert os.stat(weights).st_ino == os.stat((run / "merged" / "model.safetensors").resolve()).st_ino  # no copy
+    metrics = read_json(run / "metrics.json")
+    for folder, library in (("merged", "transformers"), ("adapter", "peft")):
+        card = ModelCard.load(dest / folder / "README.md")
+        assert card.data.base_model == cfg.model.name_or_path and card.data.library_name == library
+        [result] = [r for r in card.data.eval_results if r.metric_type == "accuracy"]
+        assert result.metric_value == metrics["finetuned"]["accuracy"] and result.dataset_split == "test"
+    stage_config = read_json((run / "adapter").resolve() / "adapter_config.json")
+    assert read_json(dest / "adapter" / "adapter_config.json")["base_model_name_or_path"] == cfg.model.name_or_path
+    assert stage_config == read_json(run / "adapter" / "adapter_config.json")  # the stage's own file untouched
+    assert portable_base_id("embedded:SmolLM2-135M-Instruct") == EMBEDDED_HUB_ID
+
+    unzipped = tmp_path / "elsewhere"
+    shutil.unpack_archive(shutil.make_archive(str(tmp_path / "portable"), "zip", dest), unzipped)
+    assert verify_folder(unzipped) is None
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(unzipped / "merged")(ids).logits
+        original = AutoModelForCausalLM.from_pretrained(run / "merged")(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
+        adapted = PeftModel.from_pretrained(base, unzipped / "adapter")(ids).logits
+    assert torch.equal(merged, original) and torch.allclose(adapted, merged, atol=1e-4)
+
+    with pytest.raises(ExportRunError, match="exists already"):
+        export_run(run, dest)
+    assert export_main([str(out), str(tmp_path / "x")]) == 1  # not a run folder: one line, no folder
+    assert not (tmp_path / "x").exists()
