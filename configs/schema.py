@@ -146,6 +146,11 @@ class TrainConfig(_Section):
         "for a quality metric of the task (eval_accuracy, eval_macro_f1, eval_rouge_l, ...), generated on the "
         "validation split at every evaluation as the test evaluation does (classification data always reports "
         "it; generation data only when named here, its generations being long).")
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        ["tensorboard"], description="Where the trainer logs train loss, learning rate and the validation metrics "
+        "(transformers' integrations): tensorboard = the adapter's tensorboard/ folder (the run folder's "
+        "tensorboard/ gets the test metrics); mlflow = MLFLOW_TRACKING_URI's server (pip install mlflow); [] = "
+        "nowhere.")
     seed: int = 42
 
     @model_validator(mode="after")
@@ -561,3 +566,22 @@ def validate_config(tree: dict, source: str) -> FinetuneConfig:
         return FinetuneConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def field_lines(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """One line per config field, read from the pydantic schema: ``dotted.key  type = default  description``
+    (nested sections recursed), for the CLI's ``--help``; ``model`` defaults to ``FinetuneConfig``."""
+    model = model or FinetuneConfig
+    lines = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            lines += field_lines(kind, f"{prefix}{name}.")
+            continue
+        default = "(required)" if field.is_required() else f"= {field.get_default(call_default_factory=True)!r}"
+        text = kind.__name__ if isinstance(kind, type) else re.sub(  # Annotated[int, Field(gt=0)] → int
+            r"Annotated\[(\w+), FieldInfo\(.*?\]\)\]", r"\1", str(kind).replace("typing.", ""))
+        lines.append(f"  {prefix}{name}: {text} {default}" + (f"  {field.description}" if field.description
+                                                               else ""))
+    return lines
+

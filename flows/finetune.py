@@ -15,6 +15,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
+
 from prefect import flow
 
 from configs.schema import ConfigError, FinetuneConfig, load_config
@@ -228,8 +230,15 @@ class _DropTraceback(logging.Filter):
         return True
 
 
-def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+def parse_args(argv: list[str] | None, prog: str, description: str, fields: str = "") -> argparse.Namespace:
+    """The CLI's options; ``--help`` ends with every config field (``configs.schema.field_lines``) under the
+    ``--set`` prefix ``fields`` (``""`` for a finetune config, ``"finetune."`` for a sweep's)."""
+    from configs.schema import field_lines
+
+    epilog = (f"config fields (--set {fields}KEY=VALUE; YAML files in configs/):\n"
+              + "\n".join(line.replace("  ", f"  {fields}", 1) for line in field_lines()))
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: configs/banking77.yaml; sweeps: "
                                     "configs/sweeps/banking77.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -237,6 +246,8 @@ def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.
     p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
     p.add_argument("--dry-run", action="store_true", help="check the config, the data and the base model "
                    "(tasks/validate.py) and stop: nothing is trained or written under output.dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (the file with every "
+                   "default and --set applied) as YAML and stop")
     return p.parse_args(argv)
 
 
@@ -267,9 +278,19 @@ def main(argv: list[str] | None = None, flow_fn=None, prog: str = "python -m flo
          description: str = __doc__.split("\n\n")[0], load=load_config, check=dry_run) -> int:
     """CLI entry point of ``flow_fn`` (default ``finetune``; any flow taking what ``load(--config, --set
     overrides)`` returns): exit 0 on success, 1 with a one-line reason on failure (``--debug`` for the
-    traceback). ``--dry-run`` calls ``check`` on the loaded config instead of the flow."""
+    traceback). ``--dry-run`` calls ``check`` on the loaded config instead of the flow; ``--print-config``
+    prints it."""
     flow_fn = flow_fn or finetune
-    args = parse_args(argv, prog, description)
+    args = parse_args(argv, prog, description, fields="" if load is load_config else "finetune.")
+    if args.print_config:
+        try:
+            loaded = load(args.config, args.overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        tree = loaded.model_dump(mode="json") if load is load_config else loaded[0].model_dump(mode="json")
+        print(yaml.safe_dump(tree, sort_keys=False), end="")
+        return 0
     if not args.debug:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_DropTraceback())

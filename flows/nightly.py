@@ -91,6 +91,10 @@ def incumbent_metrics(cfg: FinetuneConfig, promoted: dict, result: dict) -> dict
                        result["task"], label="evaluate-promoted").result.model_dump(mode="json")
 
 
+def main(argv: list[str] | None = None, prog: str = "python -m flows.nightly") -> int:
+    """CLI: ``--config``/``--set`` as ``flows.finetune``; exit 0 on success, 1 with a one-line reason."""
+    return finetune_main(argv, flow_fn=nightly_retrain, prog=prog, description=__doc__.split("\n\n")[0])
+
+
 if __name__ == "__main__":
-    sys.exit(finetune_main(flow_fn=nightly_retrain, prog="python -m flows.nightly",
-                           description=__doc__.split("\n\n")[0]))
+    sys.exit(main())

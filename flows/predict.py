@@ -45,9 +45,9 @@ def batch_predict(model: str | list[str], input_file: str, output_file: str | No
     return {"output": str(output), "n": len(texts), "seconds": time.perf_counter() - start}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m flows.predict") -> int:
     """CLI: print one answer per text, or run ``batch_predict`` on ``--input``; exit 1 with one line on error."""
-    p = argparse.ArgumentParser(prog="python -m flows.predict", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, action="append", metavar="[NAME=]DIR",
                    help="an exported genai-* folder (outputs/<run>/onnx/genai-int4); repeat it for several "
                         "genai-int4-adapter exports of one base model, served by one process")

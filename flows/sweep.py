@@ -272,10 +272,10 @@ def run_sweep(loaded: tuple[SweepConfig, FinetuneConfig]) -> dict:
     return sweep(*loaded)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m flows.sweep") -> int:
     """CLI: ``--config`` names the sweep YAML (default ``configs/sweeps/banking77.yaml``); ``--set`` overrides
     its keys (``n_trials=8``, ``finetune.data.path=...``). Exit 0 on success, 1 with a one-line reason."""
-    return finetune_main(argv, run_sweep, prog="python -m flows.sweep", description=__doc__.split("\n\n")[0],
+    return finetune_main(argv, run_sweep, prog=prog, description=__doc__.split("\n\n")[0],
                          load=load_sweep, check=lambda loaded: dry_run(loaded[1]))
 
 

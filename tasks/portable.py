@@ -117,9 +117,9 @@ def export_run(run_dir: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m tasks.portable") -> int:
     """CLI: ``python -m tasks.portable RUN_DIR DEST``. Exit 0 with the folder's path, 1 with a one-line reason."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.portable", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run folder: <output.dir>/<run name>, or latest.json's run_dir")
     parser.add_argument("dest", help="the folder to create (must not exist)")
     args = parser.parse_args(argv)

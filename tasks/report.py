@@ -59,7 +59,8 @@ class RunMetrics(BaseModel):
 
 def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], train_log: str | None) -> dict:
     """Publish the run folder atomically: ``metrics.json``, ``report.md``, ``loss_curve.png``,
-    ``samples.json`` (``sample_generations``) and, for each ``links`` entry (e.g. ``"adapter"`` or
+    ``samples.json`` (``sample_generations``), ``tensorboard/`` (``log_test_metrics``, with ``train.report_to:
+    [tensorboard]``) and, for each ``links`` entry (e.g. ``"adapter"`` or
     ``"eval/base"``), a relative symlink to that stage's output folder.
 
     Stage outputs live once, content-addressed, under ``<output.dir>/stages``; run folders link to them.
@@ -77,10 +78,27 @@ def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], trai
         write_json(tmp / "metrics.json", metrics)
         curve = plot_loss_curve(read_json(train_log), tmp / "loss_curve.png") if train_log else None
         write_json(tmp / "samples.json", samples)
+        if "tensorboard" in metrics["config"]["train"].get("report_to", []):
+            log_test_metrics(tmp / "tensorboard", metrics)
         write_text_atomic(tmp / "report.md", render_markdown(metrics, samples, has_curve=curve is not None))
     return {"metrics": str(run_dir / "metrics.json"), "report": str(run_dir / "report.md"),
             "loss_curve": str(run_dir / "loss_curve.png") if curve else None,
             "samples": str(run_dir / "samples.json")}
+
+
+def log_test_metrics(folder: str | Path, metrics: dict) -> None:
+    """TensorBoard scalars of the test evaluations in ``folder`` (``torch.utils.tensorboard.SummaryWriter``):
+    ``test/<side>/<metric>`` for each side of ``metrics.json`` (``base``, ``base_few_shot``, ``finetuned``) and
+    each quality and loss metric it has, at step ``metrics["train"]["steps"]`` (beside the training curves, which
+    the trainer logs into ``adapter/tensorboard``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = metrics["train"].get("steps") or 0
+    with SummaryWriter(str(folder)) as writer:
+        for side in ("base", "base_few_shot", "finetuned"):
+            for name, value in (metrics.get(side) or {}).items():
+                if name in QUALITY_METRICS + LOSS_METRICS and isinstance(value, (int, float)):
+                    writer.add_scalar(f"test/{side}/{name}", value, step)
 
 
 def sample_generations(base_eval: str | None, tuned_eval: str, n: int = N_SAMPLES) -> list[dict]:

@@ -193,8 +193,9 @@ RESOLVED = {"bf16", "gradient_checkpointing", "use_liger_kernel", "padding_free"
 
 def training_arguments(cfg: TrainConfig, settings: Settings, checkpoint_dir: str | Path):
     """The ``trl.SFTConfig``: ``cfg``'s fields named as SFTConfig's passed through, ``settings`` for the resolved
-    ones, completion-only loss, checkpoints every ``save_steps`` into ``checkpoint_dir``, no reporting
-    integrations, evaluation without gathered logits (``prediction_loss_only``)."""
+    ones, completion-only loss, checkpoints every ``save_steps`` into ``checkpoint_dir``, ``cfg.report_to``'s
+    integrations (TensorBoard events in ``checkpoint_dir/tensorboard``), evaluation without gathered logits
+    (``prediction_loss_only``)."""
     import dataclasses
 
     from trl import SFTConfig
@@ -224,7 +225,7 @@ def training_arguments(cfg: TrainConfig, settings: Settings, checkpoint_dir: str
         greater_is_better=greater_is_better(cfg.metric_for_best_model) if best else None,  # eval_loss: False
         data_seed=cfg.seed,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        logging_dir=str(Path(checkpoint_dir) / "tensorboard"),  # kept across a resume; published with the adapter
         prediction_loss_only=True,  # evaluation needs the loss only: no logits gathered
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if settings.processes > 1 else None,
@@ -338,10 +339,17 @@ def train_result(trainer, output, run: dict, settings: Settings, lora_cfg: LoraC
 
 def publish_adapter(trainer, tokenizer, out_dir: str | Path, result: TrainResult) -> None:
     """Publish the adapter (safetensors + tokenizer; the whole model for full fine-tuning), the trainer's log
-    history (``train_log.json``) and ``train.json`` (``result``) in ``out_dir``, atomically."""
+    history (``train_log.json``), its TensorBoard events (``tensorboard/``, with ``report_to: [tensorboard]``) and
+    ``train.json`` (``result``) in ``out_dir``, atomically."""
     with atomic_dir(out_dir) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if Path(trainer.args.logging_dir).is_dir() and "tensorboard" in trainer.args.report_to:
+            for callback in trainer.callback_handler.callbacks:  # the final evaluation's events, flushed
+                if getattr(callback, "tb_writer", None) is not None:
+                    callback.tb_writer.close()
+                    callback.tb_writer = None
+            shutil.copytree(trainer.args.logging_dir, tmp / "tensorboard")
         write_json(tmp / "train_log.json", trainer.state.log_history)
         write_json(tmp / "train.json", result.model_dump(mode="json"))
     log.info("train: %s", result.model_dump_json())

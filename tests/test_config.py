@@ -131,3 +131,57 @@ def test_bad_sweeps_are_rejected_naming_the_file_and_key(tmp_path, text, message
     with pytest.raises(ConfigError, match=message) as err:
         load_sweep(path)
     assert str(path) in str(err.value)
+
+
+def _leaf_keys(schema: dict, node: dict, prefix: str = "") -> set[str]:
+    """Dotted keys of the leaf fields of a pydantic JSON schema (``$ref`` sections recursed)."""
+    keys = set()
+    for name, prop in node.get("properties", {}).items():
+        ref = prop.get("$ref") or next((a["$ref"] for a in prop.get("allOf", []) if "$ref" in a), None)
+        if ref:
+            keys |= _leaf_keys(schema, schema["$defs"][ref.rsplit("/", 1)[1]], f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
+def test_the_console_script_lists_every_config_field_and_prints_the_resolved_config(tmp_path):
+    """``finetune-flow`` (pyproject's [project.scripts]) is installed beside this Python: ``run --help`` lists every
+    field of the JSON schema (``sweep --help`` under ``finetune.``), ``print-config`` prints what ``load_config``
+    resolves, and a bad override or command is an error."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    script = Path(sys.executable).with_name("finetune-flow")
+    schema = FinetuneConfig.model_json_schema()
+    fields = _leaf_keys(schema, schema)
+    assert {"data.path", "lora.r", "train.report_to", "export.max_quality_drop"} <= fields
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300)
+
+    helped = cli("run", "--help")
+    listed = {line.split(":")[0].strip() for line in helped.stdout.split("config fields")[1].splitlines()[1:]}
+    assert helped.returncode == 0 and listed == fields
+    swept = cli("sweep", "--help").stdout.split("config fields")[1]
+    assert "  finetune.train.learning_rate: float = 0.0002" in swept
+
+    printed = cli("print-config", "--set", "train.learning_rate=0.001", "--set", "lora.r=4")
+    assert printed.returncode == 0, printed.stderr
+    assert FinetuneConfig.model_validate(yaml.safe_load(printed.stdout)) == \
+        load_config(None, ["train.learning_rate=0.001", "lora.r=4"])
+    bad = cli("print-config", "--set", "lora.rank=4")
+    assert bad.returncode == 1 and "lora.rank" in bad.stderr and bad.stdout == ""
+    assert cli("train").returncode == 2 and cli("--help").returncode == 0
+
+
+def test_the_published_json_schema_is_the_config_schema():
+    """docs/config.schema.json (for editors and tools) is ``FinetuneConfig.model_json_schema()``; regenerate it with
+    ``python -c "import json; from configs.schema import FinetuneConfig; print(json.dumps(
+    FinetuneConfig.model_json_schema(), indent=2))" > docs/config.schema.json``."""
+    import json
+
+    published = Path(__file__).resolve().parents[1] / "docs" / "config.schema.json"
+    assert json.loads(published.read_text()) == FinetuneConfig.model_json_schema()

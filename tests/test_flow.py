@@ -252,3 +252,22 @@ def test_export_run_makes_a_run_folder_that_survives_zip_with_model_cards(flow_r
         export_run(run, dest)
     assert export_main([str(out), str(tmp_path / "x")]) == 1  # not a run folder: one line, no folder
     assert not (tmp_path / "x").exists()
+
+
+def test_tensorboard_on_the_run_folder_shows_the_training_curves_and_the_test_metrics(flow_run):
+    """``tensorboard --logdir <run>``: the trainer's curves (``adapter/tensorboard``, followed through the link)
+    and the run's test metrics (``tensorboard/``: ``test/<side>/<metric>``, equal to ``metrics.json``)."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    _, state, _ = flow_run
+    run = Path(state.result()["run_dir"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    runs = EventMultiplexer().AddRunsFromDirectory(str(run))
+    runs.Reload()
+    tags = {name: set(found["scalars"]) for name, found in runs.Runs().items()}
+    assert {"adapter/tensorboard", "tensorboard"} <= set(tags), tags
+    assert {"train/loss", "eval/loss", "eval/accuracy"} <= tags["adapter/tensorboard"]
+    for side in ("base", "base_few_shot", "finetuned"):
+        for name in ("accuracy", "macro_f1", "eval_loss"):
+            [event] = runs.Scalars("tensorboard", f"test/{side}/{name}")
+            assert abs(event.value - metrics[side][name]) < 1e-6 and event.step == metrics["train"]["steps"]

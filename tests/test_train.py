@@ -32,6 +32,24 @@ def test_training_writes_a_lora_adapter_and_reports_figures(tiny_trained):
     assert kept == ["checkpoint-12", "checkpoint-15"]  # every 4 steps + the last, save_total_limit=2
 
 
+def test_the_trainer_logs_its_curves_to_tensorboard_in_the_adapter_folder(tiny_trained):
+    """``train.report_to: [tensorboard]`` (the default): the published adapter holds the trainer's TensorBoard
+    events, read back with TensorBoard's own reader: train loss at every logging step and, at every evaluation,
+    validation loss and the generated validation accuracy, equal to ``train_log.json``."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    adapter = Path(tiny_trained["trained"].adapter)
+    runs = EventMultiplexer().AddRunsFromDirectory(str(adapter / "tensorboard"))
+    runs.Reload()
+    [run] = runs.Runs()
+    scalars = {tag: [(e.step, e.value) for e in runs.Scalars(run, tag)] for tag in runs.Runs()[run]["scalars"]}
+    log = json.loads((adapter / "train_log.json").read_text())
+    for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss"), ("eval/accuracy", "eval_accuracy")):
+        expected = [(h["step"], h[key]) for h in log if key in h]
+        assert len(expected) >= 3 and [s for s, _ in scalars[tag]] == [s for s, _ in expected], tag
+        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(scalars[tag], expected)), tag
+
+
 def test_prompt_completion_rows_split_off_the_answer():
     ds = to_prompt_completion([{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                                              {"role": "assistant", "content": "a"}], "label": None}])
