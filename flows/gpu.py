@@ -35,13 +35,13 @@ def holds_gpu_slot(fn):
             return fn(*args, **kwargs)
         from prefect.concurrency.sync import concurrency
 
-        log = get_run_logger()
-        log.info("%s: waiting for a slot of concurrency limit(s) %s", fn.__name__, limits)
+        log, names = get_run_logger(), ", ".join(map(repr, limits))
+        log.info("%s: waiting for a slot of concurrency limit %s", fn.__name__, names)
         with concurrency(limits, occupy=1, strict=True):
-            log.info("%s: holding a slot of %s", fn.__name__, limits)
+            log.info("%s: holding a slot of %s", fn.__name__, names)
             try:
                 return fn(*args, **kwargs)
             finally:
-                log.info("%s: releasing the slot of %s", fn.__name__, limits)
+                log.info("%s: releasing the slot of %s", fn.__name__, names)
 
     return holding_gpu_slot
