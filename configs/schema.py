@@ -46,6 +46,11 @@ class DataConfig(_Section):
     drop_empty_answers: bool = Field(False, description="Drop (and count) rows whose answer field (output, "
                                                         "completion, label, last message) is empty, instead of "
                                                         "failing on the first one.")
+    revision: str | None = Field(
+        None, min_length=1, description="A Hub dataset's branch, tag or commit sha (None = main). The flow resolves "
+        "it to the commit sha once per run (offline: the locally cached snapshot's sha of that branch or tag) and "
+        "reads the dataset at that commit; the sha is part of the data's cache key, so a re-pushed dataset re-runs "
+        "from ingest. Only for a Hub id: a local file or folder is keyed by its content.")
 
 
 class SplitConfig(_Section):
@@ -71,6 +76,12 @@ class ModelConfig(_Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel for training: auto = flash_attention_2 on a GPU where the flash-attn "
         "package is installed, else PyTorch SDPA.")
+    revision: str | None = Field(
+        None, min_length=1, description="A Hub model's branch, tag or commit sha (None = main). The flow resolves it "
+        "to the commit sha once per run (offline: the locally cached snapshot's sha of that branch or tag), "
+        "downloads that snapshot and loads every stage from it; the sha is part of the base model's cache key and "
+        "recorded in metrics.json and the model cards. Only for a Hub id: local folders and the embedded model "
+        "are keyed by content.")
 
 
 class LoraConfig(_Section):
@@ -254,14 +265,35 @@ class PromotionConfig(_Section):
                                                         "(0.01 = 1 point).")
 
 
+class HubPushConfig(_Section):
+    """Where ``output.push_to_hub`` uploads a published run (``tasks/hub.py``)."""
+
+    repo_id: str = Field(description="Hub model repo, <user or org>/<name>; created if missing.")
+    private: bool = Field(True, description="Create the repo private (an existing repo keeps its visibility).")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        if not HUB_REPO_ID.fullmatch(value) or ".." in value or "--" in value:
+            raise ValueError("not a Hub repo id (<user or org>/<name>: letters, digits, '-', '_', '.')")
+        return value
+
+
 class OutputConfig(_Section):
     dir: str = "outputs"
     run_name: str | None = Field(None, description="Folder name of this run; None = <name>-<UTC timestamp>-<4 hex>.")
     result_storage: str | None = Field(None, description="Prefect result/cache store: a folder, or "
                                                          "block:<type>/<name> for a saved storage block; "
                                                          "None = <output.dir>/.prefect-results.")
+    push_to_hub: HubPushConfig | None = Field(
+        None, description="Upload the published run's merged model (repo root) and adapter (adapter/), with their "
+        "model cards, to this Hub model repo after the run has passed every gate and published latest.json "
+        "(the nightly retrain: only a promoted model); None = no upload. Token: HF_TOKEN or "
+        "model.hf_token_secret.")
 
 
+# A Hub repo id: namespace/name (huggingface_hub.utils.validate_repo_id's characters).
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 # A Hugging Face user access token ("hf_" + 34 letters/digits today): refused anywhere in a config.
 HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
 

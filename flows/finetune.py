@@ -22,9 +22,10 @@ from prefect import flow
 from configs.schema import ConfigError, FinetuneConfig, load_config
 from flows import artifacts
 from flows.caching import StageRun, fingerprint, run_stage, source_fingerprint, stage_key
-from flows.stages import (EVALUATE, EXPORT, INGEST, INT4_BASE, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, REPORT,
-                          SPLIT, TRAIN, VALIDATE)
-from tasks import base_model, export, ingest, predict, report, validate
+from flows.retries import with_retries
+from flows.stages import (EVALUATE, EXPORT, INGEST, INT4_BASE, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, PUSH_TO_HUB,
+                          REPORT, SPLIT, TRAIN, VALIDATE)
+from tasks import base_model, export, hub, ingest, predict, report, validate
 from tasks.files import verify_folder
 from tasks.merge import MergeChecks
 from tasks.report import DataSummary, RunMetrics
@@ -48,11 +49,20 @@ def shared_store(cfg: FinetuneConfig) -> Path:
 
 def base_model_source(cfg: FinetuneConfig) -> tuple[str | None, str]:
     """``(embedded GGUF path or None, content key of the base model)``: the GGUF's content for the embedded
-    model, a local folder's content, or a Hub id's string."""
+    model, a local folder's content, or a Hub id's string with its commit sha (``model.revision`` as
+    ``tasks.hub.resolve_revisions`` resolved it: a re-pushed model gets a new key)."""
     if not base_model.is_embedded(cfg.model):
-        return None, fingerprint(cfg.model.name_or_path)
+        name, revision = cfg.model.name_or_path, cfg.model.revision
+        return None, fingerprint(f"{name}@{revision}" if revision and hub.is_hub_model(name) else name)
     gguf = str(base_model.embedded_gguf())
     return gguf, stage_key(PREPARE_BASE_MODEL, None, fingerprint(gguf))
+
+
+def data_fingerprint(cfg: FinetuneConfig) -> str:
+    """The data's content key: a local file's or folder's content (not where it lives), or a Hub dataset id's
+    string with its commit sha (``data.revision`` as ``tasks.hub.resolve_revisions`` resolved it)."""
+    path, revision = cfg.data.path, cfg.data.revision
+    return fingerprint(f"{path}@{revision}" if revision and hub.is_hub_dataset(path) else path)
 
 
 def embedded_base_dir(cfg: FinetuneConfig, base_key: str) -> Path:
@@ -80,7 +90,9 @@ def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, str, StageRun, StageRun
     base = cfg.model.name_or_path
     if gguf:
         base = run(PREPARE_BASE_MODEL, gguf, out_dir=embedded_base_dir(cfg, base_key), store=shared_store(cfg)).dir
-    data_key = fingerprint(cfg.data.path)  # the data's content, not where it lives
+    elif hub.is_hub_model(base):  # every stage loads the snapshot of the resolved commit
+        base = hub.model_snapshot(cfg.model)
+    data_key = data_fingerprint(cfg)  # the data's content, not where it lives
     run(VALIDATE, cfg, base, store=shared_store(cfg), key=stage_key(VALIDATE, cfg, data_key, base_key))
     int4 = export_int4_base(run, cfg, base, base_key)
     if int4 and cfg.export.match_quantization:
@@ -108,10 +120,17 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     and ``source`` (see ``flows.caching.source_fingerprint``). ``publish_latest=False`` leaves
     ``latest.json`` alone (the nightly retrain decides promotion itself).
 
+    With ``output.push_to_hub``, a run that passed every gate and published ``latest.json`` is then uploaded
+    to the Hub (``push-to-hub``, ``tasks.hub.push_run``; the result is under ``"hub"``).
+
     Raises:
-        ConfigError: ``model.hf_token_secret`` names no Prefect Secret block (before any stage runs).
+        ConfigError: ``model.hf_token_secret`` names no Prefect Secret block, a Hub model or dataset revision
+            cannot be resolved (``tasks.hub.resolve_revisions``), or ``output.push_to_hub`` is set without a
+            token (before any stage runs).
     """
     base_model.use_hub_token(cfg.model)  # HF_TOKEN from the environment or model.hf_token_secret; never logged
+    cfg = hub.resolve_revisions(cfg)  # Hub ids pinned to a commit sha: in every key, metrics.json, model cards
+    hub.require_push_token(cfg.output.push_to_hub)
     runs: dict[str, StageRun] = {}
 
     def run(stage, *args, label: str | None = None, **options) -> StageRun:
@@ -143,11 +162,21 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     metrics_json = metrics.model_dump(mode="json")
     paths = REPORT.task(run_dir, metrics_json, links, str(Path(adapter.dir) / "train_log.json"))
     source = source_fingerprint(cfg, data_key, base_key)
-    if publish_latest:
+    if publish_latest:  # every gate passed (a failed merge/export check raised before the report)
         PUBLISH_LATEST.task(cfg.output.dir, run_dir, source)
     artifacts.publish(run_dir, metrics_json, paths)
     print(summary(run_dir, metrics_json, paths))
-    return metrics_json | {"run_dir": str(run_dir), "test_file": test_file, "source": source}
+    pushed = push_to_hub(cfg, run_dir) if publish_latest else None  # only a published run (output.push_to_hub)
+    return metrics_json | {"run_dir": str(run_dir), "test_file": test_file, "source": source,
+                           "hub": pushed.model_dump(mode="json") if pushed else None}
+
+
+def push_to_hub(cfg: FinetuneConfig, run_dir: str | Path) -> hub.HubPushResult | None:
+    """Upload the published ``run_dir`` to ``output.push_to_hub`` (the ``push-to-hub`` stage, retried on transient
+    failures as every stage; never cached: each published run is pushed); None when the field is unset."""
+    if cfg.output.push_to_hub is None:
+        return None
+    return with_retries(PUSH_TO_HUB.task, cfg.retry)(str(run_dir), cfg.output.push_to_hub)
 
 
 def train_and_merge(run, cfg: FinetuneConfig, base: str, base_key: str, split: StageRun) -> tuple[StageRun, StageRun]:
@@ -259,12 +288,15 @@ def dry_run(cfg: FinetuneConfig) -> validate.ValidateResult:
         ConfigError, DataError, ModelError: as ``validate``.
     """
     base_model.use_hub_token(cfg.model)
+    cfg = hub.resolve_revisions(cfg)
     gguf, base_key = base_model_source(cfg)
     base = cfg.model.name_or_path
     if gguf:
         base = str(embedded_base_dir(cfg, base_key))
         if verify_folder(base):  # missing, or truncated/corrupted since: convert again
             base_model.convert_gguf(gguf, base)
+    elif hub.is_hub_model(base):
+        base = hub.model_snapshot(cfg.model)
     checked = validate.validate(cfg, base)
     lengths = "; ".join(f"{name}: {c.over_max_seq_length} of {c.examples} over {cfg.train.max_seq_length} tokens "
                         f"(longest {c.longest})" for name, c in checked.sequence_lengths.items())

@@ -21,10 +21,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from configs.schema import ConfigError, FinetuneConfig
-from flows.caching import fingerprint, run_stage, source_fingerprint
-from flows.finetune import base_model_source, evaluate_on, finetune, main as finetune_main
+from flows.caching import run_stage, source_fingerprint
+from flows.finetune import (base_model_source, data_fingerprint, evaluate_on, finetune, main as finetune_main,
+                            push_to_hub)
 from flows.stages import PUBLISH_LATEST
-from tasks import promote
+from tasks import base_model, hub, promote
 from tasks.files import read_json
 
 gate_task = task(promote.quality_gate, name="quality-gate")
@@ -44,7 +45,10 @@ def nightly_retrain(cfg: FinetuneConfig) -> dict:
     """
     if not cfg.eval.evaluate_base:
         raise ConfigError("nightly-retrain needs eval.evaluate_base: true (the gate compares with the base model)")
-    source = source_fingerprint(cfg, fingerprint(cfg.data.path), base_model_source(cfg)[1])
+    base_model.use_hub_token(cfg.model)
+    cfg = hub.resolve_revisions(cfg)  # a re-pushed Hub model or dataset (new commit) is a change: retrain
+    hub.require_push_token(cfg.output.push_to_hub)
+    source = source_fingerprint(cfg, data_fingerprint(cfg), base_model_source(cfg)[1])
     promoted = promote.read_promoted(cfg.output.dir)
     if promoted and promoted.get("source") == source:
         decision = {"promote": False, "run_dir": promoted["run_dir"],
@@ -60,8 +64,10 @@ def nightly_retrain(cfg: FinetuneConfig) -> dict:
         decision = gate_task(result["task"], result["finetuned"], result["base"], incumbent,
                              cfg.promotion.margin)
         decision |= {"run_dir": result["run_dir"], "source": source}
-        if decision["promote"]:
+        if decision["promote"]:  # only a promoted model is published, and pushed (output.push_to_hub)
             PUBLISH_LATEST.task(cfg.output.dir, result["run_dir"], source)
+            pushed = push_to_hub(cfg, result["run_dir"])
+            decision |= {"hub": pushed.model_dump(mode="json")} if pushed else {}
     _record(decision)
     return decision
 

@@ -17,7 +17,7 @@ from functools import cached_property
 from prefect import Task, task
 
 from flows.gpu import holds_gpu_slot
-from tasks import base_model, evaluate, export, ingest, int4_base, merge, report, split, train, validate
+from tasks import base_model, evaluate, export, hub, ingest, int4_base, merge, report, split, train, validate
 
 TORCH_STACK = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors")
 
@@ -72,3 +72,4 @@ INT4_BASE = Stage("int4-base", int4_base.export_base, needs=("prepare-base-model
                   libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir"))
 REPORT = Stage("report", report.write_report)
 PUBLISH_LATEST = Stage("publish-latest", report.update_latest)
+PUSH_TO_HUB = Stage("push-to-hub", hub.push_run)  # after publish-latest only; never cached (output.push_to_hub)

@@ -31,7 +31,7 @@ from configs.schema import FinetuneConfig, SweepConfig, load_sweep, sweep_baseli
 from flows.caching import ROOT, StageRun, run_stage, stage_key
 from flows.finetune import dry_run, evaluate_on, main as finetune_main, prepare, run_dir_for, train_and_merge
 from flows.stages import EVALUATE, MERGE, TRAIN
-from tasks import base_model, sweep as trials
+from tasks import base_model, hub, sweep as trials
 from tasks.files import write_json
 from tasks.sweep import TrialResult
 from tasks.train import TrainSummary
@@ -71,6 +71,7 @@ def sweep_trial(cfg: FinetuneConfig, name: str, result_file: str) -> TrialResult
         whatever the stages raise (the flow run fails and the sweep records the trial as failed).
     """
     base_model.use_hub_token(cfg.model)
+    cfg = hub.resolve_revisions(cfg)  # a full sha already (the sweep resolved it): unchanged
     base, base_key, _, data, split, _ = prepare(cfg, lambda stage, *args, **options: run_stage(cfg, stage, *args,
                                                                                               **options))
     result = run_trial(cfg, name, base, base_key, split, data.result.task)
@@ -160,6 +161,7 @@ def sweep(spec: SweepConfig, baseline: FinetuneConfig | None = None) -> dict:
         return run_stage(baseline, stage, *args, **options)
 
     base_model.use_hub_token(baseline.model)  # before the trial processes start: they inherit HF_TOKEN
+    baseline = hub.resolve_revisions(baseline)  # Hub ids pinned to a commit: every trial reads the same one
     base, base_key, data_key, data, split, _ = prepare(baseline, run)
     kind = data.result.task
     metric, direction = trials.objective(spec, kind)

