@@ -62,8 +62,29 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
 
 
 def default_max_new_tokens(tokenizer, references: list[str], task: str) -> int:
-    """``eval.max_new_tokens``'s default: the longest reference label's tokens + 2 for classification (the
-    end-of-turn token and a margin), ``GENERATION_MAX_NEW_TOKENS`` for generation."""
+    """``eval.max_new_tokens``'s default: for classification the longest reference label's tokens + 2 (the
+    end-of-turn token and a margin) + the tokens the chat template writes before every answer
+    (``answer_prefix_tokens``: Qwen3's empty reasoning block), ``GENERATION_MAX_NEW_TOKENS`` for generation."""
     if task != "classification":
         return GENERATION_MAX_NEW_TOKENS
-    return max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in set(references)) + 2
+    longest = max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in set(references))
+    return longest + 2 + answer_prefix_tokens(tokenizer)
+
+
+def answer_prefix_tokens(tokenizer) -> int:
+    """How many tokens the chat template writes at the start of an assistant turn, after the generation prompt
+    and before the answer's text: the model learns to generate them before every answer.
+
+    0 for ChatML, Llama-3, Gemma, Phi-3 and Mistral templates; Qwen3's template opens the final assistant turn
+    with an empty reasoning block, ``<think>\n\n</think>\n\n`` (4 tokens of Qwen3's tokenizer), which its
+    generation prompt (unless ``enable_thinking=False``) leaves out. Measured by rendering a one-turn chat with
+    a marker answer; 0 when the rendered prompt is not a prefix of the rendered chat (no fixed text to count).
+    """
+    marker = "ANSWER-MARKER"
+    user = [{"role": "user", "content": "question"}]
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": marker}], tokenize=False)
+    if not chat.startswith(prompt) or marker not in chat[len(prompt):]:
+        return 0
+    before = chat[len(prompt):chat.index(marker, len(prompt))]
+    return len(tokenizer(before, add_special_tokens=False).input_ids) if before else 0

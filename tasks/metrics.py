@@ -65,9 +65,23 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
+# a reasoning block ahead of the answer, as reasoning models (Qwen3, DeepSeek-R1 distills, SmolLM3) write it
+REASONING_BLOCK = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+
+
+def strip_reasoning(text: str) -> str:
+    """``text`` without a leading ``<think>...</think>`` block (complete, empty or not) and the whitespace around
+    it: the answer a reasoning model gives after it. Qwen3's chat template opens every trained answer with an
+    empty block, and its tokenizer does not count ``<think>`` as a special token, so decoding keeps it. An
+    unterminated block (cut off by ``max_new_tokens``) is left as it is: there is no answer after it."""
+    return REASONING_BLOCK.sub("", text, count=1).strip()
+
+
 def normalise_answer(text: str) -> str:
-    """Lower-case, trim and collapse whitespace; for classification only the first line counts."""
-    first = text.strip().split("\n", 1)[0] if text.strip() else ""
+    """Lower-case, trim and collapse whitespace, after a leading reasoning block (``strip_reasoning``); for
+    classification only the first line counts."""
+    text = strip_reasoning(text)
+    first = text.split("\n", 1)[0] if text else ""
     return re.sub(r"\s+", " ", first).strip().lower()
 
 
@@ -84,7 +98,9 @@ def classification_metrics(predictions: list[str], references: list[str]) -> dic
 
 def extract_answer(text: str, pattern: str | None) -> str | None:
     """The final answer in ``text``: the first group (or the whole match) of ``pattern``'s last match, commas
-    removed, or ``None`` when it does not match; without a pattern, the whitespace/case-normalised text."""
+    removed, or ``None`` when it does not match; without a pattern, the whitespace/case-normalised text. A
+    leading reasoning block (``strip_reasoning``) never counts."""
+    text = strip_reasoning(text)
     if pattern is None:
         return " ".join(text.split()).lower()
     matches = list(re.finditer(pattern, text))
@@ -101,6 +117,7 @@ def generation_metrics(predictions: list[str], references: list[str], answer_pat
     import sacrebleu
     from rouge_score import rouge_scorer
 
+    predictions = [strip_reasoning(p) for p in predictions]  # the answer after a reasoning model's <think> block
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     answers = [extract_answer(p, answer_pattern) for p in predictions]

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from tasks.metrics import strip_reasoning
 from tasks.onnx_adapter import ADAPTER_INFO, AdapterError, base_identity, check_adapter
 
 INFERENCE_FILE = "inference.json"
@@ -172,8 +173,9 @@ class Predictor:
         return new[:-1] if new and new[-1] in eos else new
 
     def decode(self, ids: list[int]) -> str:
-        """Text of ``ids`` without special tokens, stripped."""
-        return self.tokenizer.decode(ids).strip() if ids else ""
+        """Text of ``ids`` without special tokens and without a leading reasoning block
+        (``tasks.metrics.strip_reasoning``: Qwen3 writes ``<think>...</think>`` before every answer), stripped."""
+        return strip_reasoning(self.tokenizer.decode(ids)) if ids else ""
 
     def __call__(self, texts: str | list[str], max_new_tokens: int | None = None,
                  adapter: str | list[str | None] | None = None) -> str | list[str]:

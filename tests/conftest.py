@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -47,34 +48,115 @@ def classification_rows(n_per_label: int = 12, seed: int = 0) -> list[dict]:
     return rows
 
 
+# Chat templates as the families' own tokenizer_config.json files write them (shortened: no tools, no date lines)
+LLAMA3 = ("{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+         "{% endif %}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+         "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + "
+         "message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}")
+PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + "
+        "'<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
+        "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+# Qwen3's: ChatML, and the last assistant turn opens with a (here empty) reasoning block, which its tokenizer does
+# not count as special tokens (so decoding keeps it); ``enable_thinking=False`` puts it in the generation prompt
+QWEN3 = ("{%- for message in messages %}{%- if message['role'] == 'assistant' %}"
+         "{%- set content = message['content'].split('</think>')[-1].lstrip('\\n') %}{{- '<|im_start|>assistant\\n' }}"
+         "{%- if loop.last %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{{- content + '<|im_end|>\\n' }}"
+         "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+         "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+         "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+         "{%- endif %}{%- endif %}")
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+           "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+           "{{ message['content'] + eos_token }}{% else %}{{ raise_exception('Only user and assistant roles are "
+           "supported!') }}{% endif %}{% endfor %}")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family as a user brings it: its transformers config class, architecture sizes beyond the shared
+    tiny ones, its special tokens and chat template. ``bos_in_post_processor``: the tokenizer prepends BOS to
+    every plain encode (Llama-3, Gemma, Mistral), as their tokenizers do; ``pad``: None leaves the pad token
+    unset (Llama-3 and Mistral ship none; ``tasks.base_model.load_tokenizer`` falls back to eos)."""
+
+    config: str
+    specials: tuple[str, ...]
+    bos: str
+    eos: str
+    pad: str | None
+    template: str
+    bos_in_post_processor: bool = False
+    plain_added: tuple[str, ...] = ()  # added tokens that are not special (kept when decoding): Qwen3's <think>
+    config_kwargs: dict = field(default_factory=dict)
+
+
+FAMILIES = {
+    # SmolLM2: llama with ChatML, the pipeline's own base model (tiny_model_dir)
+    "smollm2": Family("LlamaConfig", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_start|>", "<|im_end|>",
+                      "<|endoftext|>", CHATML),
+    "llama": Family("LlamaConfig", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                    "<|end_header_id|>", "<|eot_id|>"), "<|begin_of_text|>", "<|eot_id|>", None,
+                    LLAMA3, bos_in_post_processor=True),
+    "qwen2": Family("Qwen2Config", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_start|>", "<|im_end|>",
+                    "<|endoftext|>", CHATML),
+    "qwen3": Family("Qwen3Config", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_start|>", "<|im_end|>",
+                    "<|endoftext|>", QWEN3, plain_added=("<think>", "</think>"), config_kwargs={"head_dim": 16}),
+    "phi3": Family("Phi3Config", ("<unk>", "<s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>",
+                                  "<|user|>"), "<s>", "<|endoftext|>", "<|endoftext|>", PHI3,
+                   config_kwargs={"original_max_position_embeddings": 256, "tie_word_embeddings": False}),
+    "gemma": Family("GemmaConfig", ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+                    "<bos>", "<end_of_turn>", "<pad>", GEMMA, bos_in_post_processor=True,
+                    config_kwargs={"head_dim": 16}),
+    "mistral": Family("MistralConfig", ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), "<s>", "</s>", None, MISTRAL,
+                      bos_in_post_processor=True),
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A 2-layer llama (hidden 64) with a 512-token byte-level BPE tokenizer and a ChatML chat template."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def build_tiny_model(out: Path) -> str:
-    """Write ``tiny_model_dir``'s model and tokenizer to ``out``; return it as a string."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def build_tiny_model(out: Path, family: str = "smollm2", init_range: float = 0.2) -> str:
+    """Write a tiny random-initialised model of ``family`` (``FAMILIES``: its real transformers config class,
+    2 layers, hidden 64, 4 query / 2 key-value heads) and a 512-token byte-level BPE tokenizer trained here on
+    the tiny task's words, with the family's special tokens and chat template, to ``out``; return it as a
+    string. The default, ``smollm2``, is ``tiny_model_dir``'s llama with ChatML."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     import torch
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    spec = FAMILIES[family]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     corpus = [r["text"] + " " + r["label"] for r in classification_rows(40)] + ["system user assistant helpful"]
     bpe.train_from_iterator(corpus * 5, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  bos_token="<|im_start|>")
-    tok.chat_template = CHATML
+        vocab_size=512, special_tokens=list(spec.specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.add_tokens([AddedToken(token, special=False) for token in spec.plain_added])
+    if spec.bos_in_post_processor:
+        bos = (spec.bos, bpe.token_to_id(spec.bos))
+        bpe.post_processor = processors.TemplateProcessing(single=f"{spec.bos} $A", pair=f"{spec.bos} $A $B",
+                                                           special_tokens=[bos])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=spec.eos, pad_token=spec.pad, bos_token=spec.bos,
+                                  unk_token="<unk>" if "<unk>" in spec.specials else None)
+    tok.chat_template = spec.template
     tok.save_pretrained(out)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    ids = {f"{name}_token_id": tok.convert_tokens_to_ids(token) if token else None
+           for name, token in (("bos", spec.bos), ("eos", spec.eos), ("pad", spec.pad))}
+    config = getattr(transformers, spec.config)(
+        **{"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+           "tie_word_embeddings": True, **ids, **({} if family == "smollm2" else {"initializer_range": init_range}),
+           **spec.config_kwargs})
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
     return str(out)
 
 
