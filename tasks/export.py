@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -120,6 +121,8 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
     Raises:
         ExportCheckError: a check failed; nothing is written to ``out_dir``.
         RuntimeError: the target needs a runtime this machine lacks (``genai-fp16`` without CUDA).
+        UnsupportedArchitectureError: a ``genai-*`` target for an architecture the model builder has no builder
+            for (a ValueError; README.md, Model families).
         ValueError: ``genai-int4-adapter`` without ``adapter`` and ``int4_base``.
         tasks.onnx_adapter.AdapterError: the adapter does not fit the int4 base.
     """
@@ -224,11 +227,80 @@ def build_genai_folder(model: str, out: Path, precision: str, execution_provider
     from onnxruntime_genai.models.builder import create_model
 
     options = {"hf_token": "false", "hf_remote": trust_remote_code, **options}
-    noise = io.StringIO()  # the builder prints every tensor it saves
-    with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(noise), \
-            contextlib.redirect_stderr(noise), _quiet_loggers("onnx_ir", "onnxruntime", "neural_compressor"):
-        create_model(None, model, str(out), precision, execution_provider, cache, **options)
+    noise = io.StringIO()  # the builder's per-tensor bar and warnings: kept out of the run's output
+    with tempfile.TemporaryDirectory() as cache, BuilderProgress(model, precision) as progress, \
+            contextlib.redirect_stdout(progress), contextlib.redirect_stderr(noise), \
+            _quiet_loggers("onnx_ir", "onnxruntime", "neural_compressor"):
+        try:
+            create_model(None, model, str(out), precision, execution_provider, cache, **options)
+        except NotImplementedError as e:  # "The <folder> model is not currently supported."
+            raise UnsupportedArchitectureError(
+                f"export: the ONNX Runtime GenAI model builder ({_genai_version()}) has no builder for "
+                f"{', '.join(_architectures(model))} ({e}); genai-* targets cannot export this model (README.md, "
+                "Model families); onnx-fp32 goes through optimum's exporter instead") from e
     portable_tokenizer(out / "tokenizer.json")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The ONNX Runtime GenAI model builder has no builder for the model's architecture (``config.json``'s
+    ``architectures``): a ``genai-*`` target can never export it. A ValueError: permanent, never retried."""
+
+
+def _architectures(model: str | Path) -> list[str]:
+    """``architectures`` of ``model``'s ``config.json`` (["unknown architecture"] without one)."""
+    config = Path(model) / "config.json"
+    found = json.loads(config.read_text(encoding="utf-8")).get("architectures") if config.is_file() else None
+    return found or ["unknown architecture"]
+
+
+def _genai_version() -> str:
+    from importlib.metadata import version
+
+    return f"onnxruntime-genai {version('onnxruntime-genai')}"
+
+
+class BuilderProgress(io.TextIOBase):
+    """A progress bar (tqdm, on the process's stderr) for the ONNX Runtime GenAI model builder, driven by the
+    lines it prints to stdout: one step per ``BUILDER_STEPS`` line ("Reading decoder layer 3", "Saving ONNX
+    model in ...": int4 quantization runs after that one). The total is the model's ``num_hidden_layers`` plus
+    the other steps; other lines are dropped. Use as the target of ``contextlib.redirect_stdout``."""
+
+    def __init__(self, model: str | Path, precision: str):
+        self.model, self.precision, self.pending = model, precision, ""
+
+    def __enter__(self) -> BuilderProgress:
+        from tqdm.auto import tqdm
+
+        config = Path(self.model) / "config.json"
+        layers = json.loads(config.read_text(encoding="utf-8")).get("num_hidden_layers") if config.is_file() else None
+        self.bar = tqdm(total=layers + len(BUILDER_STEPS) - 1 if isinstance(layers, int) else None,
+                        desc=f"{self.precision} builder", unit="step", file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None and self.bar.total:
+            self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            step = next((step for prefix, step in BUILDER_STEPS.items() if line.startswith(prefix)), None)
+            if step:
+                self.bar.set_description(f"{self.precision} builder: {step}")
+                self.bar.update()
+        return len(text)
+
+
+# the builder's stdout lines that mark a step (onnxruntime_genai/models/builders/base.py), and what the bar shows
+BUILDER_STEPS = {"Reading embedding layer": "embedding", "Reading decoder layer": "decoder layers",
+                 "Reading final norm": "final norm", "Reading LM head": "LM head",
+                 "Saving ONNX model": "quantizing and saving the model", "Saving GenAI config": "genai_config.json",
+                 "Saving processing files": "tokenizer files"}
 
 
 @contextlib.contextmanager
@@ -369,9 +441,12 @@ class GenAIRunner:
         return self.predictor.generate_ids(prompt, max_new_tokens)
 
     def answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        from tqdm.auto import tqdm
+
         # one sequence at a time: onnxruntime-genai 0.11 takes no left padding, and right-padded batches were
         # slower on the CPU provider (docs/benchmarks.md)
-        return [self.predictor.decode(self.greedy(p, max_new_tokens)) for p in prompts]
+        return [self.predictor.decode(self.greedy(p, max_new_tokens))
+                for p in tqdm(prompts, desc="export gate: test rows", unit="row", file=sys.stderr)]
 
 
 class OptimumRunner:

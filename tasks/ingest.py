@@ -122,6 +122,7 @@ def read_records(cfg: DataConfig) -> tuple[dict[str, SplitRecords], str]:
     splits, fmt = {}, None
     for name, (origin, rows) in _read_sources(cfg).items():
         fmt_here = cfg.format if cfg.format != "auto" else _detect_format(origin, rows.column_names)
+        _check_columns(origin, fmt_here, rows.column_names)
         if fmt is not None and fmt_here != fmt:
             raise DataError(f"{origin}: format {fmt_here!r} differs from the other splits' format {fmt!r}")
         fmt = fmt_here
@@ -286,7 +287,7 @@ def _read_hub(cfg: DataConfig) -> dict[str, tuple[str, datasets.Dataset]]:
     import datasets
 
     try:
-        dd = datasets.load_dataset(cfg.path)
+        dd = datasets.load_dataset(cfg.path, revision=cfg.revision)  # the commit the flow resolved (tasks/hub.py)
     except Exception as e:
         raise DataError(f"data.path: cannot load Hub dataset {cfg.path!r} ({type(e).__name__}: {e}). Without "
                         f"Hub access, point data.path at a local file or folder, e.g. "
@@ -326,7 +327,27 @@ def _detect_format(origin: str, columns: Iterable[str]) -> str:
             break
     raise DataError(f"{origin}: {hint}cannot tell the record format from columns {sorted(columns)}; expected one "
                     "of " + "; ".join(f"{f}: {'+'.join(k)}" for f, k in FORMAT_KEYS.items())
-                    + " (rename columns with data.columns, or set data.format)")
+                    + " (rename columns with data.columns, or set data.format)" + _delimiter_hint(columns))
+
+
+def _check_columns(origin: str, fmt: str, columns: Iterable[str]) -> None:
+    """Raise ``DataError`` naming the file's columns when a format set in ``data.format`` needs one it lacks."""
+    columns = set(columns)
+    missing = [k for k in FORMAT_KEYS[fmt] if k not in columns]
+    if missing:
+        raise DataError(f"{origin}: row 1: field {missing[0]!r}: missing; data.format {fmt} needs columns "
+                        f"{'+'.join(FORMAT_KEYS[fmt])}, and the file has {sorted(columns)} (rename columns with "
+                        "data.columns)" + _delimiter_hint(columns))
+
+
+def _delimiter_hint(columns: Iterable[str]) -> str:
+    """A hint for a delimited file read with the wrong delimiter: its one column name holds the separators."""
+    columns = list(columns)
+    seps = [sep for sep in (";", "|", "\t") if len(columns) == 1 and sep in columns[0]]
+    if not seps:
+        return ""
+    return (f". The file has a single column whose name holds {seps[0]!r}: is it {seps[0]!r}-separated? .csv files "
+            "are read comma-separated and .tsv files tab-separated: save it with commas (or tabs, as .tsv)")
 
 
 def _answer_is_empty(row: dict, fmt: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from tasks.files import file_sha256
@@ -49,6 +50,7 @@ def convert_adapter(adapter_dir: str | Path, base_onnx: str | Path, out: Path) -
     import numpy as np
     import onnxruntime as ort
     from safetensors.numpy import load_file
+    from tqdm.auto import tqdm
 
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
@@ -58,7 +60,9 @@ def convert_adapter(adapter_dir: str | Path, base_onnx: str | Path, out: Path) -
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     params = {}
-    for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    for key, value in tqdm(weights.items(), total=len(weights), desc="adapter to .onnx_adapter", unit="tensor",
+                           file=sys.stderr):
         module, _, kind = key.rpartition(".lora_")  # ...self_attn.q_proj.lora_A.weight
         ab = kind.removesuffix(".weight")
         name = builder_node(module).removesuffix("/MatMul")[1:].replace("/", ".") + f".lora_{ab}.MatMul.weight"

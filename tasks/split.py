@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -36,12 +37,21 @@ def split(ingested: IngestResult, cfg: SplitConfig, out_dir: str | Path) -> Spli
         ``SplitResult``.
 
     Raises:
-        ValueError: a split ends up empty.
+        ValueError: train has too few rows to split off the held-out fractions (the message says how many
+            it has and needs), or a split ends up empty.
     """
     files = ingested.files
     train = read_jsonl(files["train"])
     test = read_jsonl(files["test"]) if "test" in files else None
     validation = read_jsonl(files["validation"]) if "validation" in files else None
+    carved = [size for size, given in ((cfg.test_size, test), (cfg.validation_size, validation)) if given is None]
+    needed = rows_needed(carved)
+    if len(train) < needed:
+        held_out = " and ".join(f"{name}_size={size}" for name, size, given in (
+            ("test", cfg.test_size, test), ("validation", cfg.validation_size, validation)) if given is None)
+        raise ValueError(f"the train file has {len(train)} row(s); splitting off {held_out} needs at least "
+                         f"{needed} (one or more rows in every split): add rows, or give the held-out splits as "
+                         "their own files (validation.jsonl, test.jsonl)")
     if test is None:
         train, test = _split_off(train, cfg.test_size, cfg.seed)
     if validation is None:
@@ -70,6 +80,19 @@ def split(ingested: IngestResult, cfg: SplitConfig, out_dir: str | Path) -> Spli
         write_json(tmp / "split.json", result.model_dump(mode="json"))
     log.info("split: %s (dropped for leakage: %s)", result.counts, leaked)
     return result
+
+
+def rows_needed(sizes: list[float]) -> int:
+    """The fewest rows from which every fraction in ``sizes`` can be split off in turn (each part ``ceil(size *
+    n)`` rows, as scikit-learn's ``train_test_split`` rounds it) leaving at least one row for train."""
+    n = 1
+    while True:
+        left = n
+        for size in sizes:
+            left -= math.ceil(size * left)
+        if left >= 1:
+            return n
+        n += 1
 
 
 def _labels(records: list[dict]) -> list[str] | None:

@@ -109,7 +109,8 @@ def test_exact_duplicates_are_dropped_and_counted_not_an_error(tmp_path):
 
 def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
-        "PREFECT_HOME": str(tmp_path / "prefect-home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        "PREFECT_HOME": str(tmp_path / "prefect-home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT)}  # run from the corpus folder: the clone's modules are not installed top-level
     return subprocess.run([sys.executable, "-m", "flows.finetune", *args], cwd=CORPUS, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from configs.schema import ExportConfig
 from tasks import export
 from tasks.export import ExportCheckError, check_export, portable_tokenizer
+from tasks.files import read_jsonl
 from tasks.predict import Predictor
 
 CFG = ExportConfig(n_check_prompts=3, max_new_tokens=6)  # the tiny config's, as tiny_int4 was exported with
@@ -157,3 +158,22 @@ def test_ladder_publishes_the_smallest_rung_that_passes(tiny_trained, tiny_merge
     assert result.ladder[0]["size_mb"] < result.size_mb
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".rung")]
     assert json.loads((tmp_path / "b" / "export.json").read_text())["precision"] == "fp32"
+
+
+def test_the_builder_shows_a_progress_bar_of_its_layers_and_prints_nothing_else(tiny_model_dir, tmp_path, capfd):
+    export.build_genai_folder(tiny_model_dir, tmp_path / "int4", "int4", "cpu", False, {})
+    out, err = capfd.readouterr()
+    assert out == ""  # the builder's own lines (every tensor it saves) are not the run's output
+    layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
+    total = layers + len(export.BUILDER_STEPS) - 1
+    bar = err.split("\r")[-1]
+    assert f"{total}/{total}" in bar and "int4 builder: tokenizer files" in bar, err[-500:]
+    assert "Reading decoder layer" not in err and "Saving model.embed_tokens" not in err
+    assert (tmp_path / "int4" / "model.onnx").is_file()
+
+
+def test_the_gate_shows_its_progress_over_the_test_rows(tiny_int4, tiny_merged, capfd):
+    run_check(tiny_merged, tiny_int4.path)
+    rows = len(read_jsonl(tiny_merged["test"]))
+    bar = capfd.readouterr().err.split("export gate: test rows")[-1]
+    assert f"{rows}/{rows}" in bar

@@ -117,6 +117,19 @@ def test_unknown_columns_empty_file_missing_path_and_bad_extension(tmp_path):
         _ingest(tmp_path, tmp_path / "f.txt")
 
 
+def test_a_set_format_with_missing_columns_names_the_files_columns_and_suspects_the_delimiter(tmp_path):
+    f = tmp_path / "tabs.csv"
+    f.write_text("text\tlabel\nI want the saw\ttool\nI want the plum\tfruit\n")
+    with pytest.raises(DataError, match=r"tabs.csv: row 1: field 'text': missing; data.format classification needs "
+                                        r"columns text\+label, and the file has \['text\\tlabel'\].*is it "
+                                        r"'\\t'-separated\?"):
+        _ingest(tmp_path, f, format="classification")
+    g = write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "label": "a"}])  # one column too few: no delimiter hint
+    with pytest.raises(DataError, match=r"q.jsonl: row 1: field 'text': missing; .* the file has \['label', "
+                                        r"'question'\] \(rename columns with data.columns\)$"):
+        _ingest(tmp_path, g, format="classification")
+
+
 def test_unreachable_hub_id_says_how_to_use_a_local_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

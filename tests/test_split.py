@@ -67,3 +67,16 @@ def test_generation_data_splits_without_labels(tmp_path):
 def test_check_disjoint_raises_on_a_shared_prompt():
     with pytest.raises(ValueError, match="appear in both train and test"):
         check_disjoint({"train": [_rec("x", "a")], "test": [_rec("x", "b")]})
+
+
+@pytest.mark.parametrize(("n", "given", "needed"), [(2, {}, 3), (1, {"test": [_rec("t")]}, 2)])
+def test_too_few_rows_to_split_off_says_how_many_there_are_and_are_needed(tmp_path, n, given, needed):
+    train = [_rec(f"row {i}") for i in range(n)]
+    with pytest.raises(ValueError, match=rf"the train file has {n} row\(s\); splitting off .* needs at least "
+                                         rf"{needed} \(one or more rows in every split\)"):
+        split(_ingested(tmp_path, train, **given), SplitConfig(test_size=0.1, validation_size=0.2), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    ok = [_rec(f"row {i}") for i in range(needed)]  # exactly enough: every split gets a row
+    counts = split(_ingested(tmp_path, ok, **given), SplitConfig(test_size=0.1, validation_size=0.2),
+                   tmp_path / "o").counts
+    assert min(counts.values()) >= 1 and sum(counts.values()) == needed + len(given.get("test", []))
