@@ -99,8 +99,7 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
     max_new = cfg.max_new_tokens or default_max_new_tokens(tokenizer, references, task)
     bf16 = use_bf16(cfg.bf16)
     with autocast(bf16):
-        predictions = generate(model, tokenizer, prompts, max_new, cfg.batch_size)
-        loss = completion_loss(model, tokenizer, records, cfg.batch_size)
+        predictions, loss = generate_with_loss(model, tokenizer, records, prompts, max_new, cfg.batch_size)
     scores = score(task, predictions, references, cfg.answer_pattern)
     per_row = task_kind(task).per_row
     metrics = EvalResult(task=task, **scores, eval_loss=loss, perplexity=math.exp(loss), n_examples=len(records),
@@ -166,3 +165,84 @@ def completion_loss(model, tokenizer, records: list[dict], batch_size: int) -> f
             total += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
         count += targets.numel()
     return total / max(count, 1)
+
+
+def generate_with_loss(model, tokenizer, records: list[dict], prompts: list[list[int]], max_new_tokens: int,
+                       batch_size: int) -> tuple[list[str], float]:
+    """``generate``'s greedy answers and ``completion_loss``'s loss, from one prefill of each prompt.
+
+    One forward pass over [left-padded prompt | right-padded reference answer] gives the teacher-forced loss at
+    the answer tokens and, at the prompt's last position (which predicts the first answer token), the first
+    greedy token; the KV cache of that pass, cropped to the prompt (causal attention: the prompt's keys and
+    values never see the answer), then continues greedy decoding (``model.generate`` with ``past_key_values``).
+    Falls back to the two separate passes when a record's chat template does not render its prompt as a prefix
+    of prompt + answer, or the model's cache cannot be cropped.
+
+    Args:
+        prompts: ``prompt_ids`` of each record (generation prompt included).
+        max_new_tokens: greedy tokens per row at most; a row ends at the tokenizer's end-of-sequence token.
+
+    Returns:
+        ``(answers in input order, mean cross-entropy in nats per completion token)``.
+    """
+    from tqdm.auto import tqdm
+
+    rows = tokenize_with_completion_mask(tokenizer, records)
+    if any(full[:n] != prompt for (full, n), prompt in zip(rows, prompts)) or not _croppable(model):
+        return (generate(model, tokenizer, prompts, max_new_tokens, batch_size),
+                completion_loss(model, tokenizer, records, batch_size))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out, total, count = [""] * len(prompts), 0.0, 0
+    for idx in tqdm(list(batches(order, batch_size)), desc="generate + eval loss"):
+        texts, nll, n = _generate_with_loss_batch(model, tokenizer, [prompts[i] for i in idx],
+                                                  [rows[i][0][rows[i][1]:] for i in idx], max_new_tokens)
+        for i, text in zip(idx, texts):
+            out[i] = text
+        total, count = total + nll, count + n
+    return out, total / max(count, 1)
+
+
+def _croppable(model) -> bool:
+    """The model's default cache (transformers' ``DynamicCache``) can be cut back to the prompt."""
+    from transformers import DynamicCache
+
+    window = getattr(model.config, "sliding_window", None)
+    return (window is None or getattr(model.config, "use_sliding_window", None) is False) and hasattr(DynamicCache,
+                                                                                                          "crop")
+
+
+def _generate_with_loss_batch(model, tokenizer, prompts: list[list[int]], answers: list[list[int]],
+                              max_new_tokens: int) -> tuple[list[str], float, int]:
+    """One batch of ``generate_with_loss``: ``(answers, summed cross-entropy in nats, completion tokens)``."""
+    import torch
+
+    from tasks.loss import IGNORE_INDEX, completion_logits
+
+    width, tail = max(map(len, prompts)), max(map(len, answers))
+    ids = torch.full((len(prompts), width + tail), tokenizer.pad_token_id, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, IGNORE_INDEX)
+    for j, (prompt, answer) in enumerate(zip(prompts, answers)):
+        ids[j, width - len(prompt): width + len(answer)] = torch.tensor(prompt + answer)
+        mask[j, width - len(prompt): width + len(answer)] = 1
+        labels[j, width: width + len(answer)] = torch.tensor(answer)
+    ids, mask, labels = ids.to(model.device), mask.to(model.device), labels.to(model.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers a left-padded prompt
+    with torch.inference_mode():
+        logits, targets, outputs = completion_logits(
+            model, {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}, labels)
+        nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
+        counts = (labels != IGNORE_INDEX).sum(-1)
+        first = logits[counts.cumsum(0) - counts].argmax(-1)  # each row's first kept position: the prompt's last
+        new = first[:, None]
+        if max_new_tokens > 1:
+            cache = outputs.past_key_values
+            cache.crop(width)
+            generated = model.generate(input_ids=torch.cat([ids[:, :width], new], 1),
+                                       attention_mask=torch.cat([mask[:, :width], torch.ones_like(new)], 1),
+                                       past_key_values=cache, max_new_tokens=max_new_tokens - 1, do_sample=False,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            new = generated[:, width:]
+    eos = tokenizer.eos_token_id
+    cut = [row[: row.index(eos)] if eos in row else row for row in new.tolist()]  # a row that ended stays ended
+    texts = [text.strip() for text in tokenizer.batch_decode(cut, skip_special_tokens=True)]
+    return texts, nll, targets.numel()

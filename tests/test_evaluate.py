@@ -131,6 +131,39 @@ def test_the_eval_loss_equals_the_loss_over_all_logits(tiny_trained):
     assert completion_loss(model, tok, records, batch_size=4) == pytest.approx(total / count, rel=0, abs=1e-5)
 
 
+@pytest.mark.parametrize("max_new_tokens", [6, 1])
+def test_one_shared_prefill_gives_the_answers_and_loss_of_the_two_separate_passes(tiny_merged, max_new_tokens):
+    """generate_with_loss (one prefill per prompt, its KV cache cropped and reused for decoding) returns exactly
+    generate's greedy answers and completion_loss's loss (float32), rows ending at different steps included."""
+    from tasks.base_model import load_model, load_tokenizer
+    from tasks.chat import generate, prompt_ids
+    from tasks.evaluate import completion_loss, generate_with_loss
+
+    records = read_jsonl(tiny_merged["test"])
+    tok, model = load_tokenizer(tiny_merged["merged"]), load_model(tiny_merged["merged"])
+    prompts = [prompt_ids(tok, r) for r in records]
+    assert len({len(p) for p in prompts}) > 1  # batches with left padding
+    answers, loss = generate_with_loss(model, tok, records, prompts, max_new_tokens, batch_size=4)
+    assert answers == generate(model, tok, prompts, max_new_tokens, batch_size=4)
+    assert loss == pytest.approx(completion_loss(model, tok, records, batch_size=4), rel=0, abs=1e-5)
+    if max_new_tokens > 1:  # the trained model ends its short labels early: rows stop at different steps
+        assert any(a and len(tok(a, add_special_tokens=False).input_ids) < max_new_tokens - 1 for a in answers)
+
+
+def test_a_model_whose_cache_cannot_be_cropped_takes_the_two_passes(tiny_merged, monkeypatch):
+    from tasks import evaluate as module
+    from tasks.base_model import load_model, load_tokenizer
+    from tasks.chat import prompt_ids
+
+    records = read_jsonl(tiny_merged["test"])[:4]
+    tok, model = load_tokenizer(tiny_merged["merged"]), load_model(tiny_merged["merged"])
+    model.config.sliding_window = 8  # a sliding-window cache keeps no cut-able prefix
+    passes = []
+    monkeypatch.setattr(module, "completion_loss", lambda *a: passes.append("loss") or 1.0)
+    answers, loss = module.generate_with_loss(model, tok, records, [prompt_ids(tok, r) for r in records], 3, 4)
+    assert passes == ["loss"] and loss == 1.0 and len(answers) == 4
+
+
 def test_few_shot_examples_take_one_per_label_first():
     from tasks.evaluate import few_shot_examples
 

@@ -1,0 +1,81 @@
+"""The evaluation's two passes against one shared prefill (issue 19): seconds per 1,000 test rows of
+``tasks.evaluate``'s greedy generation + teacher-forced loss, done as two passes (``generate`` then
+``completion_loss``, as before) and as one (``generate_with_loss``: one prefill per prompt gives the loss and
+the first token, its KV cache then decodes the rest), for each model given; the arms alternate round by round
+in this one process, and the answers and losses of the two arms are compared.
+
+    python benchmarks/eval_throughput.py --test outputs/<run>/data/test.jsonl \\
+        --model base=<base model folder> --model tuned=outputs/<run>/merged [--rows 1000] [--rounds 2] [--bf16 auto]
+
+Run it on an otherwise idle machine; it prints the CPU (``lscpu``'s model name and bf16 support) with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16  # noqa: E402
+from tasks.chat import default_max_new_tokens, generate, prompt_ids  # noqa: E402
+from tasks.evaluate import completion_loss, generate_with_loss  # noqa: E402
+from tasks.files import read_jsonl  # noqa: E402
+
+
+def two_passes(model, tok, records, prompts, max_new, batch_size):
+    return generate(model, tok, prompts, max_new, batch_size), completion_loss(model, tok, records, batch_size)
+
+
+ARMS = {"two passes": two_passes, "shared prefill": generate_with_loss}
+
+
+def cpu() -> str:
+    info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name")),
+                 platform.processor())
+    return f"{model}; avx512_bf16: {'avx512_bf16' in info}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--test", required=True, help="a test split (JSONL of chat records)")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32, help="eval.batch_size")
+    parser.add_argument("--bf16", default="auto", choices=["auto", "true", "false"])
+    args = parser.parse_args()
+    records = read_jsonl(args.test)[: args.rows]
+    bf16 = use_bf16({"auto": "auto", "true": True, "false": False}[args.bf16])
+    print(f"CPU: {cpu()}; bf16 autocast: {bf16}; {len(records)} rows, batch {args.batch_size}")
+    print("| model | arm | s per 1,000 rows (median of rounds) | eval loss | × two passes |")
+    print("|---|---|---|---|---|")
+    for name, folder in (spec.split("=", 1) for spec in args.model):
+        tok, model = load_tokenizer(folder), load_model(folder)
+        prompts = [prompt_ids(tok, r) for r in records]
+        max_new = default_max_new_tokens(tok, [r["messages"][-1]["content"] for r in records], "classification")
+        seconds, results = {arm: [] for arm in ARMS}, {}
+        for round_ in range(args.rounds):
+            for arm in (list(ARMS) if round_ % 2 == 0 else list(ARMS)[::-1]):
+                start = time.perf_counter()
+                with autocast(bf16):
+                    results[arm] = ARMS[arm](model, tok, records, prompts, max_new, args.batch_size)
+                seconds[arm].append(time.perf_counter() - start)
+        per_k = {arm: statistics.median(s) * 1000 / len(records) for arm, s in seconds.items()}
+        for arm in ARMS:
+            print(f"| {name} | {arm} | {per_k[arm]:.1f} | {results[arm][1]:.5f} | "
+                  f"{per_k['two passes'] / per_k[arm]:.2f} |")
+        (a, loss_a), (b, loss_b) = results.values()
+        same = sum(x == y for x, y in zip(a, b)) / len(records)
+        print(f"{name}: same answer in both arms on {same:.2%} of rows; loss difference {abs(loss_a - loss_b):.2e}; "
+              f"max_new_tokens {max_new}")
+
+
+if __name__ == "__main__":
+    main()
