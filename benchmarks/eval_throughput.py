@@ -1,8 +1,8 @@
 """The evaluation's two passes against one shared prefill (issue 19): seconds per 1,000 test rows of
 ``tasks.evaluate``'s greedy generation + teacher-forced loss, done as two passes (``generate`` then
 ``completion_loss``, as before) and as one (``generate_with_loss``: one prefill per prompt gives the loss and
-the first token, its KV cache then decodes the rest), for each model given; the arms alternate round by round
-in this one process, and the answers and losses of the two arms are compared.
+the first token, its KV cache then decodes the rest), for each model given (classification test rows); the arms
+alternate round by round in this one process, and their accuracy, answers and losses are compared.
 
     python benchmarks/eval_throughput.py --test outputs/<run>/data/test.jsonl \\
         --model base=<base model folder> --model tuned=outputs/<run>/merged [--rows 1000] [--rounds 2] [--bf16 auto]
@@ -26,6 +26,7 @@ from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16  # n
 from tasks.chat import default_max_new_tokens, generate, prompt_ids  # noqa: E402
 from tasks.evaluate import completion_loss, generate_with_loss  # noqa: E402
 from tasks.files import read_jsonl  # noqa: E402
+from tasks.metrics import score  # noqa: E402
 
 
 def two_passes(model, tok, records, prompts, max_new, batch_size):
@@ -54,8 +55,8 @@ def main() -> None:
     records = read_jsonl(args.test)[: args.rows]
     bf16 = use_bf16({"auto": "auto", "true": True, "false": False}[args.bf16])
     print(f"CPU: {cpu()}; bf16 autocast: {bf16}; {len(records)} rows, batch {args.batch_size}")
-    print("| model | arm | s per 1,000 rows (median of rounds) | eval loss | × two passes |")
-    print("|---|---|---|---|---|")
+    print("| model | arm | s per 1,000 rows (median of rounds) | accuracy | eval loss | × two passes |")
+    print("|---|---|---|---|---|---|")
     for name, folder in (spec.split("=", 1) for spec in args.model):
         tok, model = load_tokenizer(folder), load_model(folder)
         prompts = [prompt_ids(tok, r) for r in records]
@@ -68,8 +69,10 @@ def main() -> None:
                     results[arm] = ARMS[arm](model, tok, records, prompts, max_new, args.batch_size)
                 seconds[arm].append(time.perf_counter() - start)
         per_k = {arm: statistics.median(s) * 1000 / len(records) for arm, s in seconds.items()}
+        references = [r["messages"][-1]["content"] for r in records]
         for arm in ARMS:
-            print(f"| {name} | {arm} | {per_k[arm]:.1f} | {results[arm][1]:.5f} | "
+            accuracy = score("classification", results[arm][0], references)["accuracy"]
+            print(f"| {name} | {arm} | {per_k[arm]:.1f} | {accuracy:.2%} | {results[arm][1]:.5f} | "
                   f"{per_k['two passes'] / per_k[arm]:.2f} |")
         (a, loss_a), (b, loss_b) = results.values()
         same = sum(x == y for x, y in zip(a, b)) / len(records)
