@@ -248,9 +248,13 @@ class UnsupportedArchitectureError(ValueError):
 
 def _architectures(model: str | Path) -> list[str]:
     """``architectures`` of ``model``'s ``config.json`` (["unknown architecture"] without one)."""
+    return model_config(model).get("architectures") or ["unknown architecture"]
+
+
+def model_config(model: str | Path) -> dict:
+    """``model``'s ``config.json`` as a dict; {} when ``model`` is not a folder with one (e.g. a Hub id)."""
     config = Path(model) / "config.json"
-    found = json.loads(config.read_text(encoding="utf-8")).get("architectures") if config.is_file() else None
-    return found or ["unknown architecture"]
+    return read_json(config) if config.is_file() else {}
 
 
 def _genai_version() -> str:
@@ -271,8 +275,7 @@ class BuilderProgress(io.TextIOBase):
     def __enter__(self) -> BuilderProgress:
         from tqdm.auto import tqdm
 
-        config = Path(self.model) / "config.json"
-        layers = json.loads(config.read_text(encoding="utf-8")).get("num_hidden_layers") if config.is_file() else None
+        layers = model_config(self.model).get("num_hidden_layers")
         self.bar = tqdm(total=layers + len(BUILDER_STEPS) - 1 if isinstance(layers, int) else None,
                         desc=f"{self.precision} builder", unit="step", file=sys.stderr)
         return self
