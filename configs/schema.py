@@ -234,6 +234,11 @@ class ExportConfig(_Section):
     match_quantization: bool = Field(True, description="With genai-int4-adapter: train and evaluate on the int4 "
                                      "base's de-quantized weights (tasks/int4_base.py), so that the model the "
                                      "pipeline measures is the one the adapter export ships.")
+    adapter_weights: Literal["folded", "fp32"] = Field(
+        "folded", description="genai-int4-adapter: how the exported graph holds the LoRA weights. folded: lora_A "
+        "int8, lora_B quantized into each projection's own int4/int8 MatMulNBits beside the weights it corrects "
+        "(decodes at ~0.85x the merged int4 export); fp32: as trained, in MatMuls of their own (the evaluation's "
+        "arithmetic, ~0.7x). The export gate measures the form chosen (tasks/onnx_adapter.py, docs/benchmarks.md).")
     int4_algo_config: Literal["default", "rtn", "k_quant", "k_quant_mixed", "k_quant_last"] = Field(
         "k_quant_mixed", description="The model builder's int4 algorithm; k_quant_mixed keeps some layers in int8 "
         "(measured on banking77: docs/benchmarks.md).")

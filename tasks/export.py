@@ -4,13 +4,16 @@ Targets (``export.targets``):
 
 | target | built with | precision | execution provider it runs on |
 |---|---|---|---|
-| ``genai-int4-adapter`` | an ``.onnx_adapter`` for the int4 base (tasks/int4_base.py) | int4 + LoRA | ORT GenAI CPU |
+| ``genai-int4-adapter`` | int4 base (tasks/int4_base.py), LoRA baked in; ``.onnx_adapter`` | int4 + LoRA | GenAI CPU |
 | ``onnx-fp32`` | optimum (``text-generation-with-past``: decoder with KV cache) | fp32 | onnxruntime CPU |
 | ``genai-int4`` | ONNX Runtime GenAI model builder ``-p int4 -e cpu`` (MatMulNBits) | int4 weights | ORT GenAI CPU |
 | ``genai-fp16`` | model builder ``-p fp16 -e cuda`` | fp16 | ORT GenAI CUDA (needs onnxruntime-genai-cuda) |
 
 The adapter target ships exactly what the pipeline measured when training ran on the int4 base's de-quantized
 weights (``export.match_quantization``): the merged model the evaluation scored is that base plus the adapter.
+Its folder is a whole GenAI model (the base with the adapter's weights as constants, ``export.adapter_weights``:
+what the gate measures and what one model is served with) and also holds the adapter file alone, which
+``tasks/predict.py`` serves beside other adapters on one shared base.
 The other folders hold the tokenizer, its chat template and ``inference.json`` (the prompt format), so
 ``genai-*`` folders run with ``tasks/predict.py`` alone. NPUs: model builder 0.11.4 offers no NPU execution
 provider, and its QDQ option (``use_qdq``, the form NPU providers consume) still emitted MatMulNBits here
@@ -46,7 +49,7 @@ from tasks.base_model import load_model, load_tokenizer
 from tasks.chat import generate, prompt_ids
 from tasks.files import atomic_dir, read_json, read_jsonl, write_json
 from tasks.metrics import extract_answer, normalise_answer, score, task_kind
-from tasks.onnx_adapter import convert_adapter
+from tasks.onnx_adapter import bake_adapter, convert_adapter
 from tasks.predict import INFERENCE_FILE, Predictor
 
 log = logging.getLogger(__name__)
@@ -138,11 +141,15 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
         else:
             if spec.tool == "adapter":
                 convert_adapter(adapter, int4_base, tmp)
+                with _quiet_loggers("onnxruntime"):  # its quantizer logs every node
+                    bake_adapter(tmp, int4_base, cfg.adapter_weights)
             else:
                 (build_optimum if spec.tool == "optimum" else build_genai)(merged_model, tmp, spec, cfg,
                                                                            trust_remote_code)
             write_json(tmp / INFERENCE_FILE, inference)
             built, precision, ladder = time.perf_counter() - start, spec.precision, None
+            if spec.tool == "adapter":
+                precision = f"int4 + {cfg.adapter_weights} LoRA"
             result = check_export(target, tmp, merged_model, test_file, reference_eval, cfg, trust_remote_code)
         result = ExportResult(**result, target=target, precision=precision, execution_provider=spec.provider,
                               size_mb=folder_mb(tmp), export_seconds=round(built, 1), base=int4_base, ladder=ladder)

@@ -4,8 +4,9 @@ An exported folder (``tasks/export.py``, targets ``genai-*``) holds the ONNX mod
 names the execution provider), the tokenizer with its chat template, and ``inference.json``: how the training
 data turned an input text into chat messages (``system_prompt``, ``prompt_template``) and how many tokens an
 answer takes (``max_new_tokens``). So ``Predictor(folder)("some text")`` builds the same prompt the model was
-trained on. An adapter export (``genai-int4-adapter``) holds the adapter alone and names its int4 base; one
-``Predictor`` serves any number of adapters of one base, chosen per request (``adapter=``), each with its own
+trained on. An adapter export (``genai-int4-adapter``) is a whole model (its int4 base with the adapter baked in,
+what the export gate measured) and also holds the adapter file alone, naming its int4 base; one ``Predictor``
+serves any number of such adapters on one shared base, chosen per request (``adapter=``), each with its own
 prompt format. Only ``onnxruntime``, ``onnxruntime-genai``, ``numpy`` and ``safetensors`` are imported.
 """
 from __future__ import annotations
@@ -36,13 +37,19 @@ def check_model_dir(model_dir: str | Path) -> Path:
         FileNotFoundError: it lacks ``genai_config.json`` or ``inference.json``, or its base is gone.
     """
     model_dir = Path(model_dir)
-    folder = base_of(model_dir) if (model_dir / ADAPTER_INFO).is_file() else model_dir
+    folder = base_of(model_dir) if runs_on_base(model_dir) else model_dir
     for path in (folder / "genai_config.json", model_dir / INFERENCE_FILE):
         if not path.is_file():
             missing = path.name if path.parent == model_dir else f"{path} (its int4 base)"
             raise FileNotFoundError(f"{model_dir}: no {missing}; expected a folder exported with a genai-* target "
                                     "(export.targets)")
     return model_dir
+
+
+def runs_on_base(folder: Path) -> bool:
+    """Whether ``folder`` is an adapter export that holds no model of its own (exported before adapters were
+    baked in), so that it runs on its int4 base."""
+    return (folder / ADAPTER_INFO).is_file() and not (folder / "genai_config.json").is_file()
 
 
 def base_of(adapter_export: str | Path) -> Path:
@@ -71,11 +78,13 @@ def runtime_config(model_dir: Path):
 
 
 class Predictor:
-    """An exported GenAI model with its tokenizer and prompt format, loaded once: a whole model (``genai-int4``),
-    or one int4 base with any number of adapters (``genai-int4-adapter`` exports), chosen per request.
+    """An exported GenAI model with its tokenizer and prompt format, loaded once: a whole model (``genai-int4``, or
+    a ``genai-int4-adapter`` export with its adapter baked in, served under the adapter's name), or one int4 base
+    with any number of adapters (``genai-int4-adapter`` exports), chosen per request.
 
     Args:
-        model_dir: a ``genai-*`` export; for an adapter export, its base is loaded and the adapter with it.
+        model_dir: a ``genai-*`` export (an adapter export made before adapters were baked in: its base is loaded
+            and the adapter with it).
         adapters: ``{name: adapter export folder}`` to load as well, all for the same int4 base; ``model_dir``
             may then be that base's folder itself.
 
@@ -89,7 +98,10 @@ class Predictor:
         import onnxruntime_genai as og
 
         folder, adapters = Path(model_dir), dict(adapters or {})
-        if (folder / ADAPTER_INFO).is_file():
+        baked = None
+        if (folder / ADAPTER_INFO).is_file() and not adapters and not runs_on_base(folder):
+            baked = adapter_name(check_model_dir(folder))
+        elif (folder / ADAPTER_INFO).is_file():
             check_model_dir(folder)
             adapters = {adapter_name(folder): folder, **adapters}
             folder = base_of(folder)
@@ -99,7 +111,7 @@ class Predictor:
             raise FileNotFoundError(f"{folder}: no genai_config.json; expected an int4 base folder")
         self.model_dir, self._og = folder, og
         own = folder / INFERENCE_FILE
-        self.prompt_formats = {None: json.loads(own.read_text(encoding="utf-8"))} if own.is_file() else {}
+        self.prompt_formats = {baked: json.loads(own.read_text(encoding="utf-8"))} if own.is_file() else {}
         self.model = og.Model(runtime_config(folder))
         self.tokenizer = og.Tokenizer(self.model)
         self._adapters = og.Adapters(self.model) if adapters else None
@@ -111,7 +123,7 @@ class Predictor:
             except Exception as e:  # noqa: BLE001 - the runtime's own error types; one line naming the file
                 raise AdapterError(f"{file}: ONNX Runtime GenAI cannot load it ({str(e).splitlines()[0]})") from None
             self.prompt_formats[name] = json.loads((Path(path) / INFERENCE_FILE).read_text(encoding="utf-8"))
-        self.default = None if None in self.prompt_formats or len(adapters) != 1 else next(iter(adapters))
+        self.default = baked or (None if None in self.prompt_formats or len(adapters) != 1 else next(iter(adapters)))
 
     @property
     def adapters(self) -> list[str]:
@@ -161,7 +173,7 @@ class Predictor:
         params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens,
                                   min_length=len(prompt) + min_new_tokens)
         generator = og.Generator(self.model, params)
-        if name is not None:
+        if self._adapters is not None and name is not None:
             generator.set_active_adapter(self._adapters, name)
         generator.append_tokens([prompt])
         while not generator.is_done():

@@ -143,8 +143,10 @@ def test_deployed_adapter_passes_the_one_point_gate(jobs):
         result = job["export"]
         assert job["cfg"].export.max_quality_drop == 0.01 and result.same_answer == 1.0
         assert result.accuracy == result.reference_accuracy and result.greedy_agreement >= 0.6
-        assert sorted(p.name for p in Path(result.path).iterdir()) == [
-            ".manifest.json", "adapter.json", ADAPTER_FILE, "export.json", "inference.json"]
+        files = {p.name for p in Path(result.path).iterdir()}
+        assert {".manifest.json", "adapter.json", ADAPTER_FILE, "export.json", "inference.json", "model.onnx",
+                "model.onnx.data", "genai_config.json", "tokenizer.json"} <= files
+        assert "lora_inputs.json" not in files and result.precision == "int4 + folded LoRA"
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +214,65 @@ def test_a_corrupted_adapter_file_is_refused_naming_it(jobs, base, tmp_path):
     data[len(data) // 2] ^= 0xFF
     (folder / ADAPTER_FILE).write_bytes(bytes(data))
     with pytest.raises(AdapterError, match=f"{folder / ADAPTER_FILE}: corrupted"):
-        Predictor(folder)
+        Predictor(base.onnx, adapters={"lower": folder})
+    with pytest.raises(AdapterError, match=f"{folder / ADAPTER_FILE}: corrupted"):
+        load([str(folder), jobs["upper"]["export"].path])
+
+
+def prefill_logits(folder: Path, prompt: list[int], feeds: dict | None = None):
+    """float32 [len(prompt), vocab]: the logits of one prefill pass of the GenAI graph in ``folder`` (plain
+    onnxruntime, empty KV cache), with extra graph inputs ``feeds`` (LoRA weights)."""
+    import onnxruntime as ort
+
+    config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs = {"input_ids": np.array([prompt], dtype=np.int64),
+              "attention_mask": np.ones((1, len(prompt)), dtype=np.int64), **(feeds or {})}
+    for i in range(config["num_hidden_layers"]):
+        for kind in ("key", "value"):
+            inputs[f"past_key_values.{i}.{kind}"] = np.zeros(
+                (1, config["num_key_value_heads"], 0, config["head_size"]), dtype=np.float32)
+    return session.run(["logits"], inputs)[0][0]
+
+
+def test_the_baked_model_computes_what_the_adapter_file_does_on_the_base(jobs, base, tmp_path):
+    """The published folder's graph (the adapter baked in) against the base graph fed the adapter file's
+    weights, the runtime form: fp32 baking gives the same logits up to summation order; the default folded
+    form (int8 lora_A, lora_B quantized into each projection's MatMulNBits) the same next token after the prompt
+    (and the same answers: the test above), its logits off by a small fraction of what the adapter changes in
+    them (against the base alone). Each projection's own
+    MatMulNBits reads ``[x | x A]``: no separate lora_B MatMul or Add is left."""
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+
+    from tasks.onnx_adapter import bake_adapter
+
+    job = jobs["lower"]
+    published = Path(job["export"].path)
+    prompt = Predictor(published).prompt_ids([{"role": "user", "content": job["texts"][0]}])
+    adapter = ort.AdapterFormat.read_adapter(str(published / ADAPTER_FILE))
+    runtime = prefill_logits(Path(base.onnx), prompt, {k: v.numpy() for k, v in adapter.get_parameters().items()})
+    fp32 = Path(shutil.copytree(published, tmp_path / "fp32"))
+    bake_adapter(fp32, base.onnx, "fp32")
+    np.testing.assert_allclose(prefill_logits(fp32, prompt), runtime, atol=1e-4, rtol=1e-4)
+    packed = [n for n in onnx.load(str(fp32 / "model.onnx"), load_external_data=False).graph.node
+              if n.name.endswith("gate_up_proj/MatMulNBits")]
+    assert len(packed) == 2  # gate and up quantized alike: one MatMulNBits per layer, bit for bit
+    folded = prefill_logits(published, prompt)
+    assert folded[-1].argmax() == runtime[-1].argmax()
+    effect, error = np.abs(prefill_logits(Path(base.onnx), prompt) - runtime), np.abs(folded - runtime)
+    assert 0 < error.max() < 0.1 * effect.max() and error.mean() < 0.05 * effect.mean()  # 6 % and 2.5 % here
+
+    graph = onnx.load(str(published / "model.onnx"), load_external_data=False).graph
+    assert not [i.name for i in graph.input if ".lora_" in i.name]
+    lora = sorted(n.name.split("/")[4] for n in graph.node if "/lora_A/" in n.name and "layers.0/" in n.name)
+    assert lora == ["down_proj", "gate_up_proj", "o_proj", "q_k_v_proj"]
+    assert {n.op_type for n in graph.node if "/lora" in n.name} == {"MatMulNBits"}  # only lora_A, int8
+    folds = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[0].endswith("/lora/x")]
+    attrs = [{a.name: a.i for a in n.attribute} for n in folds if "down_proj" not in n.name]
+    assert len(folds) == 7 * 2 and all(a["K"] > 64 and (a["K"] - 64) % a["block_size"] == 0 for a in attrs)
 
 
 def test_an_adapter_for_another_base_is_refused(jobs, other_base):
