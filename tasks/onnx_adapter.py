@@ -20,6 +20,7 @@ from tasks.int4_base import LORA_INPUTS_FILE, RANK_DIM, builder_node
 
 ADAPTER_FILE = "adapter.onnx_adapter"
 ADAPTER_INFO = "adapter.json"
+BAKED_FILES = ("model.onnx", "model.onnx.data")  # what bake_adapter writes and adapter.json's "baked" hashes
 
 
 class AdapterError(ValueError):
@@ -164,9 +165,10 @@ def bake_adapter(folder: str | Path, base_onnx: str | Path, weights: str = "fold
             the base outputs (packed into one MatMulNBits where their settings match): the arithmetic of the
             adapter file on the base, up to float summation order (tests/test_int4_adapter.py).
 
-    Writes ``model.onnx`` and ``model.onnx.data`` (the weights the graph uses) and the base's
-    ``genai_config.json`` and tokenizer files, so ``folder`` loads like any ``genai-*`` export. Decode speed and
-    accuracy of each form: docs/benchmarks.md.
+    Writes ``model.onnx`` and ``model.onnx.data`` (the weights the graph uses; their SHA-256 go into
+    ``adapter.json`` as ``baked``, checked by ``check_baked``) and the base's ``genai_config.json`` and tokenizer
+    files, so ``folder`` loads like any ``genai-*`` export. Decode speed and accuracy of each form:
+    docs/benchmarks.md.
 
     Raises:
         AdapterError: the base graph lacks the builder's LoRA pattern (``lora_A``/``lora_B`` MatMuls into an Add).
@@ -217,7 +219,29 @@ def bake_adapter(folder: str | Path, base_onnx: str | Path, weights: str = "fold
     for file in base_onnx.iterdir():
         if file.is_file() and file.name not in ("model.onnx", "model.onnx.data", LORA_INPUTS_FILE):
             shutil.copy2(file, folder / file.name)
+    info = json.loads((folder / ADAPTER_INFO).read_text(encoding="utf-8"))
+    info["baked"] = {"weights": weights, "sha256": {name: file_sha256(folder / name) for name in BAKED_FILES}}
+    (folder / ADAPTER_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
     return len(model.graph.node)
+
+
+def check_baked(folder: str | Path) -> Path:
+    """``folder`` if its baked model files (``bake_adapter``) have the SHA-256 its ``adapter.json`` records.
+
+    Raises:
+        AdapterError: a file is missing or its bytes changed (one line naming the file).
+    """
+    folder = Path(folder)
+    recorded = json.loads((folder / ADAPTER_INFO).read_text(encoding="utf-8")).get("baked", {}).get("sha256", {})
+    for name in BAKED_FILES:
+        try:
+            actual = file_sha256(folder / name)
+        except OSError as e:
+            raise AdapterError(f"{folder / name}: unreadable ({e.strerror})") from None
+        if actual != recorded.get(name):
+            raise AdapterError(f"{folder / name}: corrupted (SHA-256 {actual[:12]}…, adapter.json records "
+                               f"{str(recorded.get(name))[:12]}…)")
+    return folder
 
 
 def _lora_groups(graph, base_onnx: Path) -> dict[str, list[LoraModule]]:

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from tasks.metrics import strip_reasoning
-from tasks.onnx_adapter import ADAPTER_INFO, AdapterError, base_identity, check_adapter
+from tasks.onnx_adapter import ADAPTER_INFO, AdapterError, base_identity, check_adapter, check_baked
 
 INFERENCE_FILE = "inference.json"
 
@@ -90,8 +90,8 @@ class Predictor:
 
     Raises:
         FileNotFoundError: ``model_dir`` is not a GenAI export.
-        tasks.onnx_adapter.AdapterError: an adapter is corrupted, made for another base, or its rank/targets do
-            not fit the base (one line naming the file).
+        tasks.onnx_adapter.AdapterError: an adapter (or a baked model's file) is corrupted, made for another
+            base, or its rank/targets do not fit the base (one line naming the file).
     """
 
     def __init__(self, model_dir: str | Path, adapters: dict[str, str | Path] | None = None):
@@ -100,7 +100,7 @@ class Predictor:
         folder, adapters = Path(model_dir), dict(adapters or {})
         baked = None
         if (folder / ADAPTER_INFO).is_file() and not adapters and not runs_on_base(folder):
-            baked = adapter_name(check_model_dir(folder))
+            baked = adapter_name(check_baked(check_model_dir(folder)))
         elif (folder / ADAPTER_INFO).is_file():
             check_model_dir(folder)
             adapters = {adapter_name(folder): folder, **adapters}

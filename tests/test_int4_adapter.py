@@ -219,6 +219,18 @@ def test_a_corrupted_adapter_file_is_refused_naming_it(jobs, base, tmp_path):
         load([str(folder), jobs["upper"]["export"].path])
 
 
+def test_a_corrupted_baked_model_is_refused_naming_the_file(jobs, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(jobs["lower"]["export"].path, tmp_path / "copy"))
+    assert Predictor(folder).adapters == ["lower"]  # the copy loads as published
+    data = bytearray((folder / "model.onnx.data").read_bytes())
+    data[len(data) // 3] ^= 0x01
+    (folder / "model.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match=f"{folder / 'model.onnx.data'}: corrupted"):
+        Predictor(folder)
+
+
 def prefill_logits(folder: Path, prompt: list[int], feeds: dict | None = None):
     """float32 [len(prompt), vocab]: the logits of one prefill pass of the GenAI graph in ``folder`` (plain
     onnxruntime, empty KV cache), with extra graph inputs ``feeds`` (LoRA weights)."""
