@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.eval_throughput import cpu  # noqa: E402
 from benchmarks.onnx_decode import genai_engine, hf_engine  # noqa: E402
 from tasks.files import read_jsonl  # noqa: E402
 from tasks.metrics import normalise_answer  # noqa: E402
@@ -185,7 +185,7 @@ def main() -> None:
                     ttft[arm].append(stamps[0] - start)
                     rate[arm].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         bandwidth = memory_bandwidth()
-        print(f"machine: {cpu_model()}; memory bandwidth (numpy copy) {bandwidth / 1e9:.1f} GB/s; "
+        print(f"machine: {cpu()}; memory bandwidth (numpy copy) {bandwidth / 1e9:.1f} GB/s; "
               f"{args.prompts} test prompts x {args.rounds} rounds, {args.new_tokens} new tokens; merged int4 "
               f"export built in {merged_int4_seconds:.0f} s")
         print("| engine | weights (MB) | decode tokens/s | × merged int4 | bandwidth limit (tokens/s) | "
@@ -215,13 +215,6 @@ def main() -> None:
         print(f"| {n} baked exports (folded), one session each | {rss('whole', alone):.0f} |")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def cpu_model() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
-                 platform.processor())
-    return f"{model} ({'avx512_bf16' if 'avx512_bf16' in lscpu else 'no avx512_bf16'})"
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ def dequantize(packed, scales, zero_points, bits: int, block_size: int, k: int):
     n, blocks = packed.shape[0], packed.shape[1]
     q = packed.astype(np.int32)
     if bits == 4:
-        q = np.stack([q & 0x0F, q >> 4], axis=-1).reshape(n, blocks, -1)
+        q = unpack_nibbles(q).reshape(n, blocks, -1)
     if zero_points is None:
         zero = np.full((n, blocks), 2 ** (bits - 1), dtype=np.int32)
     elif zero_points.dtype != np.uint8:
@@ -244,10 +244,23 @@ def dequantize(packed, scales, zero_points, bits: int, block_size: int, k: int):
     else:
         zero = zero_points.reshape(n, -1).astype(np.int32)
         if bits == 4:
-            zero = np.stack([zero & 0x0F, zero >> 4], axis=-1).reshape(n, -1)
+            zero = unpack_nibbles(zero).reshape(n, -1)
         zero = zero[:, :blocks]
     weights = (q - zero[..., None]).astype(np.float32) * scales.reshape(n, blocks, 1).astype(np.float32)
     return weights.reshape(n, -1)[:, :k]
+
+
+def unpack_nibbles(packed):
+    """4-bit values stored two per byte (the first in the low nibble, as MatMulNBits stores them): ``[..., m]``
+    -> ``[..., m, 2]``, same integer dtype."""
+    import numpy as np
+
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1)
+
+
+def pack_nibbles(values):
+    """The inverse of ``unpack_nibbles`` along the last axis: ``[..., 2m]`` values 0-15 -> ``[..., m]`` bytes."""
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(values.dtype)
 
 
 def write_matched_base(base_model: str, onnx_folder: Path, out: Path, trust_remote_code: bool) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from tasks.files import file_sha256
-from tasks.int4_base import LORA_INPUTS_FILE, RANK_DIM, builder_node
+from tasks.int4_base import LORA_INPUTS_FILE, RANK_DIM, builder_node, pack_nibbles, unpack_nibbles
 
 ADAPTER_FILE = "adapter.onnx_adapter"
 ADAPTER_INFO = "adapter.json"
@@ -122,9 +122,7 @@ def check_adapter(folder: str | Path, base_onnx: str | Path, base_sha256: str | 
         actual = file_sha256(path)
     except (OSError, ValueError) as e:
         raise AdapterError(f"{folder}: not an adapter export ({e})") from None
-    if actual != info.get("sha256"):
-        raise AdapterError(f"{path}: corrupted (SHA-256 {actual[:12]}…, adapter.json records "
-                           f"{str(info.get('sha256'))[:12]}…)")
+    _check_sha256(path, actual, info.get("sha256"))
     if info.get("base_sha256") != (base_sha256 or base_identity(base_onnx)):
         raise AdapterError(f"{path}: converted for another int4 base ({info.get('base')}), not {base_onnx}")
     try:
@@ -194,7 +192,7 @@ def bake_adapter(folder: str | Path, base_onnx: str | Path, weights: str = "fold
         present = [m for m in group if m.a.input[1] in params]
         for m in group:
             removed |= {m.a.name, m.b.name, m.add.name}
-            if m not in present:
+            if m.a.input[1] not in params:
                 m.base.output[0] = m.add.output[0]  # a projection the adapter leaves alone: the base output as is
         if not present:
             continue
@@ -238,10 +236,14 @@ def check_baked(folder: str | Path) -> Path:
             actual = file_sha256(folder / name)
         except OSError as e:
             raise AdapterError(f"{folder / name}: unreadable ({e.strerror})") from None
-        if actual != recorded.get(name):
-            raise AdapterError(f"{folder / name}: corrupted (SHA-256 {actual[:12]}…, adapter.json records "
-                               f"{str(recorded.get(name))[:12]}…)")
+        _check_sha256(folder / name, actual, recorded.get(name))
     return folder
+
+
+def _check_sha256(path: Path, actual: str, recorded) -> None:
+    """Raise AdapterError naming ``path`` unless its SHA-256 ``actual`` is the one ``adapter.json`` records."""
+    if actual != recorded:
+        raise AdapterError(f"{path}: corrupted (SHA-256 {actual[:12]}…, adapter.json records {str(recorded)[:12]}…)")
 
 
 def _lora_groups(graph, base_onnx: Path) -> dict[str, list[LoraModule]]:
@@ -293,11 +295,7 @@ def block_quantize(w, bits: int, block: int):
     scale = np.where(high > low, (high - low) / levels, 1.0).astype(np.float32)
     zero = np.clip(np.round(-low / scale), 0, levels).astype(np.uint8)
     q = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, levels).astype(np.uint8)
-    return (_pack_nibbles(q) if bits == 4 else q), scale, zero
-
-
-def _pack_nibbles(q):
-    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(q.dtype)
+    return (pack_nibbles(q) if bits == 4 else q), scale, zero
 
 
 class Baker:
@@ -366,9 +364,9 @@ class Baker:
             scales = np.concatenate([s.reshape(n, -1), scale], axis=1)
             zeros = z.reshape(n, -1)
             if bits == 4:  # unpack, append, pack again (an odd block count leaves a half-used byte)
-                zeros = np.stack([zeros & 0x0F, zeros >> 4], axis=-1).reshape(n, -1)[:, : w.shape[1]]
+                zeros = unpack_nibbles(zeros).reshape(n, -1)[:, : w.shape[1]]
                 zeros = np.concatenate([zeros, zero], axis=1)
-                zeros = _pack_nibbles(np.pad(zeros, ((0, 0), (0, zeros.shape[1] % 2))))
+                zeros = pack_nibbles(np.pad(zeros, ((0, 0), (0, zeros.shape[1] % 2))))
             else:
                 zeros = np.concatenate([zeros, zero], axis=1)
             stem = m.prefix[1:].replace("/", ".")
@@ -391,11 +389,11 @@ class Baker:
         nodes = self.lora_a(sum(self.ranks)) + [helper.make_node(
             "MatMul", [f"{self.name}/lora_A/out", self.const(f"{self.name[1:]}.lora_B.weight", b)],
             [f"{self.name}/lora_B/out"], name=f"{self.name}/lora_B/MatMul")]
-        split = self.const(f"{self.name[1:]}.split", np.array(widths, dtype=np.int64))
         outs = [m.add.output[0] for m in self.modules]
         if len(self.modules) == 1:
             return nodes + [helper.make_node("Add", [self.modules[0].base.output[0], f"{self.name}/lora_B/out"],
                                              outs, name=f"{self.name}/lora/Add")]
+        split = self.const(f"{self.name[1:]}.split", np.array(widths, dtype=np.int64))
         same = [{k: v for k, v in a.items() if k != "N"} for a in self.attrs]
         if not (all(m.base.op_type == "MatMulNBits" and len(m.base.input) <= 4 for m in self.modules)
                 and all(s == same[0] for s in same)):  # one delta per projection, added to its own output
