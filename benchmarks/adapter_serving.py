@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.eval_throughput import cpu  # noqa: E402
+from benchmarks.machine import cpu  # noqa: E402
 from benchmarks.onnx_decode import genai_engine, hf_engine  # noqa: E402
 from tasks.files import read_jsonl  # noqa: E402
 from tasks.metrics import normalise_answer  # noqa: E402

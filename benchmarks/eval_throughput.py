@@ -12,9 +12,7 @@ Run it on an otherwise idle machine; it prints the CPU (``lscpu``'s model name a
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu  # noqa: E402
 from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16  # noqa: E402
 from tasks.chat import default_max_new_tokens, generate, prompt_ids  # noqa: E402
 from tasks.evaluate import completion_loss, generate_with_loss  # noqa: E402
@@ -34,13 +33,6 @@ def two_passes(model, tok, records, prompts, max_new, batch_size):
 
 
 ARMS = {"two passes": two_passes, "shared prefill": generate_with_loss}
-
-
-def cpu() -> str:
-    info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name")),
-                 platform.processor())
-    return f"{model}; avx512_bf16: {'avx512_bf16' in info}"
 
 
 def main() -> None:

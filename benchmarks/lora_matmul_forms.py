@@ -18,12 +18,16 @@ Prints ms per token's 420 LoRA MatMuls for each form. Compare with the merged in
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.machine import cpu  # noqa: E402
 
 HIDDEN, RANK, PAIRS = 576, 16, 210
 
@@ -99,10 +103,7 @@ def main() -> None:
             for _ in range(args.runs):
                 run.run(None, feeds)
             times[form].append((time.perf_counter() - start) / args.runs * 1e3)
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
-               platform.processor())
-    print(f"CPU: {cpu}; avx512_bf16: {'avx512_bf16' in lscpu}; intra-op threads: {args.threads}")
+    print(f"CPU: {cpu()}; intra-op threads: {args.threads}")
     print(f"| form of the {2 * PAIRS} LoRA MatMuls of one token | ms per token (median of {args.rounds} rounds) |")
     print("|---|---|")
     for form in FORMS:

@@ -15,8 +15,6 @@ job skews the ratios.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu  # noqa: E402
 from tasks.base_model import load_model, load_tokenizer  # noqa: E402
 from tasks.files import read_jsonl  # noqa: E402
 from tasks.predict import Predictor  # noqa: E402
@@ -104,7 +103,7 @@ def main() -> None:
                 ttft[name].append(stamps[0] - start)
                 rate[name].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     base = names[0]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+    print(f"machine: {cpu()}; "
           f"{args.prompts} banking77 test prompts x {args.rounds} rounds, {args.new_tokens} new tokens each")
     print("| engine | size (MB) | decode tokens/s | × PyTorch fp32 | TTFT (ms) | TTFT speed-up |")
     print("|---|---|---|---|---|---|")

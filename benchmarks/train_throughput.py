@@ -46,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu  # noqa: E402
 from configs.schema import FinetuneConfig, load_config  # noqa: E402
 from tasks.files import read_json, write_json  # noqa: E402
 from tasks.split import SplitResult  # noqa: E402
@@ -268,7 +269,7 @@ def machine() -> str:
     import transformers
     import trl
 
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu()
     return (f"{where}; {platform.python_version()}, torch {torch.__version__}, transformers "
             f"{transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}")
 
