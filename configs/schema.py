@@ -483,17 +483,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             message names the file and the field's dotted path, e.g. ``train.learning_rate``.
     """
     path = Path(path) if path else CONFIG_DIR / "banking77.yaml"
+    return validate_config(apply_overrides(read_yaml_mapping(path, "config file"), overrides or []), str(path))
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """The YAML mapping in ``path`` (``{}`` for an empty file).
+
+    Raises:
+        ConfigError: ``path`` is a folder or missing, not valid YAML, or not a mapping at the top level; the
+            message names the file and says which ``what`` (e.g. "sweep file") was expected.
+    """
     if path.is_dir():
-        raise ConfigError(f"{path}: is a folder, not a config file")
+        raise ConfigError(f"{path}: is a folder, not a {what}")
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
-    return validate_config(apply_overrides(tree, overrides or []), str(path))
+    return tree
 
 
 def load_sweep(path: str | Path | None = None,
@@ -506,13 +516,7 @@ def load_sweep(path: str | Path | None = None,
             finetune-config field, or a sampled value would be invalid (e.g. ``lora.r: {choice: [0]}``).
     """
     path = Path(path) if path else CONFIG_DIR / "sweeps" / "banking77.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    sweep = validate_sweep(apply_overrides(tree, overrides or []), str(path))
+    sweep = validate_sweep(apply_overrides(read_yaml_mapping(path, "sweep file"), overrides or []), str(path))
     return sweep, sweep_baseline(sweep, str(path))
 
 

@@ -133,6 +133,21 @@ def test_bad_sweeps_are_rejected_naming_the_file_and_key(tmp_path, text, message
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text("- n_trials: 3\n", encoding="utf-8"), "expected a mapping at the top level, got list"),
+    (lambda p: p.mkdir(), "is a folder, not a sweep file"),
+    (lambda p: None, "sweep file not found"),
+], ids=["a list", "a folder", "missing"])
+def test_a_sweep_file_that_is_not_a_yaml_mapping_is_one_error_naming_it(tmp_path, make, message):
+    from configs.schema import load_sweep
+
+    path = tmp_path / "sweep.yaml"
+    make(path)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_sweep(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
 def _leaf_keys(schema: dict, node: dict, prefix: str = "") -> set[str]:
     """Dotted keys of the leaf fields of a pydantic JSON schema (``$ref`` sections recursed)."""
     keys = set()
