@@ -11,7 +11,8 @@ SPEED_FLAGS = ("avx2", "avx512_bf16", "amx_bf16")
 
 def cpu() -> str:
     """``lscpu``'s model name, CPU count and which of ``SPEED_FLAGS`` it lists, e.g.
-    ``"AMD EPYC 7B13, 2 CPUs; flags: avx2"``; ``platform.processor()`` where ``lscpu`` is missing."""
+    ``"Intel(R) Xeon(R) Processor, 2 CPUs; flags: avx2, avx512_bf16, amx_bf16"``; ``platform.processor()`` as
+    the model name where ``lscpu`` is missing."""
     try:
         info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     except FileNotFoundError:
