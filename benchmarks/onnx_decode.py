@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import cpu  # noqa: E402
 from tasks.base_model import load_model, load_tokenizer  # noqa: E402
+from tasks.chat import prompt_ids  # noqa: E402
 from tasks.files import read_jsonl  # noqa: E402
 from tasks.predict import Predictor  # noqa: E402
 
@@ -82,7 +83,7 @@ def main() -> None:
     merged, onnx = args.run / "merged", args.run / "onnx"
     tokenizer = load_tokenizer(str(merged))
     records = read_jsonl(args.run / "data" / "test.jsonl")[: args.prompts]
-    prompts = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True) for r in records]
+    prompts = [prompt_ids(tokenizer, r) for r in records]
     eos = tokenizer.eos_token_id
     engines = {
         "PyTorch fp32 (SDPA, KV cache)": (hf_engine(load_model(str(merged)), eos), size_mb(merged)),

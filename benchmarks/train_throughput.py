@@ -2,7 +2,8 @@
 
     python benchmarks/train_throughput.py --config configs/banking77.yaml --set data.path=../shared/data/banking77 \
         [--model embedded | llama-3.2-1b | llama-3.1-8b | <folder>] [--steps 20] [--rounds 2] [--seq-len N] \
-        [--set lora.method=qlora ...] [--arms baseline,all-logits,ours] [--tokenizer FOLDER] [--tiny] [--json FILE]
+        [--set lora.method=qlora ...] [--arms baseline,trl-loss,trl-padding-free,ours] [--tokenizer FOLDER] [--tiny]
+        [--json FILE]
 
 Both arms train the same model on the same training rows (the config's ingest + split), with the same LoRA
 settings, learning rate, schedule, batch size, seed, precision and number of steps, then compute the loss on the
@@ -12,8 +13,11 @@ same validation rows:
   (``DataCollatorForSeq2Seq``), no packing, completion-only labels, the model as ``from_pretrained`` loads it;
 - **ours**: ``tasks.train.train`` exactly as the flow calls it (padding-free batches, attention kernel, Liger,
   QLoRA... as the config resolves them; the LM head only at completion targets, ``tasks/loss.py``);
-- **all-logits** (optional): ``ours`` with TRL's own ``SFTTrainer.compute_loss`` — logits, entropy and token
-  accuracy at every position: the train task as it was before ``tasks/loss.py``.
+- **trl-loss** (optional): ``ours`` with TRL's own ``SFTTrainer.compute_loss`` instead of ``tasks/loss.py``: TRL
+  >= 1.15's fused LM head, which scores only the labelled positions on CUDA/XPU (Triton) and every position, in
+  chunks, elsewhere (the CPU);
+- **trl-padding-free** (optional): ``ours`` with TRL's own padding-free collator instead of ``tasks/padding_free.py``:
+  each batch flattened into one row (``padding_free=True``), the attention mask built from the position ids.
 
 Each arm runs in a fresh process (peak memory is per process: RSS on CPU, ``torch.cuda.max_memory_allocated`` on a
 GPU), arms alternate order round by round (baseline first in even rounds). Tokens/s = non-pad tokens trained /
@@ -153,12 +157,25 @@ def run_ours(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> 
                                                    "gradient_checkpointing", "liger_kernel", "bf16"})}
 
 
-def run_all_logits(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> dict:
-    """``run_ours`` with TRL's plain ``SFTTrainer`` (its compute_loss over every position's logits)."""
+def run_trl_loss(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> dict:
+    """``run_ours`` with TRL's plain ``SFTTrainer`` (its own compute_loss: the fused LM head)."""
     import tasks.train
     from trl import SFTTrainer
 
     tasks.train.sft_trainer_class = lambda: SFTTrainer
+    return run_ours(cfg, base, splits, out)
+
+
+def run_trl_padding_free(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> dict:
+    """``run_ours`` with TRL's padding-free collator (each batch one row; ``max_length=None`` as TRL 1.x requires
+    without packing: the examples are already within ``train.max_seq_length``) instead of ``tasks.padding_free``."""
+    import dataclasses
+
+    import tasks.train
+
+    resolve, arguments = tasks.train.resolve_settings, tasks.train.training_arguments
+    tasks.train.resolve_settings = lambda *a: dataclasses.replace(resolve(*a), collator="trl")
+    tasks.train.training_arguments = lambda *a: dataclasses.replace(arguments(*a), padding_free=True, max_length=None)
     return run_ours(cfg, base, splits, out)
 
 
@@ -202,7 +219,7 @@ def run_baseline(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path)
                              per_device_train_batch_size=t.per_device_train_batch_size,
                              per_device_eval_batch_size=t.per_device_eval_batch_size,
                              gradient_accumulation_steps=t.gradient_accumulation_steps,
-                             lr_scheduler_type=t.lr_scheduler_type, warmup_ratio=t.warmup_ratio,
+                             lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio,
                              weight_decay=t.weight_decay, bf16=use_bf16(t.bf16), use_cpu=device == "cpu",
                              save_strategy="no", eval_strategy="no", logging_steps=t.logging_steps, seed=t.seed,
                              data_seed=t.seed, include_num_input_tokens_seen="non_padding", report_to="none",
@@ -241,7 +258,8 @@ def arm(args) -> None:
     cfg = load_config(args.config, args.set + [f"train.max_steps={args.steps}", f"train.eval_steps={args.steps}",
                                                f"train.save_steps={2 * args.steps}", "train.num_processes=1"])
     splits = SplitResult.model_validate(read_json(Path(args.work) / "splits.json"))
-    run = {"baseline": run_baseline, "all-logits": run_all_logits, "ours": run_ours}[args.arm]
+    run = {"baseline": run_baseline, "trl-loss": run_trl_loss, "trl-padding-free": run_trl_padding_free,
+           "ours": run_ours}[args.arm]
     result = run(cfg, args.base, splits, Path(args.work) / f"{args.arm}-{args.round}")
     result["tokens_per_second"] = result["tokens"] / result["train_seconds"]
     if torch.cuda.is_available():
@@ -283,11 +301,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--cache", default="~/.cache/finetune-flow/models")
-    parser.add_argument("--arms", default="baseline,ours", help="comma-separated: baseline, all-logits, ours")
+    parser.add_argument("--arms", default="baseline,ours",
+                        help="comma-separated: baseline, trl-loss, trl-padding-free, ours")
     parser.add_argument("--tokenizer", help="tokenizer folder for the random Llama configs (default: SmolLM2's)")
     parser.add_argument("--tiny", action="store_true", help="toy-width Llama configs (CPU dry run)")
     parser.add_argument("--json", help="also write the rounds and the summary to this JSON file")
-    parser.add_argument("--arm", choices=["baseline", "all-logits", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--arm", choices=["baseline", "trl-loss", "trl-padding-free", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
@@ -329,7 +348,7 @@ def main() -> None:
 def report(args, cfg: FinetuneConfig, base: str, results: dict) -> dict:
     """Print the table (median tokens/s, max peak memory, median eval loss, MFU per arm) and return it as
     ``{"parameters", "arms": {arm: {...}}, "speed_ratio", "eval_loss_difference_pct"}`` (the last two only
-    with both arms; ``speed_ratio_vs_all_logits`` with that arm too)."""
+    with both arms; ``speed_ratio_vs_trl_loss`` / ``speed_ratio_vs_trl_padding_free`` with those arms too)."""
     n = parameter_count(base)
     gpu = next(iter(results.values()))[0].get("gpu")
     print(f"\nmodel {args.model} ({n / 1e6:.1f} M parameters), method {cfg.lora.method}, {args.steps} steps x "
@@ -351,11 +370,11 @@ def report(args, cfg: FinetuneConfig, base: str, results: dict) -> dict:
         print(f"\nspeed ratio ours / baseline: {summary['speed_ratio']:.2f}x; eval loss difference "
               f"{summary['eval_loss_difference_pct']:+.2f} %; tokens trained per arm: "
               f"{sorted({r['tokens'] for runs in results.values() for r in runs})}")
-    if {"ours", "all-logits"} <= results.keys():
-        summary["speed_ratio_vs_all_logits"] = (summary["arms"]["ours"]["tokens_per_second"]
-                                                / summary["arms"]["all-logits"]["tokens_per_second"])
-        print(f"speed ratio ours / all-logits (the head at every position): "
-              f"{summary['speed_ratio_vs_all_logits']:.2f}x")
+    for other in ("trl-loss", "trl-padding-free"):
+        if {"ours", other} <= results.keys():
+            ratio = summary["arms"]["ours"]["tokens_per_second"] / summary["arms"][other]["tokens_per_second"]
+            summary[f"speed_ratio_vs_{other.replace('-', '_')}"] = ratio
+            print(f"speed ratio ours / {other}: {ratio:.2f}x")
     return summary
 
 

@@ -134,8 +134,9 @@ class TrainConfig(_Section):
         "auto", description="Recompute activations in the backward pass (less memory, ~30 % more compute); auto = "
         "on for qlora (its purpose is memory), off otherwise.")
     use_liger_kernel: Literal["auto"] | bool = Field(
-        "auto", description="Liger Triton kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU) through TRL; "
-        "auto = on a GPU where liger-kernel is installed.")
+        "auto", description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU; TRL >= 1.0 keeps its fused "
+        "cross-entropy off) on a GPU where liger-kernel is installed; auto = off (measured slower on an H200: "
+        "docs/gpu-check/2026-11-28-h200).")
     num_processes: Literal["auto"] | Annotated[int, Field(gt=0)] = Field(
         "auto", description="Training processes (one per GPU, data parallel, started with torchrun by the train "
         "task); auto = the number of visible GPUs, 1 on a CPU.")
@@ -224,7 +225,7 @@ class ExportConfig(_Section):
     targets: list[Literal["genai-int4-adapter", "genai-ladder", "onnx-fp32", "genai-int4", "genai-fp16"]] = Field(
         ["genai-int4"], min_length=1, description="genai-int4-adapter: the adapter alone, served on one int4 base per "
         "base model (ONNX Runtime GenAI, CPU; several adapters share one process); genai-ladder: the smallest rung "
-        "of export.ladder that passes the gate (merged, GenAI CPU); onnx-fp32: optimum, onnxruntime CPU; "
+        "of export.ladder that passes the gate (merged, GenAI CPU); onnx-fp32: the model builder at fp32, GenAI CPU; "
         "genai-int4: ONNX Runtime GenAI int4 (MatMulNBits) for CPU; genai-fp16: GenAI fp16 for CUDA "
         "(tasks/export.py).")
     ladder: list[Literal["int4", "int4-int8-head", "int4-mixed", "fp32"]] = Field(

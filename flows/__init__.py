@@ -8,4 +8,4 @@ import os
 #   take longer than 20 s on a busy 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,transformers,peft,trl,datasets,optimum")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,transformers,peft,trl,datasets")

@@ -25,7 +25,7 @@ from flows.caching import StageRun, fingerprint, run_stage, source_fingerprint, 
 from flows.retries import with_retries
 from flows.stages import (EVALUATE, EXPORT, INGEST, INT4_BASE, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, PUSH_TO_HUB,
                           REPORT, SPLIT, TRAIN, VALIDATE)
-from tasks import base_model, export, hub, ingest, predict, report, validate
+from tasks import base_model, export, hub, predict, report, validate
 from tasks.files import verify_folder
 from tasks.merge import MergeChecks
 from tasks.report import DataSummary, RunMetrics
@@ -124,10 +124,12 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     to the Hub (``push-to-hub``, ``tasks.hub.push_run``; the result is under ``"hub"``).
 
     Raises:
-        ConfigError: ``model.hf_token_secret`` names no Prefect Secret block, a Hub model or dataset revision
-            cannot be resolved (``tasks.hub.resolve_revisions``), or ``output.push_to_hub`` is set without a
-            token (before any stage runs).
+        ConfigError: ``output.dir`` or ``model.cache_dir`` cannot be a folder (``check_folders``),
+            ``model.hf_token_secret`` names no Prefect Secret block, a Hub model or dataset revision cannot be
+            resolved (``tasks.hub.resolve_revisions``), or ``output.push_to_hub`` is set without a token (before
+            any stage runs).
     """
+    check_folders(cfg)
     base_model.use_hub_token(cfg.model)  # HF_TOKEN from the environment or model.hf_token_secret; never logged
     cfg = hub.resolve_revisions(cfg)  # Hub ids pinned to a commit sha: in every key, metrics.json, model cards
     hub.require_push_token(cfg.output.push_to_hub)
@@ -169,6 +171,24 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     pushed = push_to_hub(cfg, run_dir) if publish_latest else None  # only a published run (output.push_to_hub)
     return metrics_json | {"run_dir": str(run_dir), "test_file": test_file, "source": source,
                            "hub": pushed.model_dump(mode="json") if pushed else None}
+
+
+def check_folders(cfg: FinetuneConfig) -> None:
+    """``output.dir``, ``model.cache_dir`` and a folder ``output.result_storage`` are folders or can be made
+    ones: neither they nor a parent is an existing file.
+
+    Raises:
+        ConfigError: naming the field, the path and the file in the way.
+    """
+    storage = cfg.output.result_storage
+    fields = {"output.dir": cfg.output.dir, "model.cache_dir": cfg.model.cache_dir}
+    fields |= {"output.result_storage": storage} if storage and not storage.startswith("block:") else {}
+    for field, value in fields.items():
+        path = Path(value).expanduser().absolute()
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            where = "is a file" if blocker == path else f"is under {blocker}, which is a file"
+            raise ConfigError(f"{field}: {value} {where}; expected a folder (created if missing)")
 
 
 def push_to_hub(cfg: FinetuneConfig, run_dir: str | Path) -> hub.HubPushResult | None:
@@ -287,6 +307,7 @@ def dry_run(cfg: FinetuneConfig) -> validate.ValidateResult:
     Raises:
         ConfigError, DataError, ModelError: as ``validate``.
     """
+    check_folders(cfg)
     base_model.use_hub_token(cfg.model)
     cfg = hub.resolve_revisions(cfg)
     gguf, base_key = base_model_source(cfg)
@@ -312,6 +333,13 @@ def print_config(loaded: FinetuneConfig | tuple) -> None:
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
 
 
+def ours(error: BaseException) -> bool:
+    """Whether ``error`` is one of this project's exceptions (defined in ``configs``, ``flows`` or ``tasks``): its
+    message names the field, file or check in our words, so the ``error:`` line leaves out its class name. Any
+    other exception's line starts with its class name (``OSError: [Errno 28] No space left on device``)."""
+    return type(error).__module__.split(".")[0] in ("configs", "flows", "tasks")
+
+
 def main(argv: list[str] | None = None, flow_fn=None, prog: str = "python -m flows.finetune",
          description: str = __doc__.split("\n\n")[0], load=load_config, check=dry_run) -> int:
     """CLI entry point of ``flow_fn`` (default ``finetune``; any flow taking what ``load(--config, --set
@@ -328,7 +356,7 @@ def main(argv: list[str] | None = None, flow_fn=None, prog: str = "python -m flo
     except Exception as e:  # noqa: BLE001 - the CLI's contract is one line per failure
         if args.debug:
             raise
-        kind = "" if isinstance(e, (ConfigError, ingest.DataError, validate.ModelError)) else f"{type(e).__name__}: "
+        kind = "" if ours(e) else f"{type(e).__name__}: "
         print(f"error: {kind}{e}", file=sys.stderr)
         return 1
     return 0

@@ -1,6 +1,7 @@
 """Which failures a task retries: transient ones (out of memory, I/O, timeouts), never bad input or failed checks."""
 from __future__ import annotations
 
+import httpx
 from prefect.tasks import Task, exponential_backoff
 
 from configs.schema import RetryConfig
@@ -10,7 +11,8 @@ _PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying: ``MemoryError``, CPU/CUDA out-of-memory, I/O errors and timeouts.
+    """True for failures worth retrying: ``MemoryError``, CPU/CUDA out-of-memory, I/O errors and timeouts, and
+    httpx's connection errors and timeouts (huggingface_hub >= 1 talks httpx; they are not ``OSError``s).
 
     Validation errors (``ValueError``: config and data errors), failed merge/export checks and missing files
     are permanent.
@@ -19,6 +21,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError):  # disk, network, broken pipes; also TimeoutError and ConnectionError
         return not isinstance(exc, _PERMANENT_OS_ERRORS)
+    if isinstance(exc, httpx.TransportError):
+        return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 

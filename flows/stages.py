@@ -66,8 +66,7 @@ TRAIN = Stage("train", train.train, sections=("model", "lora", "train"), needs=(
 MERGE = Stage("merge", merge.merge, sections=("merge",), needs=("train",), gpu=True,
               libraries=(*TORCH_STACK, "bitsandbytes"))
 EXPORT = Stage("export", export.export, sections=("export",), needs=("merge", "evaluate"),
-               libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir", "optimum",
-                          "optimum-onnx"))
+               libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir"))
 INT4_BASE = Stage("int4-base", int4_base.export_base, needs=("prepare-base-model",),
                   libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir"))
 REPORT = Stage("report", report.write_report)

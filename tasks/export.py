@@ -5,7 +5,7 @@ Targets (``export.targets``):
 | target | built with | precision | execution provider it runs on |
 |---|---|---|---|
 | ``genai-int4-adapter`` | int4 base (tasks/int4_base.py), LoRA baked in; ``.onnx_adapter`` | int4 + LoRA | GenAI CPU |
-| ``onnx-fp32`` | optimum (``text-generation-with-past``: decoder with KV cache) | fp32 | onnxruntime CPU |
+| ``onnx-fp32`` | ONNX Runtime GenAI model builder ``-p fp32 -e cpu`` (KV cache) | fp32 | ORT GenAI CPU |
 | ``genai-int4`` | ONNX Runtime GenAI model builder ``-p int4 -e cpu`` (MatMulNBits) | int4 weights | ORT GenAI CPU |
 | ``genai-fp16`` | model builder ``-p fp16 -e cuda`` | fp16 | ORT GenAI CUDA (needs onnxruntime-genai-cuda) |
 
@@ -14,10 +14,11 @@ weights (``export.match_quantization``): the merged model the evaluation scored 
 Its folder is a whole GenAI model (the base with the adapter's weights as constants, ``export.adapter_weights``:
 what the gate measures and what one model is served with) and also holds the adapter file alone, which
 ``tasks/predict.py`` serves beside other adapters on one shared base.
-The other folders hold the tokenizer, its chat template and ``inference.json`` (the prompt format), so
-``genai-*`` folders run with ``tasks/predict.py`` alone. NPUs: model builder 0.11.4 offers no NPU execution
-provider, and its QDQ option (``use_qdq``, the form NPU providers consume) still emitted MatMulNBits here
-(docs/benchmarks.md), so there is no NPU target.
+The other folders hold the tokenizer, its chat template and ``inference.json`` (the prompt format), so every
+folder runs with ``tasks/predict.py`` alone. ``onnx-fp32`` was optimum's exporter until optimum-onnx (whose newest
+release caps transformers below 4.58) was dropped for transformers 5; the model builder's fp32 graph is the same
+decoder with a KV cache. NPUs: the model builder (0.18) offers no NPU execution
+provider, so there is no NPU target here.
 
 Before publishing, ``check_export`` measures the folder as its runtime loads it; the stage fails (and
 publishes nothing) unless:
@@ -44,16 +45,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from configs.schema import ExportConfig
+from configs.schema import ConfigError, ExportConfig
 from tasks.base_model import load_model, load_tokenizer
-from tasks.chat import generate, prompt_ids
+from tasks.chat import prompt_ids
 from tasks.files import atomic_dir, read_json, read_jsonl, write_json
 from tasks.metrics import extract_answer, normalise_answer, score, task_kind
 from tasks.onnx_adapter import bake_adapter, convert_adapter
 from tasks.predict import INFERENCE_FILE, Predictor
 
 log = logging.getLogger(__name__)
-ONNX_EVAL_BATCH_SIZE = 32  # optimum's ORT model generates left-padded batches like PyTorch
 
 
 class ExportCheckError(RuntimeError):
@@ -84,22 +84,22 @@ class ExportResult(BaseModel):
 
 @dataclass(frozen=True)
 class Target:
-    tool: str  # "optimum", "genai" (the ONNX Runtime GenAI model builder) or "adapter" (tasks/onnx_adapter.py)
+    tool: str  # "genai" (the ONNX Runtime GenAI model builder), "ladder" or "adapter" (tasks/onnx_adapter.py)
     precision: str
     builder_ep: str | None  # the model builder's --execution_provider
     provider: str  # the onnxruntime execution provider the exported model runs on
 
 
-# export.ladder's rungs, smallest first: the model builder's precision and int4 algorithm (0.11.4 offers no int8)
-RUNGS = {"int4": ("int4", {"int4_algo_config": "default"}),  # RTN int4 everywhere
-         "int4-int8-head": ("int4", {"int4_algo_config": "k_quant_last"}),  # int8 LM head and embeddings
-         "int4-mixed": ("int4", {"int4_algo_config": "k_quant_mixed"}),  # int8 head + the most sensitive layers
+# export.ladder's rungs, smallest first: the model builder's precision and int4 algorithm
+RUNGS = {"int4": ("int4", {"algo_config": "default"}),  # RTN int4 everywhere
+         "int4-int8-head": ("int4", {"algo_config": "k_quant_last"}),  # int8 LM head and embeddings
+         "int4-mixed": ("int4", {"algo_config": "k_quant_mixed"}),  # int8 head + the most sensitive layers
          "fp32": ("fp32", {})}
 
 TARGETS = {
     "genai-int4-adapter": Target("adapter", "int4", "cpu", "CPUExecutionProvider"),
     "genai-ladder": Target("ladder", "smallest passing", "cpu", "CPUExecutionProvider"),
-    "onnx-fp32": Target("optimum", "fp32", None, "CPUExecutionProvider"),
+    "onnx-fp32": Target("genai", "fp32", "cpu", "CPUExecutionProvider"),
     "genai-int4": Target("genai", "int4", "cpu", "CPUExecutionProvider"),
     "genai-fp16": Target("genai", "fp16", "cuda", "CUDAExecutionProvider"),
 }
@@ -123,7 +123,7 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
 
     Raises:
         ExportCheckError: a check failed; nothing is written to ``out_dir``.
-        RuntimeError: the target needs a runtime this machine lacks (``genai-fp16`` without CUDA).
+        ConfigError: the target needs a runtime this machine lacks (``genai-fp16`` without CUDA).
         UnsupportedArchitectureError: a ``genai-*`` target for an architecture the model builder has no builder
             for (a ValueError; README.md, Model families).
         ValueError: ``genai-int4-adapter`` without ``adapter`` and ``int4_base``.
@@ -144,8 +144,7 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
                 with _quiet_loggers("onnxruntime"):  # its quantizer logs every node
                     bake_adapter(tmp, int4_base, cfg.adapter_weights)
             else:
-                (build_optimum if spec.tool == "optimum" else build_genai)(merged_model, tmp, spec, cfg,
-                                                                           trust_remote_code)
+                build_genai(merged_model, tmp, spec, cfg, trust_remote_code)
             write_json(tmp / INFERENCE_FILE, inference)
             built, precision, ladder = time.perf_counter() - start, spec.precision, None
             if spec.tool == "adapter":
@@ -199,53 +198,119 @@ def climb_ladder(merged_model: str, out: Path, inference: dict, test_file: str, 
                            " | ".join(f"{t['rung']}: {'; '.join(t['failures'])}" for t in tried))
 
 
-def build_optimum(merged_model: str, out: Path, spec: Target, cfg: ExportConfig, trust_remote_code: bool) -> None:
-    """optimum's ONNX export with KV cache (``text-generation-with-past``), plus the tokenizer."""
-    from optimum.exporters.onnx import main_export
-
-    main_export(merged_model, output=out, task="text-generation-with-past", device="cpu",
-                trust_remote_code=trust_remote_code)
-    load_tokenizer(merged_model, trust_remote_code).save_pretrained(out)
-
-
 def build_genai(merged_model: str, out: Path, spec: Target, cfg: ExportConfig, trust_remote_code: bool) -> None:
     """The ONNX Runtime GenAI model builder on the merged folder (``build_genai_folder``) with ``cfg``'s int4
     options for an int4 target."""
     import onnxruntime_genai as og
 
     if spec.builder_ep == "cuda" and not og.is_cuda_available():
-        raise RuntimeError(f"export target {spec.precision} for CUDA needs onnxruntime-genai-cuda and a GPU; "
+        raise ConfigError(f"export.targets: {spec.precision} for CUDA needs onnxruntime-genai-cuda and a GPU; "
                            "this machine has neither (use genai-int4 for CPU)")
     options = int4_options(cfg) if spec.precision == "int4" else {}
     build_genai_folder(merged_model, out, spec.precision, spec.builder_ep, trust_remote_code, options)
 
 
 def int4_options(cfg: ExportConfig) -> dict:
-    """The model builder's int4 ``extra_options`` from ``cfg``."""
-    return {"int4_algo_config": cfg.int4_algo_config, "int4_block_size": cfg.int4_block_size,
-            "int4_accuracy_level": cfg.int4_accuracy_level, "int4_is_symmetric": cfg.int4_is_symmetric}
+    """The model builder's int4 ``extra_options`` from ``cfg`` (onnxruntime-genai >= 0.18 names; it ignores the
+    old ``int4_*`` names without a word, so ``check_quantization`` reads the result back from the graph)."""
+    return {"algo_config": cfg.int4_algo_config, "block_size": cfg.int4_block_size,
+            "accuracy_level": cfg.int4_accuracy_level, "is_symmetric": cfg.int4_is_symmetric}
 
 
 def build_genai_folder(model: str, out: Path, precision: str, execution_provider: str, trust_remote_code: bool,
                        options: dict) -> None:
-    """The ONNX Runtime GenAI model builder (``onnxruntime_genai.models.builder.create_model``) on ``model``,
-    offline (no Hub token; remote code only if configured), with ``options`` as its ``extra_options``, then
-    ``portable_tokenizer``."""
-    from onnxruntime_genai.models.builder import create_model
+    """The ONNX Runtime GenAI model builder (``parse_extra_options``, then ``create_model``, of
+    ``onnxruntime_genai.models.builder``) on ``model``, offline (no Hub token; remote code only if configured),
+    with ``options`` as its ``extra_options`` (a list value is joined with commas), then ``check_quantization``
+    and ``portable_tokenizer``.
+
+    Raises:
+        UnsupportedArchitectureError: the builder has no builder for the model's architecture.
+        BuilderOptionsError: the built graph's precisions are not what ``options`` asked for.
+    """
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     options = {"hf_token": "false", "hf_remote": trust_remote_code, **options}
+    pairs = [f"{key}={','.join(value) if isinstance(value, list) else value}" for key, value in options.items()]
     noise = io.StringIO()  # the builder's per-tensor bar and warnings: kept out of the run's output
     with tempfile.TemporaryDirectory() as cache, BuilderProgress(model, precision) as progress, \
             contextlib.redirect_stdout(progress), contextlib.redirect_stderr(noise), \
             _quiet_loggers("onnx_ir", "onnxruntime", "neural_compressor"):
         try:
-            create_model(None, model, str(out), precision, execution_provider, cache, **options)
+            parsed = parse_extra_options(None, model, str(out), precision, execution_provider, cache, pairs)
+            flat_rope_for_gemma3(parsed["hf_details"]["hf_config"])
+            create_model(None, model, str(out), precision, execution_provider, cache, **parsed)
         except NotImplementedError as e:  # "The <folder> model is not currently supported."
             raise UnsupportedArchitectureError(
                 f"export: the ONNX Runtime GenAI model builder ({_genai_version()}) has no builder for "
                 f"{', '.join(_architectures(model))} ({e}); genai-* targets cannot export this model (README.md, "
-                "Model families); onnx-fp32 goes through optimum's exporter instead") from e
+                "Model families)") from e
+    check_quantization(out / "model.onnx", precision, options)
     portable_tokenizer(out / "tokenizer.json")
+
+
+def flat_rope_for_gemma3(config) -> None:
+    """Give onnxruntime-genai 0.18's Gemma 3 builder the RoPE fields it reads, in place: transformers 5 keeps Gemma
+    3's RoPE parameters per layer type (``rope_parameters = {"full_attention": {...}, "sliding_attention":
+    {...}}``), the builder reads transformers 4's flat ``rope_parameters``, ``rope_theta`` and
+    ``rope_local_base_freq`` (``builders/gemma.py: Gemma3Model``; a ``KeyError: 'rope_type'`` otherwise). The flat
+    form is the full-attention layers' parameters, the sliding layers' theta as ``rope_local_base_freq``. Other
+    architectures, and a Gemma 3 config already flat, are left alone; the export gate checks the built model."""
+    params = getattr(config, "rope_parameters", None)
+    if (config.architectures or [None])[0] != "Gemma3ForCausalLM" or not isinstance(params, dict) \
+            or "full_attention" not in params:
+        return
+    config.rope_local_base_freq = params["sliding_attention"]["rope_theta"]
+    config.rope_theta = params["full_attention"]["rope_theta"]
+    config.rope_parameters = dict(params["full_attention"])
+
+
+class BuilderOptionsError(RuntimeError):
+    """The model builder built another graph than its options asked for (an option it does not know is ignored
+    without a word: onnxruntime-genai 0.18 dropped the ``int4_*`` names)."""
+
+
+# algo_config values that keep the LM head (the last MatMul) in int8 (the builder's legacy compound names)
+INT8_HEAD_ALGOS = ("k_quant_last", "k_quant_mixed", "rtn_last", "k_quant_linear")
+
+
+def quantized_matmuls(model_onnx: str | Path) -> dict[str, dict]:
+    """The weight-only quantized MatMuls of a built graph (read without its external data): ``{node name:
+    {"bits", "block_size", "accuracy_level"}}`` for every ``MatMulNBits`` node; float MatMuls are absent."""
+    import onnx
+
+    graph = onnx.load(str(model_onnx), load_external_data=False).graph
+    return {node.name: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
+                        if a.name in ("bits", "block_size", "accuracy_level")}
+            for node in graph.node if node.op_type == "MatMulNBits"}
+
+
+def check_quantization(model_onnx: Path, precision: str, options: dict) -> None:
+    """Check the built graph against the options that shape it: at fp32/fp16 no MatMulNBits; at int4 every 4-bit
+    MatMul has ``block_size`` and ``accuracy_level``, every node of ``nodes_to_exclude`` stayed a float MatMul, and
+    an ``algo_config`` that keeps the LM head in int8 did so.
+
+    Raises:
+        BuilderOptionsError: naming the first options the graph does not follow.
+    """
+    nodes, problems = quantized_matmuls(model_onnx), []
+    if precision != "int4":
+        problems += [f"{len(nodes)} MatMulNBits nodes in an {precision} model"] if nodes else []
+    else:
+        for key in ("block_size", "accuracy_level"):
+            off = sorted(n for n, a in nodes.items() if key in options and a.get("bits") == 4
+                         and a.get(key) != int(options[key]))
+            problems += [f"{key}={options[key]} but {off[0]} has {nodes[off[0]].get(key)}"] if off else []
+        excluded = options.get("nodes_to_exclude") or []
+        quantized = [name for name in excluded if any(n.startswith(f"{name}_Q") or n == name for n in nodes)]
+        problems += [f"nodes_to_exclude lists {quantized[0]}, which was quantized"] if quantized else []
+        head = next((a for n, a in nodes.items() if n.startswith("/lm_head/MatMul")), None)
+        if options.get("algo_config") in INT8_HEAD_ALGOS and (head or {}).get("bits") != 8:
+            problems.append(f"algo_config={options['algo_config']} but the LM head is "
+                            f"{'float' if head is None else str(head.get('bits')) + '-bit'}")
+    if problems:
+        raise BuilderOptionsError(f"export: the model builder ({_genai_version()}) ignored its options: "
+                                  f"{'; '.join(problems)} ({model_onnx})")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -380,7 +445,7 @@ def measure_export(target: str, folder: str | Path, merged_model: str, test_file
     primary = task_kind(task).primary
     tokenizer = load_tokenizer(merged_model, trust_remote_code)
     expected = [prompt_ids(tokenizer, r) for r in records]
-    runner = OptimumRunner(folder) if TARGETS[target].tool == "optimum" else GenAIRunner(folder)
+    runner = GenAIRunner(folder)
 
     mismatched = [i for i, r in enumerate(records) if runner.prompt_ids(r["messages"][:-1]) != expected[i]]
     agreement = greedy_agreement(runner, merged_model, expected[: cfg.n_check_prompts], cfg.max_new_tokens,
@@ -424,7 +489,7 @@ def greedy_agreement(runner, merged_model: str, prompts: list[list[int]], max_ne
 
 
 def torch_greedy(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
-    """Greedy continuation of one prompt by a transformers model (or optimum's ORT model): new ids only."""
+    """Greedy continuation of one prompt by a transformers model: new ids only."""
     import torch
 
     ids = torch.tensor([prompt], device=model.device)
@@ -457,23 +522,3 @@ class GenAIRunner:
         # slower on the CPU provider (docs/benchmarks.md)
         return [self.predictor.decode(self.greedy(p, max_new_tokens))
                 for p in tqdm(prompts, desc="export gate: test rows", unit="row", file=sys.stderr)]
-
-
-class OptimumRunner:
-    """An ``onnx-fp32`` folder through optimum's ``ORTModelForCausalLM`` and the folder's HF tokenizer."""
-
-    def __init__(self, folder: str | Path):
-        from optimum.onnxruntime import ORTModelForCausalLM
-
-        self.tokenizer = load_tokenizer(str(folder))
-        self.model = ORTModelForCausalLM.from_pretrained(folder, provider=TARGETS["onnx-fp32"].provider)
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-
-    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        eos = self.tokenizer.eos_token_id
-        return _until_eos(torch_greedy(self.model, prompt, max_new_tokens, eos), eos)
-
-    def answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens, ONNX_EVAL_BATCH_SIZE, desc="onnx")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -12,6 +13,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 MANIFEST = ".manifest.json"
 # this host's name as it appears in temporary folder names (no path separators or odd characters)
@@ -161,6 +164,46 @@ def verify_folder(path: str | Path) -> str | None:
         if "link" not in entry and file_sha256(folder / rel) != entry.get("sha256"):
             return f"{folder / rel}: sha256 differs from the manifest (corrupted)"
     return None
+
+
+def unshare_hard_links(folder: str | Path) -> list[Path]:
+    """Give each file under ``folder`` that has other hard links (``st_nlink`` > 1) an inode of its own: checked
+    against the manifest of the published folder that holds it (``folder`` or its nearest parent with one), copied
+    beside itself and renamed over itself; the other paths keep the old inode and its bytes.
+
+    Why: onnx refuses external data with several hard links ("a potential hardlink attack"), so a shared store
+    that another folder links into (a run copied by ``export-run`` before it made real copies) would fail every
+    later stage that loads it. Checking the bytes against the store's own manifest first keeps that protection:
+    what is read is the content the store published, whatever else links to it.
+
+    Returns:
+        the files given their own inode (a warning names each).
+
+    Raises:
+        ValueError: a linked file has no manifest entry or other bytes than it records (never read): one line
+            naming the file, its link count and the way out (delete the folder; the stage rebuilds it).
+    """
+    folder = Path(folder)
+    root = next((p for p in (folder, *folder.parents) if (p / MANIFEST).is_file()), None)
+    linked = [path for _, path in _walk(folder) if not path.is_symlink() and path.stat().st_nlink > 1]
+    files = read_manifest(root) if root and linked else {}
+    unshared = []
+    for path in linked:
+        entry, others = files.get(path.relative_to(root).as_posix(), {}) if root else {}, path.stat().st_nlink - 1
+        if entry.get("sha256") != file_sha256(path):
+            raise ValueError(f"{path}: has {others + 1} hard links and is not the content its folder "
+                             f"published (no manifest entry, or another sha256): not read; delete {root or folder} "
+                             "and run again (the stage that made it rebuilds it)")
+        copy = path.parent / f".{path.name}.unshare-{uuid.uuid4().hex[:8]}"
+        try:
+            shutil.copy2(path, copy)
+            os.replace(copy, path)
+        finally:
+            copy.unlink(missing_ok=True)
+        log.warning("%s shared its inode with %d other path(s) (hard links, e.g. a run copied by an older "
+                    "export-run): given its own copy, so that onnx loads it", path, others)
+        unshared.append(path)
+    return unshared
 
 
 def content_digest(folder: str | Path) -> str | None:

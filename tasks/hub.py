@@ -96,6 +96,7 @@ def resolve_revision(repo_id: str, revision: str | None, repo_type: str = "model
             value: the repo does not exist or the token has no access, the revision does not exist, or the Hub
             is unreachable and nothing resolves offline.
     """
+    import httpx
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -125,8 +126,8 @@ def resolve_revision(repo_id: str, revision: str | None, repo_type: str = "model
             if status is not None and status < 500 and status != 429:
                 raise ConfigError(f"{id_field}: the Hub refused {where}: HTTP {status}") from None
             reason = f"HTTP {status}"
-        except (OSError, ValueError) as e:  # requests' ConnectionError/Timeout are OSErrors
-            reason = type(e).__name__
+        except (OSError, ValueError, httpx.TransportError) as e:  # huggingface_hub >= 1 talks httpx: its
+            reason = type(e).__name__  # connection errors and timeouts are not OSErrors
     if revision and FULL_SHA.fullmatch(revision):
         log.warning("%s: the Hub is unreachable (%s); using the pinned commit %s", id_field, reason, revision)
         return revision
@@ -245,7 +246,7 @@ def push_run(run_dir: str, push: HubPushConfig) -> HubPushResult:
     missing (``HfApi.create_repo``, ``private=push.private``; an existing repo keeps its visibility), then one
     commit (``HfApi.create_commit``: both folders or nothing) of its portable copy's merged model at the root and
     adapter under ``adapter/``, each with its ``README.md`` model card. The copy is made in a temporary folder
-    beside ``run_dir`` (hard links, so no space) and removed afterwards.
+    beside ``run_dir`` (a real copy: ``tasks.portable``) and removed afterwards.
 
     The token is the one huggingface_hub finds (``HF_TOKEN``); it is neither an argument nor logged. The flow
     calls this only for a run that passed every gate and was published (``latest.json``).

@@ -4,7 +4,7 @@ PyTorch twin, on which LoRA trains and the pipeline evaluates (quantization-matc
 The int4 base (``onnx/``) is built by the ONNX Runtime GenAI model builder (``-p int4 -e cpu``) from the base
 model with a placeholder rank-1 LoRA adapter (``--extra_options adapter_path=``: the builder then makes a
 ``lora_A``/``lora_B`` MatMul pair beside every adapted MatMul, ``builders/base.py: make_matmul_lora``). The LoRA
-MatMuls are kept out of the int4 quantization (``int4_nodes_to_exclude``), and their weights become graph inputs
+MatMuls are kept out of the int4 quantization (``nodes_to_exclude``), and their weights become graph inputs
 of shape ``[in, lora_r]`` / ``[lora_r, out]`` whose default is an empty tensor (``lora_r`` = 0, so the base alone
 adds nothing), the form of Olive's ``ExtractAdapters`` pass (``make_inputs``, ``optional_inputs``). An adapter
 file (``.onnx_adapter``, ``tasks/onnx_adapter.py``) overrides them per request. ``lora_inputs.json`` lists them
@@ -14,7 +14,7 @@ The matched base (``matched/``) is the base model with every weight the int4 exp
 the export computes with: MatMulNBits and GatherBlockQuantized weights de-quantized as the ONNX Runtime contrib-op
 spec defines them (``W = (q - zero_point) * scale`` per block of ``block_size`` along K; docs/ContribOperators.md
 in onnxruntime). So an adapter trained on it corrects the quantization error instead of meeting it after training,
-and the model the pipeline evaluates is, up to activation rounding (``int4_accuracy_level``), the one it ships.
+and the model the pipeline evaluates is, up to activation rounding (``export.int4_accuracy_level``), the one it ships.
 """
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ def export_base(base_model: str, target_modules: str | list[str], int4: dict, ou
 
     Args:
         target_modules: as ``lora.target_modules`` (``"all-linear"`` or module names): where adapters may go.
-        int4: the model builder's int4 options (``int4_algo_config``, ``int4_block_size``,
-            ``int4_accuracy_level``, ``int4_is_symmetric``).
+        int4: the model builder's int4 options (``tasks.export.int4_options``: ``algo_config``, ``block_size``,
+            ``accuracy_level``, ``is_symmetric``).
 
     Raises:
         ConfigError: ``target_modules`` names a module outside the decoder layers (the builder puts LoRA only
@@ -106,7 +106,7 @@ def build_with_lora_slots(base_model: str, target_modules: str | list[str], int4
         lora_nodes = [builder_node(module).removesuffix("MatMul") + f"{ab}/MatMul"
                       for module in model.targeted_module_names for ab in ("lora_A", "lora_B")]
         build_genai_folder(base_model, out, "int4", "cpu", trust_remote_code,
-                           {**int4, "adapter_path": slots, "int4_nodes_to_exclude": lora_nodes})
+                           {**int4, "adapter_path": slots, "nodes_to_exclude": lora_nodes})
 
 
 def builder_node(module: str) -> str:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tasks.files import file_sha256
+from tasks.files import file_sha256, unshare_hard_links
 from tasks.int4_base import LORA_INPUTS_FILE, RANK_DIM, builder_node, pack_nibbles, unpack_nibbles
 
 ADAPTER_FILE = "adapter.onnx_adapter"
@@ -168,9 +168,13 @@ def bake_adapter(folder: str | Path, base_onnx: str | Path, weights: str = "fold
     files, so ``folder`` loads like any ``genai-*`` export. Decode speed and accuracy of each form:
     docs/benchmarks.md.
 
+    A base file that other paths hard-link to is given its own inode first (``tasks.files.unshare_hard_links``:
+    onnx refuses linked external data).
+
     Raises:
         AdapterError: the base graph lacks the builder's LoRA pattern (``lora_A``/``lora_B`` MatMuls into an Add).
-        ValueError: ``weights`` is neither ``"folded"`` nor ``"fp32"``.
+        ValueError: ``weights`` is neither ``"folded"`` nor ``"fp32"``, or a hard-linked base file is not the
+            content its manifest records.
     """
     import shutil
 
@@ -183,6 +187,7 @@ def bake_adapter(folder: str | Path, base_onnx: str | Path, weights: str = "fold
     folder, base_onnx = Path(folder), Path(base_onnx)
     adapter_file = ort.AdapterFormat.read_adapter(str(folder / ADAPTER_FILE))  # owns the arrays' memory
     params = {k: np.array(v.numpy(), copy=True) for k, v in adapter_file.get_parameters().items()}
+    unshare_hard_links(base_onnx)  # a shared store that another folder hard-links into: onnx would refuse it
     model = onnx.load(str(base_onnx / "model.onnx"))  # with its weights: the used ones are written again below
     graph, slots = model.graph, lora_inputs(base_onnx)
     weights_of = {t.name: t for t in graph.initializer}

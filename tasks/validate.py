@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from configs.schema import FinetuneConfig
-from tasks.base_model import pickle_files
+from tasks.base_model import ModelError, pickle_files
 from tasks.chat import tokenize_with_completion_mask
 from tasks.files import read_jsonl
 from tasks.ingest import DataError, SplitCounts, SplitRecords, publish, read_records
@@ -26,10 +26,6 @@ log = logging.getLogger(__name__)
 # the fields that hold an example's prompt and answer, per record format (for naming an over-long row's field)
 PROMPT_FIELD = {"chat": "messages", "alpaca": "instruction", "prompt_completion": "prompt", "classification": "text"}
 ANSWER_FIELD = {"chat": "messages", "alpaca": "output", "prompt_completion": "completion", "classification": "label"}
-
-
-class ModelError(ValueError):
-    """The base model cannot be used; the message names ``model.name_or_path`` and the file."""
 
 
 class LengthCounts(BaseModel):
@@ -144,11 +140,42 @@ def check_base_model(name_or_path: str, trust_remote_code: bool = False):
     path = Path(name_or_path).expanduser()
     if path.exists() or name_or_path.startswith((".", "/", "~")):
         check_model_folder(name_or_path)
+        check_weight_shapes(name_or_path, trust_remote_code)
     try:
         return load_tokenizer(name_or_path, trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/EnvironmentError variously
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model.name_or_path: cannot load the tokenizer of {name_or_path}: {reason}") from None
+
+
+def check_weight_shapes(name_or_path: str, trust_remote_code: bool = False) -> None:
+    """The safetensors weights have the shapes ``config.json`` gives the model (a folder whose config was edited,
+    or weights of another size saved beside it): the model is built on PyTorch's meta device (no memory, no
+    weights read) and each of its parameters compared with the safetensors header of the same name. Quantized
+    checkpoints (``quantization_config``) and models with their own code are not compared.
+
+    Raises:
+        ModelError: naming the folder, the file, the first weight that differs, both shapes and config.json.
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(name_or_path).expanduser()
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) or getattr(config, "auto_map", None):
+        return
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                found = tuple(f.get_slice(name).get_shape())
+                if name in expected and expected[name] != found:
+                    raise ModelError(f"model.name_or_path: {name_or_path}: {file.name}: {name} is {list(found)}, "
+                                     f"but config.json makes it {list(expected[name])}: the weights do not belong "
+                                     "to this config.json (was it edited, or the weights of another size saved "
+                                     "beside it?)")
 
 
 def check_model_folder(name_or_path: str) -> None:

@@ -70,6 +70,10 @@ QWEN3 = ("{%- for message in messages %}{%- if message['role'] == 'assistant' %}
          "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
          "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
          "{%- endif %}{%- endif %}")
+# LFM2's (LiquidAI/LFM2 tokenizer_config.json, shortened): ChatML after a BOS
+LFM2 = ("{{- bos_token -}}{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\n' + "
+        "message['content'] + '<|im_end|>\n' -}}{%- endfor -%}{%- if add_generation_prompt -%}"
+        "{{- '<|im_start|>assistant\n' -}}{%- endif -%}")
 MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
            "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
            "{{ message['content'] + eos_token }}{% else %}{{ raise_exception('Only user and assistant roles are "
@@ -111,6 +115,15 @@ FAMILIES = {
     "gemma": Family("GemmaConfig", ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
                     "<bos>", "<end_of_turn>", "<pad>", GEMMA, bos_in_post_processor=True,
                     config_kwargs={"head_dim": 16}),
+    # Gemma 3 (text): Gemma's template, alternating sliding-window and global attention layers
+    "gemma3": Family("Gemma3TextConfig", ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+                     "<bos>", "<end_of_turn>", "<pad>", GEMMA, bos_in_post_processor=True,
+                     config_kwargs={"head_dim": 16, "sliding_window": 16,
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
+    # LFM2: short-convolution layers beside attention (a hybrid; ONNX Runtime GenAI >= 0.18 builds it)
+    "lfm2": Family("Lfm2Config", ("<|pad|>", "<|startoftext|>", "<|im_start|>", "<|im_end|>"), "<|startoftext|>",
+                   "<|im_end|>", "<|pad|>", LFM2, bos_in_post_processor=True,
+                   config_kwargs={"layer_types": ["conv", "full_attention"], "block_auto_adjust_ff_dim": False}),
     "mistral": Family("MistralConfig", ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), "<s>", "</s>", None, MISTRAL,
                       bos_in_post_processor=True),
 }

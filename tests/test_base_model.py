@@ -3,8 +3,10 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from configs.schema import ModelConfig
+from tasks.chat import chat_ids
 from tasks.base_model import convert_gguf, embedded_gguf, is_embedded, load_model, load_tokenizer
 
 
@@ -30,17 +32,20 @@ def test_smollm2_special_tokens_are_the_real_ones(smollm2):
     tok = load_tokenizer(smollm2)
     assert (tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", 0)
     assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 2)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    ids = chat_ids(tok, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     assert ids[0] == 1 and ids[1] != 1  # one <|im_start|>, not a BOS in front of it
     assert tok("hello").input_ids[0] != 1
+    for text in ("Hello world 123\n\nok", "  two spaces, a tab\tand €uro", "top_up_by_card"):
+        assert tok.decode(tok(text).input_ids) == text  # byte-level decoding (transformers 5 read it as CodeLlama)
+    assert len(tok) == 49152  # no infill tokens past the model's 49,152 embedding rows
     model = load_model(smollm2)
     assert model.generation_config.eos_token_id == 2 and model.generation_config.pad_token_id == 0
 
 
 def test_smollm2_answers_a_known_question_and_stops_at_end_of_turn(smollm2):
     tok, model = load_tokenizer(smollm2), load_model(smollm2)
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt")
+    ids = torch.tensor([chat_ids(tok, [{"role": "user", "content": "What is the capital of France?"}],
+                                 add_generation_prompt=True)])
     out = model.generate(ids, max_new_tokens=20, do_sample=False)
     assert out[0, -1].item() == tok.eos_token_id
     assert "Paris" in tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -172,7 +172,7 @@ def test_few_shot_examples_take_one_per_label_first():
     assert sorted(r["label"] for r in shots[:4]) == ["a", "b", "c", "d"]  # every label before any repeats
     assert shots[4]["label"] != "d"  # d has one row only
     assert few_shot_examples(rows, 5, seed=3) == shots  # seeded
-    with pytest.raises(ValueError, match="few_shot=20 needs 20 training examples; the split has 13"):
+    with pytest.raises(ValueError, match="eval.few_shot=20 needs 20 training examples; the train split has 13"):
         few_shot_examples(rows, 20, seed=0)
 
 

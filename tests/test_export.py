@@ -11,7 +11,7 @@ import onnxruntime
 import pytest
 from onnx import numpy_helper
 
-from configs.schema import ExportConfig
+from configs.schema import ConfigError, ExportConfig
 from tasks import export
 from tasks.export import ExportCheckError, check_export, portable_tokenizer
 from tasks.files import read_jsonl
@@ -48,8 +48,25 @@ def test_onnx_fp32_export_has_a_kv_cache_and_matches_pytorch_exactly(tmp_path, t
     session = onnxruntime.InferenceSession(str(Path(result.path) / "model.onnx"),
                                            providers=["CPUExecutionProvider"])
     assert "past_key_values.0.key" in {i.name for i in session.get_inputs()}  # decoder with KV cache
+    assert not export.quantized_matmuls(Path(result.path) / "model.onnx")  # fp32: no MatMulNBits
     assert result.greedy_agreement == 1.0 and result.same_answer == 1.0
     assert result.accuracy == result.reference_accuracy
+    assert Predictor(result.path)("I want the apple number 3") in {"fruit", "tool", "colour"}  # served alone
+
+
+def test_the_builders_int4_options_are_read_back_from_the_graph(tiny_merged, tmp_path):
+    """onnxruntime-genai 0.18 renamed its int4 options and ignores the old names without a word: the export takes
+    the new names, and a graph that does not follow the options it was built with is refused."""
+    options = {"algo_config": "k_quant_last", "block_size": 16, "accuracy_level": 4, "is_symmetric": True}
+    export.build_genai_folder(tiny_merged["merged"], tmp_path / "last", "int4", "cpu", False, options)
+    nodes = export.quantized_matmuls(tmp_path / "last" / "model.onnx")
+    head = nodes.pop(next(name for name in nodes if name.startswith("/lm_head/")))
+    assert head["bits"] == 8 and {a["bits"] for a in nodes.values()} == {4}  # int8 LM head, int4 elsewhere
+    assert {a["block_size"] for a in nodes.values()} == {16}  # the builder's default is 32
+    old_names = {"int4_algo_config": "k_quant_last", "int4_block_size": 16}  # as onnxruntime-genai 0.11 took them
+    export.build_genai_folder(tiny_merged["merged"], tmp_path / "old", "int4", "cpu", False, old_names)
+    with pytest.raises(export.BuilderOptionsError, match="LM head is 4-bit"):
+        export.check_quantization(tmp_path / "old" / "model.onnx", "int4", options)
 
 
 def _corrupt_copy(exported: dict, tmp_path: Path) -> Path:
@@ -112,7 +129,7 @@ def test_quality_gate_uses_the_configured_margin(tiny_int4, tiny_merged, monkeyp
 
 
 def test_genai_fp16_needs_cuda(tiny_merged, tmp_path):
-    with pytest.raises(RuntimeError, match="needs onnxruntime-genai-cuda and a GPU"):
+    with pytest.raises(ConfigError, match="export.targets: fp16 for CUDA needs onnxruntime-genai-cuda and a GPU"):
         run_export(tiny_merged, "genai-fp16", tmp_path / "genai-fp16")
     assert not (tmp_path / "genai-fp16").exists()
 

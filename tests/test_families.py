@@ -4,14 +4,16 @@ the plain stage functions: ingest, split, train (LoRA), merge, evaluate, int4 ex
 predict from the exported folder alone. README.md, "Model families", tabulates what each family does."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import build_tiny_model, classification_rows, tiny_config, write_jsonl
 
-FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma", "mistral"]
+FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma", "gemma3", "lfm2", "mistral"]
 # enough rows and epochs that the tiny model learns the task (test accuracy well above chance): a model that has
 # not is answering near ties, which int4 rounding flips, and the export gate (rightly) refuses it
 TRAIN_ROWS_PER_LABEL, EPOCHS = 40, 15
@@ -115,8 +117,8 @@ def test_answer_prefix_is_counted_in_the_default_answer_length(family, tmp_path)
 
 
 def test_an_architecture_the_builder_lacks_is_refused_before_anything_is_published(tmp_path):
-    """Mixtral (a mixture of experts) has no builder in onnxruntime-genai 0.11.4: the export names the
-    architecture, raises a permanent error (never retried) and publishes nothing."""
+    """Mixtral (a mixture of experts) has no builder in onnxruntime-genai (0.11.4 nor 0.18): the export names the
+    architecture and the builder's version, raises a permanent error (never retried) and publishes nothing."""
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     from configs.schema import ExportConfig
@@ -126,7 +128,8 @@ def test_an_architecture_the_builder_lacks_is_refused_before_anything_is_publish
     config = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    with pytest.raises(UnsupportedArchitectureError, match=r"model builder \(onnxruntime-genai 0\.11\.4\) has no "
+    version = re.escape(importlib.metadata.version("onnxruntime-genai"))
+    with pytest.raises(UnsupportedArchitectureError, match=rf"model builder \(onnxruntime-genai {version}\) has no "
                                                            r"builder for MixtralForCausalLM"):
         export("genai-int4", folder, "unused", "unused", {}, ExportConfig(), tmp_path / "genai-int4")
     assert not (tmp_path / "genai-int4").exists() and not list(tmp_path.glob(".genai-int4.tmp-*"))

@@ -111,3 +111,39 @@ def test_atomic_dir_removes_only_temporary_folders_of_dead_processes(tmp_path):
         (tmp / "weights").write_text("v1")
     left = {p.name for p in tmp_path.iterdir()}
     assert left == {"model"} | {names[k] for k in ("live", "other-host", "other-folder", "old-style")}
+
+
+def test_a_hard_linked_store_file_gets_its_own_inode_when_it_is_the_published_content(tmp_path, caplog):
+    """A run copied by an older export-run hard-linked the int4 base's ONNX files, and onnx then refused them for
+    every later job ("multiple hard links, indicating a potential hardlink attack"). A store file that other paths
+    link to is given its own inode when its bytes are the ones its manifest records, and refused otherwise."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tasks.files import unshare_hard_links
+
+    store = tmp_path / "int4-base"
+    with atomic_dir(store) as tmp:
+        (tmp / "onnx").mkdir()
+        weight = numpy_helper.from_array(__import__("numpy").ones((4, 4), "float32"), "w")
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+        onnx.save(helper.make_model(graph), tmp / "onnx" / "model.onnx", save_as_external_data=True,
+                  location="model.onnx.data", size_threshold=0)
+    data = store / "onnx" / "model.onnx.data"
+    (tmp_path / "copy").mkdir()
+    os.link(data, tmp_path / "copy" / "model.onnx.data")  # what the old export-run did
+    with pytest.raises(Exception, match="multiple hard links"):
+        onnx.load(str(store / "onnx" / "model.onnx"))
+    assert unshare_hard_links(store / "onnx") == [data]
+    assert "shared its inode with 1 other path" in caplog.text
+    assert data.stat().st_nlink == 1 and (tmp_path / "copy" / "model.onnx.data").read_bytes() == data.read_bytes()
+    assert onnx.load(str(store / "onnx" / "model.onnx")).graph.initializer[0].name == "w"
+    assert unshare_hard_links(store / "onnx") == []  # nothing linked: nothing to do
+
+    os.link(data, tmp_path / "copy" / "again")
+    data.write_bytes(b"not what was published")  # changed through the other link
+    with pytest.raises(ValueError, match=r"model.onnx.data: has 2 hard links and is not the content its folder "
+                                         r"published .* not read; delete .*int4-base and run again"):
+        unshare_hard_links(store / "onnx")

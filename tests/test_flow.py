@@ -202,9 +202,9 @@ def test_adapter_export_trains_on_the_int4_base_and_an_accuracy_level_change_ret
 
 def test_export_run_makes_a_run_folder_that_survives_zip_with_model_cards(flow_run, tmp_path):
     """A run folder is links into ``stages/`` (a zip of it has no model); ``tasks.portable`` materialises it: real
-    files (hard links to the stages' bytes), one manifest that verifies, Hugging Face model cards in ``merged/``
-    and ``adapter/`` with the base model and the test metrics, and after zip → unzip elsewhere the merged model
-    and the adapter load and answer like the originals."""
+    files (copies, never hard links into the stages), one manifest that verifies, Hugging Face model cards in
+    ``merged/`` and ``adapter/`` with the base model and the test metrics, and after zip → unzip elsewhere the
+    merged model and the adapter load and answer like the originals."""
     import os
     import zipfile
 
@@ -225,7 +225,9 @@ def test_export_run_makes_a_run_folder_that_survives_zip_with_model_cards(flow_r
     assert export_main([str(run), str(dest)]) == 0
     assert not [p for p in dest.rglob("*") if p.is_symlink()] and verify_folder(dest) is None
     weights = dest / "merged" / "model.safetensors"
-    assert os.stat(weights).st_ino == os.stat((run / "merged" / "model.safetensors").resolve()).st_ino  # no copy
+    stage_weights = (run / "merged" / "model.safetensors").resolve()
+    assert os.stat(weights).st_ino != os.stat(stage_weights).st_ino  # a copy: editing it cannot change the stage
+    assert weights.read_bytes() == stage_weights.read_bytes() and os.stat(stage_weights).st_nlink == 1
     metrics = read_json(run / "metrics.json")
     for folder, library in (("merged", "transformers"), ("adapter", "peft")):
         card = ModelCard.load(dest / folder / "README.md")

@@ -48,7 +48,7 @@ def test_cpu_dry_run_goes_through_every_step(tmp_path, shared_data, tiny_model_d
                           env={**__import__("os").environ, "PYTHON": sys.executable}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = {s["step"]: s for s in json.loads((out / "results.json").read_text())["steps"]}
-    assert list(steps) == ["environment", "throughput-llama-3.2-1b", "ours-without-liger-llama-3.2-1b",
+    assert list(steps) == ["environment", "throughput-llama-3.2-1b", "ours-with-liger-llama-3.2-1b",
                            "qlora-llama-3.1-8b", "cuda-oom-retry", "banking77-smollm2"]
     log = (out / "log.txt").read_text()
     for name in list(steps)[1:5]:

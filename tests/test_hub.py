@@ -81,6 +81,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(200, {"errors": [], "warnings": []})
         if path == "/api/repos/create":
             request = json.loads(body)
+            if "visibility" in request:  # huggingface_hub >= 1.x sends visibility, 0.x sent private
+                request["private"] = request["visibility"] == "private"
             self.server.created.append(request)
             repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
             return self._reply(200, {"url": f"{self.server.url}/{repo_id}"})

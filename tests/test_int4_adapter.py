@@ -138,6 +138,18 @@ def test_lora_slots_are_optional_inputs_with_a_dynamic_rank(base):
     assert all(0 in dims for dims in defaults.values()) and len(defaults) == len(slots)  # empty: adds nothing
 
 
+def test_the_lora_matmuls_stay_float_and_the_base_is_int4_as_configured(base):
+    """Read from the built graph, not the options passed: onnxruntime-genai 0.18 ignores the old int4_* option
+    names without a word, which left the LoRA MatMuls quantized and the LM head int4 under k_quant_mixed."""
+    from tasks.export import quantized_matmuls
+
+    nodes = quantized_matmuls(Path(base.onnx) / "model.onnx")
+    assert not [name for name in nodes if "/lora_" in name]  # every LoRA MatMul stayed float
+    assert {a["block_size"] for a in nodes.values()} == {32} and {a["accuracy_level"] for a in nodes.values()} == {4}
+    head = [a for name, a in nodes.items() if name.startswith("/lm_head/")]
+    assert head == [{"bits": 8, "block_size": 32, "accuracy_level": 4}]  # k_quant_mixed: int8 LM head
+
+
 def test_deployed_adapter_passes_the_one_point_gate(jobs):
     for job in jobs.values():
         result = job["export"]

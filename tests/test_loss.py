@@ -22,7 +22,7 @@ def lora_batch(tiny_trained):
 
     tok = load_tokenizer(tiny_trained["base"])
     rows = tokenize_with_completion_mask(tok, read_jsonl(tiny_trained["splits"].files["train"])[:12])
-    examples = [{"input_ids": ids, "completion_mask": [0] * p + [1] * (len(ids) - p)} for ids, p in rows]
+    examples = [{"input_ids": ids, "labels": [-100] * p + ids[p:]} for ids, p in rows]
     batch = PaddingFreeCollator(tok.pad_token_id, max_length=64)(examples)
     torch.manual_seed(0)
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)

@@ -19,22 +19,26 @@ def test_first_fit_rows_fill_rows_up_to_the_limit():
 
 
 def test_the_collator_restarts_positions_and_masks_prompts_and_tails():
-    examples = [{"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1]},
-                {"input_ids": [9, 10, 11], "completion_mask": [0, 1, 1]},
-                {"input_ids": [12, 13], "completion_mask": [1, 1]}]
+    examples = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+                {"input_ids": [9, 10, 11], "labels": [-100, 10, 11]},
+                {"input_ids": [12, 13], "labels": [12, 13]}]
     batch = PaddingFreeCollator(pad_token_id=0, max_length=6)(examples)
     assert batch.keys() == {"input_ids", "position_ids", "labels"}  # no attention_mask: positions mark examples
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 12, 13], [9, 10, 11, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
     # prompt tokens, each example's first token and the tail padding are never targets
     assert batch["labels"].tolist() == [[-100, -100, 7, 8, -100, 13], [-100, 10, 11, -100, -100, -100]]
+    one = PaddingFreeCollator(pad_token_id=0, max_length=None)(examples)  # flash attention: the batch in one row
+    assert one["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    assert one["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert one["labels"].tolist() == [[-100, -100, 7, 8, -100, 10, 11, -100, 13]]
 
 
 @pytest.fixture(scope="module")
 def tiny_rows(tiny_trained):
     tok = load_tokenizer(tiny_trained["base"])
     rows = tokenize_with_completion_mask(tok, read_jsonl(tiny_trained["splits"].files["train"])[:12])
-    examples = [{"input_ids": ids, "completion_mask": [0] * p + [1] * (len(ids) - p)} for ids, p in rows]
+    examples = [{"input_ids": ids, "labels": [-100] * p + ids[p:]} for ids, p in rows]
     return tok, load_model(tiny_trained["base"], attn_implementation="sdpa"), examples
 
 
@@ -62,7 +66,7 @@ def test_the_loss_equals_the_padded_batch_loss(tiny_rows):
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), 1
-        labels[i, :n] = torch.where(torch.tensor(e["completion_mask"]).bool(), ids[i, :n], -100)
+        labels[i, :n] = torch.tensor(e["labels"])
     free = PaddingFreeCollator(tok.pad_token_id, max_length=128)(examples)
     with torch.no_grad():
         padded_loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss

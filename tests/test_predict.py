@@ -1,6 +1,7 @@
 """Inference with an exported folder on its own: the plain function, the CLI and the batch flow, from a fresh
 interpreter in which torch and transformers cannot be imported."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def test_batch_flow_over_a_file_without_torch(exported, tmp_path):
     assert output == tmp_path / "inputs.predictions.jsonl"
     assert [r["prediction"] for r in read_jsonl(output)] == exported["merged_answers"]
     assert [r["text"] for r in read_jsonl(output)] == exported["texts"]
+    n = len(exported["texts"])  # progress on stderr: rows done of all, rows/s, time left
+    assert re.search(rf"predict: 100%.*\b{n}/{n} \[\d\d:\d\d<00:00, +[\d.]+row/s\]", done.stderr), done.stderr[-500:]
 
 
 def test_cli_errors_are_one_line(exported, tmp_path):

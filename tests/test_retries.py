@@ -1,4 +1,5 @@
 """Retries through Prefect: transient failures are retried, bad input and failed checks are not."""
+import httpx
 import pytest
 import torch
 from prefect import flow, task
@@ -18,6 +19,8 @@ from tasks.merge import MergeCheckError
     (OSError(28, "No space left on device"), True),
     (TimeoutError(), True),
     (ConnectionResetError(), True),
+    (httpx.ConnectError("[Errno 111] Connection refused"), True),  # huggingface_hub >= 1: not an OSError
+    (httpx.ReadTimeout("timed out"), True),
     (FileNotFoundError("x"), False),
     (DataError("f.csv: row 2: field 'text'"), False),
     (ValueError("bad"), False),

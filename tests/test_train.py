@@ -57,6 +57,43 @@ def test_prompt_completion_rows_split_off_the_answer():
     assert ds[0]["completion"] == [{"role": "assistant", "content": "a"}]
 
 
+def test_prompt_ids_are_the_token_ids_of_the_rendered_prompt(tiny_model_dir):
+    """transformers 5's apply_chat_template returns a BatchEncoding (len() 2) unless return_dict=False."""
+    from tasks.chat import prompt_ids
+
+    tok = load_tokenizer(tiny_model_dir)
+    record = _records([(4, 1)])[0]
+    text = tok.apply_chat_template(record["messages"][:-1], tokenize=False, add_generation_prompt=True)
+    ids = prompt_ids(tok, record)
+    assert ids == tok(text, add_special_tokens=False).input_ids and len(ids) > 2
+
+
+def test_trls_prepared_rows_train_on_the_answers_only(tiny_trained, tmp_path):
+    """TRL >= 1.0 folds the completion mask into a ``labels`` column while preparing the data and drops
+    ``completion_mask``; the padding-free collator takes those labels (one reading ``completion_mask`` would train
+    on every prompt token). Every target span of a real training batch is an answer and its end-of-turn token."""
+    from tasks.base_model import load_model
+    from tasks.train import make_trainer, resolve_settings, sequence_lengths
+
+    cfg = tiny_trained["cfg"]
+    settings = resolve_settings(cfg.model, cfg.lora, cfg.train, 1)
+    tok = load_tokenizer(tiny_trained["base"])
+    tok.padding_side = "right"
+    records, _ = sequence_lengths(tok, tiny_trained["splits"].files, cfg.train)
+    trainer = make_trainer(load_model(tiny_trained["base"], attn_implementation="sdpa"), tok, records, cfg.lora,
+                           cfg.train, settings, tmp_path, None)
+    assert settings.collator == "padding-free" and "completion_mask" not in trainer.train_dataset.column_names
+    batch = next(iter(trainer.get_train_dataloader()))
+    answers = {r["messages"][-1]["content"] + "<|im_end|>\n" for r in records["train"]}
+    spans = []
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        kept = (labels != -100).int().tolist()
+        starts = [i for i, k in enumerate(kept) if k and (i == 0 or not kept[i - 1])]
+        spans += [tok.decode(ids[s:s + next((j for j, k in enumerate(kept[s:]) if not k), len(kept) - s)])
+                  for s in starts]
+    assert len(spans) == cfg.train.per_device_train_batch_size and set(spans) <= answers
+
+
 def test_completion_mask_covers_exactly_the_answer_and_its_end_token(tiny_trained):
     tok = load_tokenizer(tiny_trained["base"])
     record = read_jsonl(tiny_trained["splits"].files["test"])[0]
@@ -216,10 +253,11 @@ def test_train_config_fields_named_as_sft_config_pass_through(tmp_path):
 
     from trl import SFTConfig
 
-    from tasks.train import NOT_SFT_CONFIG, RESOLVED, Settings, training_arguments
+    from tasks.train import NOT_SFT_CONFIG, RENAMED, RESOLVED, Settings, training_arguments
 
     sft = {f.name for f in dataclasses.fields(SFTConfig)}
-    assert set(TrainConfig.model_fields) - sft == NOT_SFT_CONFIG and RESOLVED <= sft
+    assert set(TrainConfig.model_fields) - sft - set(RENAMED) == NOT_SFT_CONFIG and RESOLVED <= sft
+    assert set(RENAMED.values()) <= sft  # transformers 5's names (the old ones are gone from 5.6 on)
     cfg = TrainConfig(learning_rate=3e-4, num_train_epochs=2.5, max_steps=40, per_device_train_batch_size=3,
                       per_device_eval_batch_size=5, gradient_accumulation_steps=2, lr_scheduler_type="cosine",
                       warmup_ratio=0.1, weight_decay=0.01, logging_steps=7, eval_steps=5, save_steps=10,
@@ -227,8 +265,22 @@ def test_train_config_fields_named_as_sft_config_pass_through(tmp_path):
     settings = Settings(processes=1, bf16=False, attn_implementation="sdpa", gradient_checkpointing=True,
                         liger_kernel=False, best_model=True, collator="padding-free")
     args = training_arguments(cfg, settings, tmp_path)
-    for name in set(TrainConfig.model_fields) & sft - RESOLVED:
+    for name in set(TrainConfig.model_fields) & sft - RESOLVED - set(RENAMED):
         assert getattr(args, name) == getattr(cfg, name), name
     assert (args.max_length, args.completion_only_loss, args.output_dir) == (99, True, str(tmp_path))
+    assert args.warmup_steps == 0.1 and args.get_warmup_steps(40) == 4  # a fraction below 1: 10 % of the steps
     assert args.gradient_checkpointing and args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
-    assert not args.padding_free and not args.group_by_length  # our padding-free collator, not TRL's
+    assert args.train_sampling_strategy == "random"  # group_by_length only for padded batches
+    padded = training_arguments(cfg, Settings(**{**settings.__dict__, "collator": "padded"}), tmp_path)
+    assert padded.train_sampling_strategy == "group_by_length"
+    assert not args.padding_free  # our padding-free collator, not TRL's
+
+
+def test_liger_kernels_are_off_unless_asked_for():
+    """``train.use_liger_kernel: auto`` is never the slower path measured on a GPU (Liger on: 9,686 tokens/s against
+    20,049 off, H200, docs/gpu-check/2026-11-28-h200): off; ``true`` still turns them on."""
+    from configs.schema import LoraConfig, ModelConfig
+    from tasks.train import liger_kernel, resolve_settings
+
+    assert [liger_kernel(s) for s in ("auto", True, False)] == [False, True, False]
+    assert not resolve_settings(ModelConfig(), LoraConfig(), TrainConfig(), 1).liger_kernel

@@ -10,7 +10,7 @@ import yaml
 
 CORPUS = Path(__file__).resolve().parent
 CASES: list[dict] = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
-BROKEN_MODELS = ("truncated", "pickle-only", "no-config")
+BROKEN_MODELS = ("truncated", "pickle-only", "no-config", "wrong-size")
 
 
 def build_broken_models(model_dir: str, root: Path) -> dict[str, str]:
@@ -28,8 +28,11 @@ def build_broken_models(model_dir: str, root: Path) -> dict[str, str]:
         elif name == "pickle-only":
             torch.save(load_file(weights), folder / "pytorch_model.bin")
             weights.unlink()
-        else:
+        elif name == "no-config":
             (folder / "config.json").unlink()
+        else:  # config.json edited after the weights were saved
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, "hidden_size": config["hidden_size"] + 32}))
         out[name] = str(folder)
     return out
 
