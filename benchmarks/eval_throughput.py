@@ -1,5 +1,5 @@
 """The evaluation's two passes against one shared prefill (issue 19): seconds per 1,000 test rows of
-``tasks.evaluate``'s greedy generation + teacher-forced loss, done as two passes (``generate`` then
+``tasks.stages.evaluate``'s greedy generation + teacher-forced loss, done as two passes (``generate`` then
 ``completion_loss``, as before) and as one (``generate_with_loss``: one prefill per prompt gives the loss and
 the first token, its KV cache then decodes the rest), for each model given (classification test rows); the arms
 alternate round by round in this one process, and their accuracy, answers and losses are compared.
@@ -22,10 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu  # noqa: E402
 from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16  # noqa: E402
-from tasks.chat import default_max_new_tokens, generate, prompt_ids  # noqa: E402
-from tasks.evaluate import completion_loss, generate_with_loss  # noqa: E402
-from tasks.files import read_jsonl  # noqa: E402
-from tasks.metrics import score  # noqa: E402
+from tasks.common.chat import default_max_new_tokens, generate, prompt_ids  # noqa: E402
+from tasks.stages.evaluate import completion_loss, generate_with_loss  # noqa: E402
+from tasks.common.files import read_jsonl  # noqa: E402
+from tasks.common.metrics import score  # noqa: E402
 
 
 def two_passes(model, tok, records, prompts, max_new, batch_size):

@@ -263,9 +263,9 @@ def oom_retry(args) -> None:
 
     from configs.schema import RetryConfig, load_config
     from flows.retries import with_retries
-    from tasks.ingest import ingest
-    from tasks.split import split
-    from tasks.train import train
+    from tasks.stages.ingest import ingest
+    from tasks.stages.split import split
+    from tasks.stages.train import train
 
     work = Path(args.work)
     marker = work / "oom-raised"

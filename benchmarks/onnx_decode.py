@@ -7,8 +7,8 @@ GenAI int4, on the same prompts, alternating engines round by round.
 ``--set 'export.targets=[onnx-fp32,genai-int4]'`` (its ``merged/``, ``onnx/<target>/`` and ``data/test.jsonl``).
 Each prompt decodes exactly ``--new-tokens`` greedy tokens (end-of-sequence ignored), one sequence at a time
 with a KV cache; PyTorch runs as the pipeline loads it (``tasks.base_model.load_model``: fp32, SDPA attention),
-GenAI through ``tasks.predict.Predictor`` (as ``flows.predict`` does). Time to first token (TTFT) = prompt
-processing + first token; decode rate = tokens after the first / time after the first. Prints medians over all
+GenAI through ``tasks.deploy.runtime.predict.Predictor`` (as ``flows.predict`` does). Time to first token (TTFT) =
+prompt processing + first token; decode rate = tokens after the first / time after the first. Prints medians over all
 prompts and rounds, ratios to PyTorch fp32, and the machine. Run it on an otherwise idle machine: a concurrent
 job skews the ratios.
 """
@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import cpu  # noqa: E402
 from tasks.base_model import load_model, load_tokenizer  # noqa: E402
-from tasks.chat import prompt_ids  # noqa: E402
-from tasks.files import read_jsonl  # noqa: E402
-from tasks.predict import Predictor  # noqa: E402
+from tasks.common.chat import prompt_ids  # noqa: E402
+from tasks.common.files import read_jsonl  # noqa: E402
+from tasks.deploy.runtime.predict import Predictor  # noqa: E402
 
 
 class _Stamps:

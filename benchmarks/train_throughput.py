@@ -11,13 +11,14 @@ same validation rows:
 
 - **baseline**: ``transformers.Trainer`` + ``peft.get_peft_model``, examples padded to the longest in each batch
   (``DataCollatorForSeq2Seq``), no packing, completion-only labels, the model as ``from_pretrained`` loads it;
-- **ours**: ``tasks.train.train`` exactly as the flow calls it (padding-free batches, attention kernel, Liger,
-  QLoRA... as the config resolves them; the LM head only at completion targets, ``tasks/loss.py``);
-- **trl-loss** (optional): ``ours`` with TRL's own ``SFTTrainer.compute_loss`` instead of ``tasks/loss.py``: TRL
+- **ours**: ``tasks.stages.train.train`` exactly as the flow calls it (padding-free batches, attention kernel, Liger,
+  QLoRA... as the config resolves them; the LM head only at completion targets, ``tasks/common/loss.py``);
+- **trl-loss** (optional): ``ours`` with TRL's own ``SFTTrainer.compute_loss`` instead of ``tasks/common/loss.py``: TRL
   >= 1.15's fused LM head, which scores only the labelled positions on CUDA/XPU (Triton) and every position, in
   chunks, elsewhere (the CPU);
-- **trl-padding-free** (optional): ``ours`` with TRL's own padding-free collator instead of ``tasks/padding_free.py``:
-  each batch flattened into one row (``padding_free=True``), the attention mask built from the position ids.
+- **trl-padding-free** (optional): ``ours`` with TRL's own padding-free collator instead of
+  ``tasks/common/padding_free.py``: each batch flattened into one row (``padding_free=True``), the attention mask
+  built from the position ids.
 
 Each arm runs in a fresh process (peak memory is per process: RSS on CPU, ``torch.cuda.max_memory_allocated`` on a
 GPU), arms alternate order round by round (baseline first in even rounds). Tokens/s = non-pad tokens trained /
@@ -52,8 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu  # noqa: E402
 from configs.schema import FinetuneConfig, load_config  # noqa: E402
-from tasks.files import read_json, write_json  # noqa: E402
-from tasks.split import SplitResult  # noqa: E402
+from tasks.common.files import read_json, write_json  # noqa: E402
+from tasks.stages.split import SplitResult  # noqa: E402
 
 # Published architecture configs (config.json of meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B).
 LLAMA_CONFIGS = {
@@ -89,7 +90,7 @@ def model_folder(name: str, cache: Path, tokenizer_dir: str | None = None, tiny:
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        from tasks.files import atomic_dir
+        from tasks.common.files import atomic_dir
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         config = LlamaConfig(**{**LLAMA_CONFIGS[name], **(TINY if tiny else {})},
@@ -127,9 +128,9 @@ def smollm2_folder(cache: Path) -> str:
 def prepare_data(cfg: FinetuneConfig, out: Path, seq_len: int | None) -> SplitResult:
     """The config's ingest + split into ``out``; with ``seq_len``, training/validation user turns are the
     training queries joined until each example is about ``seq_len`` tokens (same answers)."""
-    from tasks.files import read_jsonl, write_jsonl
-    from tasks.ingest import ingest
-    from tasks.split import split
+    from tasks.common.files import read_jsonl, write_jsonl
+    from tasks.stages.ingest import ingest
+    from tasks.stages.split import split
 
     splits = split(ingest(cfg.data, out / "ingested"), cfg.split, out / "data")
     if seq_len:
@@ -146,7 +147,7 @@ def prepare_data(cfg: FinetuneConfig, out: Path, seq_len: int | None) -> SplitRe
 
 
 def run_ours(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> dict:
-    from tasks.train import train
+    from tasks.stages.train import train
 
     result = train(base, splits, cfg.model, cfg.lora, cfg.train, out / "adapter", out / "checkpoints")
     history = read_json(out / "adapter" / "train_log.json")
@@ -159,23 +160,25 @@ def run_ours(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> 
 
 def run_trl_loss(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> dict:
     """``run_ours`` with TRL's plain ``SFTTrainer`` (its own compute_loss: the fused LM head)."""
-    import tasks.train
+    import tasks.stages.train
     from trl import SFTTrainer
 
-    tasks.train.sft_trainer_class = lambda: SFTTrainer
+    tasks.stages.train.sft_trainer_class = lambda: SFTTrainer
     return run_ours(cfg, base, splits, out)
 
 
 def run_trl_padding_free(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> dict:
     """``run_ours`` with TRL's padding-free collator (each batch one row; ``max_length=None`` as TRL 1.x requires
-    without packing: the examples are already within ``train.max_seq_length``) instead of ``tasks.padding_free``."""
+    without packing: the examples are already within ``train.max_seq_length``) instead of
+    ``tasks.common.padding_free``."""
     import dataclasses
 
-    import tasks.train
+    import tasks.stages.train
 
-    resolve, arguments = tasks.train.resolve_settings, tasks.train.training_arguments
-    tasks.train.resolve_settings = lambda *a: dataclasses.replace(resolve(*a), collator="trl")
-    tasks.train.training_arguments = lambda *a: dataclasses.replace(arguments(*a), padding_free=True, max_length=None)
+    resolve, arguments = tasks.stages.train.resolve_settings, tasks.stages.train.training_arguments
+    tasks.stages.train.resolve_settings = lambda *a: dataclasses.replace(resolve(*a), collator="trl")
+    tasks.stages.train.training_arguments = lambda *a: dataclasses.replace(arguments(*a), padding_free=True,
+                                                                           max_length=None)
     return run_ours(cfg, base, splits, out)
 
 
@@ -187,9 +190,9 @@ def run_baseline(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path)
                               set_seed)
 
     from tasks.base_model import load_tokenizer, quantization_config, use_bf16
-    from tasks.chat import tokenize_with_completion_mask
-    from tasks.files import read_jsonl
-    from tasks.train import fit_to_length, gradient_checkpointing, peft_config
+    from tasks.common.chat import tokenize_with_completion_mask
+    from tasks.common.files import read_jsonl
+    from tasks.stages.train import fit_to_length, gradient_checkpointing, peft_config
 
     t, lora = cfg.train, cfg.lora
     tokenizer = load_tokenizer(base)

@@ -8,8 +8,8 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
-from tasks.metrics import QUALITY_METRICS
-from tasks.report import metrics_rows, model_card
+from tasks.common.metrics import QUALITY_METRICS
+from tasks.stages.report import metrics_rows, model_card
 
 
 def training_progress():

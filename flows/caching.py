@@ -12,7 +12,7 @@ ones earlier runs link to.
 
 Prefect does the caching itself with ``StageCache``, whose key is that folder key, with results persisted in the
 result store so a later run, or another worker sharing the store, finds them. A cache hit whose folder has been
-deleted, or no longer matches its manifest (``tasks.files.verify_folder``), is run again (``run_stage``).
+deleted, or no longer matches its manifest (``tasks.common.files.verify_folder``), is run again (``run_stage``).
 
 Concurrent runs (two terminals, several workers sharing ``output.dir``): the cache records are SERIALIZABLE
 transactions locked per cache key (``ProcessLockManager``: kernel file locks beside the result store), so a
@@ -42,7 +42,7 @@ from prefect.utilities.hashing import hash_objects
 
 from configs.schema import FinetuneConfig
 from flows.retries import with_retries
-from tasks.files import content_digest, verify_folder
+from tasks.common.files import content_digest, verify_folder
 
 if TYPE_CHECKING:
     from flows.stages import Stage
@@ -74,7 +74,7 @@ def fingerprint(path_or_id: str) -> str:
 
 
 def module_file(module: str) -> Path | None:
-    """The source file of a first-party module (``tasks.train`` → ``tasks/train.py``, a package → its
+    """The source file of a first-party module (``tasks.stages.train`` → ``tasks/stages/train.py``, a package → its
     ``__init__.py``), or None for anything else."""
     if module.split(".")[0] not in FIRST_PARTY:
         return None
@@ -146,7 +146,7 @@ def config_section(cfg: FinetuneConfig, name: str) -> dict:
 def stage_key(stage: Stage, cfg: FinetuneConfig | None, *parts) -> str:
     """Key of one stage's output: its name, code (``code_fingerprint``), library versions, the config sections
     its declaration names (read from ``cfg``) and ``parts`` (upstream keys or folders, other inputs). A part that
-    is a published folder counts by its content (``tasks.files.content_digest``, from its manifest), not by its
+    is a published folder counts by its content (``tasks.common.files.content_digest``, from its manifest), not by its
     path; pydantic models are hashed through their JSON form.
 
     Raises:
@@ -312,7 +312,7 @@ def run_stage(cfg: FinetuneConfig, stage: Stage, *args, after: tuple | None = No
     and ``key`` is its cache key (validate).
 
     A cache hit is checked after the task returns (a run that waited for a concurrent one's lock finds the
-    folder it published): if the folder is missing or fails ``tasks.files.verify_folder`` (truncated or
+    folder it published): if the folder is missing or fails ``tasks.common.files.verify_folder`` (truncated or
     corrupted files), a warning names the reason and the task runs again with ``refresh_cache``.
 
     Raises:

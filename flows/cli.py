@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from flows.predict import main as predict_main
 
         return predict_main(rest, prog=prog)
-    from tasks.portable import main as export_main
+    from tasks.stages.portable import main as export_main
 
     return export_main(rest, prog=prog)
 

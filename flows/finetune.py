@@ -20,16 +20,19 @@ import yaml
 from prefect import flow
 
 from configs.schema import ConfigError, FinetuneConfig, load_config
-from flows import artifacts
+from flows import artifacts, tracking
 from flows.caching import StageRun, fingerprint, run_stage, source_fingerprint, stage_key
 from flows.retries import with_retries
 from flows.stages import (EVALUATE, EXPORT, INGEST, INT4_BASE, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, PUSH_TO_HUB,
                           REPORT, SPLIT, TRAIN, VALIDATE)
-from tasks import base_model, export, hub, predict, report, validate
-from tasks.files import verify_folder
-from tasks.merge import MergeChecks
-from tasks.report import DataSummary, RunMetrics
-from tasks.train import TrainSummary
+from tasks import base_model
+from tasks.deploy.builders import genai
+from tasks.deploy.runtime import predict
+from tasks.stages import hub, report, validate
+from tasks.common.files import verify_folder
+from tasks.stages.merge import MergeChecks
+from tasks.stages.report import DataSummary, RunMetrics
+from tasks.stages.train import TrainSummary
 
 ADAPTER_TARGET = "genai-int4-adapter"
 logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
@@ -50,7 +53,7 @@ def shared_store(cfg: FinetuneConfig) -> Path:
 def base_model_source(cfg: FinetuneConfig) -> tuple[str | None, str]:
     """``(embedded GGUF path or None, content key of the base model)``: the GGUF's content for the embedded
     model, a local folder's content, or a Hub id's string with its commit sha (``model.revision`` as
-    ``tasks.hub.resolve_revisions`` resolved it: a re-pushed model gets a new key)."""
+    ``tasks.stages.hub.resolve_revisions`` resolved it: a re-pushed model gets a new key)."""
     if not base_model.is_embedded(cfg.model):
         name, revision = cfg.model.name_or_path, cfg.model.revision
         return None, fingerprint(f"{name}@{revision}" if revision and hub.is_hub_model(name) else name)
@@ -60,7 +63,7 @@ def base_model_source(cfg: FinetuneConfig) -> tuple[str | None, str]:
 
 def data_fingerprint(cfg: FinetuneConfig) -> str:
     """The data's content key: a local file's or folder's content (not where it lives), or a Hub dataset id's
-    string with its commit sha (``data.revision`` as ``tasks.hub.resolve_revisions`` resolved it)."""
+    string with its commit sha (``data.revision`` as ``tasks.stages.hub.resolve_revisions`` resolved it)."""
     path, revision = cfg.data.path, cfg.data.revision
     return fingerprint(f"{path}@{revision}" if revision and hub.is_hub_dataset(path) else path)
 
@@ -71,7 +74,7 @@ def embedded_base_dir(cfg: FinetuneConfig, base_key: str) -> Path:
 
 
 def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, str, StageRun, StageRun, StageRun | None]:
-    """The stages every training run starts with: prepare the base model, validate (``tasks/validate.py``:
+    """The stages every training run starts with: prepare the base model, validate (``tasks/stages/validate.py``:
     data, base model and sequence lengths, before anything is written under ``output.dir``; cached by content in
     ``shared_store``), export the int4 base when ``genai-int4-adapter`` is a target (``export_int4_base``),
     ingest, split.
@@ -103,12 +106,13 @@ def prepare(cfg: FinetuneConfig, run) -> tuple[str, str, str, StageRun, StageRun
 
 
 def export_int4_base(run, cfg: FinetuneConfig, base: str, base_key: str) -> StageRun | None:
-    """The int4 base with LoRA slots on ``lora.target_modules`` and its de-quantized twin (``tasks/int4_base.py``),
-    once per base model, LoRA targets and int4 settings, under ``model.cache_dir`` (shared by every run and
-    ``output.dir``); None unless ``genai-int4-adapter`` is an enabled export target."""
+    """The int4 base with LoRA slots on ``lora.target_modules`` and its de-quantized twin
+    (``tasks/deploy/builders/int4_base.py``), once per base model, LoRA targets and int4 settings, under
+    ``model.cache_dir`` (shared by every run and ``output.dir``); None unless ``genai-int4-adapter`` is an enabled
+    export target."""
     if not (cfg.export.enabled and ADAPTER_TARGET in cfg.export.targets):
         return None
-    trc, options = cfg.model.trust_remote_code, export.int4_options(cfg.export)
+    trc, options = cfg.model.trust_remote_code, genai.int4_options(cfg.export)
     key = stage_key(INT4_BASE, None, base_key, cfg.lora.target_modules, options, trc)
     return run(INT4_BASE, base, cfg.lora.target_modules, options, trust_remote_code=trc,
                out_dir=Path(cfg.model.cache_dir).expanduser() / f"int4-base-{key}", store=shared_store(cfg))
@@ -121,12 +125,13 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     ``latest.json`` alone (the nightly retrain decides promotion itself).
 
     With ``output.push_to_hub``, a run that passed every gate and published ``latest.json`` is then uploaded
-    to the Hub (``push-to-hub``, ``tasks.hub.push_run``; the result is under ``"hub"``).
+    to the Hub (``push-to-hub``, ``tasks.stages.hub.push_run``; the result is under ``"hub"``). With ``mlflow`` in
+    ``train.report_to`` the run is tracked in MLflow (``flows.tracking``; its id under ``"mlflow_run_id"``).
 
     Raises:
         ConfigError: ``output.dir`` or ``model.cache_dir`` cannot be a folder (``check_folders``),
             ``model.hf_token_secret`` names no Prefect Secret block, a Hub model or dataset revision cannot be
-            resolved (``tasks.hub.resolve_revisions``), or ``output.push_to_hub`` is set without a token (before
+            resolved (``tasks.stages.hub.resolve_revisions``), or ``output.push_to_hub`` is set without a token (before
             any stage runs).
     """
     check_folders(cfg)
@@ -141,36 +146,40 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
         runs[name] = run_stage(cfg, stage, *args, label=label, **options)
         return runs[name]
 
-    trc = cfg.model.trust_remote_code
-    base, base_key, data_key, data, split, int4 = prepare(cfg, run)
-    test_file, kind = split.result.files["test"], data.result.task
-    base_eval = evaluate_baselines(run, cfg, base, base_key, split, kind) if cfg.eval.evaluate_base else None
-    adapter, merged = train_and_merge(run, cfg, base, base_key, split)
-    tuned = evaluate_on(run, cfg, merged.dir, merged.dir, split.dir, "test", kind, label="evaluate-finetuned")
-    inference = predict.inference_settings(cfg.data, tuned.result.task, tuned.result.max_new_tokens, cfg.name)
-    onnx = {}
-    for target in cfg.export.targets if cfg.export.enabled else []:
-        form = {"adapter": adapter.dir, "int4_base": int4.result.onnx} if target == ADAPTER_TARGET else {}
-        onnx[target] = run(EXPORT, target, merged.dir, test_file, tuned.dir, inference, cfg.export, **form,
-                           trust_remote_code=trc, after=(merged.dir, tuned.dir, target, inference, trc, *form.values()),
-                           label=f"export-{target}")
+    trc, run_dir = cfg.model.trust_remote_code, run_dir_for(cfg)
+    with tracking.tracked(cfg, run_dir.name) as mlflow_run:  # None unless train.report_to names mlflow
+        base, base_key, data_key, data, split, int4 = prepare(cfg, run)
+        test_file, kind = split.result.files["test"], data.result.task
+        base_eval = evaluate_baselines(run, cfg, base, base_key, split, kind) if cfg.eval.evaluate_base else None
+        adapter, merged = train_and_merge(run, cfg, base, base_key, split)
+        tuned = evaluate_on(run, cfg, merged.dir, merged.dir, split.dir, "test", kind, label="evaluate-finetuned")
+        inference = predict.inference_settings(cfg.data, tuned.result.task, tuned.result.max_new_tokens, cfg.name)
+        onnx = {}
+        for target in cfg.export.targets if cfg.export.enabled else []:
+            form = {"adapter": adapter.dir, "int4_base": int4.result.onnx} if target == ADAPTER_TARGET else {}
+            onnx[target] = run(EXPORT, target, merged.dir, test_file, tuned.dir, inference, cfg.export, **form,
+                               trust_remote_code=trc, label=f"export-{target}",
+                               after=(merged.dir, tuned.dir, target, inference, trc, *form.values()))
 
-    metrics = run_metrics(cfg, data_key, runs)
-    links = {"data": split.dir, "adapter": adapter.dir, "merged": merged.dir, "eval/finetuned": tuned.dir}
-    links |= ({"eval/base": base_eval.dir} if base_eval else {}) | {f"onnx/{t}": r.dir for t, r in onnx.items()}
-    links |= {"eval/base-few-shot": runs["evaluate_fewshot"].dir} if "evaluate_fewshot" in runs else {}
-    links |= {"onnx/int4-base": int4.result.onnx} if int4 else {}
-    run_dir = run_dir_for(cfg)
-    metrics_json = metrics.model_dump(mode="json")
-    paths = REPORT.task(run_dir, metrics_json, links, str(Path(adapter.dir) / "train_log.json"))
-    source = source_fingerprint(cfg, data_key, base_key)
-    if publish_latest:  # every gate passed (a failed merge/export check raised before the report)
-        PUBLISH_LATEST.task(cfg.output.dir, run_dir, source)
-    artifacts.publish(run_dir, metrics_json, paths)
+        metrics = run_metrics(cfg, data_key, runs)
+        links = {"data": split.dir, "adapter": adapter.dir, "merged": merged.dir, "eval/finetuned": tuned.dir}
+        links |= ({"eval/base": base_eval.dir} if base_eval else {}) | {f"onnx/{t}": r.dir for t, r in onnx.items()}
+        links |= {"eval/base-few-shot": runs["evaluate_fewshot"].dir} if "evaluate_fewshot" in runs else {}
+        links |= {"onnx/int4-base": int4.result.onnx} if int4 else {}
+        metrics_json = metrics.model_dump(mode="json")
+        train_log = Path(adapter.dir) / "train_log.json"
+        paths = REPORT.task(run_dir, metrics_json, links, str(train_log))
+        source = source_fingerprint(cfg, data_key, base_key)
+        if publish_latest:  # every gate passed (a failed merge/export check raised before the report)
+            PUBLISH_LATEST.task(cfg.output.dir, run_dir, source)
+        artifacts.publish(run_dir, metrics_json, paths)
+        if mlflow_run:
+            mlflow_run.log_results(cfg, run_dir, metrics_json, links, train_log, adapter.state == "Cached")
     print(summary(run_dir, metrics_json, paths))
     pushed = push_to_hub(cfg, run_dir) if publish_latest else None  # only a published run (output.push_to_hub)
     return metrics_json | {"run_dir": str(run_dir), "test_file": test_file, "source": source,
-                           "hub": pushed.model_dump(mode="json") if pushed else None}
+                           "hub": pushed.model_dump(mode="json") if pushed else None,
+                           "mlflow_run_id": mlflow_run.run_id if mlflow_run else None}
 
 
 def check_folders(cfg: FinetuneConfig) -> None:
@@ -217,7 +226,7 @@ def train_and_merge(run, cfg: FinetuneConfig, base: str, base_key: str, split: S
 def evaluate_on(run, cfg: FinetuneConfig, model: str, model_key: str, split_dir: str, rows: str, kind: str,
                 label: str | None = None, sample: int | None = None, few_shot: int = 0) -> StageRun:
     """Evaluate ``model`` (content key ``model_key``: the base model's key, or a merged folder) on the ``rows``
-    split (``<split_dir>/<rows>.jsonl``, as ``tasks.split`` writes it) — a stratified ``sample`` of it, with
+    split (``<split_dir>/<rows>.jsonl``, as ``tasks.stages.split`` writes it) — a stratified ``sample`` of it, with
     ``few_shot`` training examples before every prompt — keyed alike in every flow, so that the finetune, sweep
     and nightly flows share an evaluation of the same model on the same rows."""
     trc, seed = cfg.model.trust_remote_code, cfg.split.seed
@@ -294,7 +303,7 @@ def parse_args(argv: list[str] | None, prog: str, description: str, fields: str 
                    help="override a config value, e.g. --set data.path=../shared/data/banking77 (repeatable)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
     p.add_argument("--dry-run", action="store_true", help="check the config, the data and the base model "
-                   "(tasks/validate.py) and stop: nothing is trained or written under output.dir")
+                   "(tasks/stages/validate.py) and stop: nothing is trained or written under output.dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (the file with every "
                    "default and --set applied) as YAML and stop")
     return p.parse_args(argv)
@@ -302,7 +311,7 @@ def parse_args(argv: list[str] | None, prog: str, description: str, fields: str 
 
 def dry_run(cfg: FinetuneConfig) -> validate.ValidateResult:
     """``--dry-run``: resolve the base model (converting the embedded GGUF into ``model.cache_dir`` if it is not
-    there yet), run ``tasks.validate.validate`` without Prefect, and print what a run would train on.
+    there yet), run ``tasks.stages.validate.validate`` without Prefect, and print what a run would train on.
 
     Raises:
         ConfigError, DataError, ModelError: as ``validate``.

@@ -5,7 +5,8 @@
       └─ changed → finetune (subflow; every stage cached by content, latest.json untouched)
                  → the promoted model on the new test split (its own metrics if the split is the same,
                    otherwise a cached evaluation of its merged model)
-                 → quality gate (tasks/promote.py) → promote = move latest.json, or keep the old model
+                 → quality gate (tasks/stages/promote.py) → promote = move latest.json (and, with MLflow, a new
+                   registered model version under the alias "champion"), or keep the old model
                  → the decision and its numbers as the `promotion` artifact
 
 Deployed on a cron schedule by ``deployments/prefect.yaml``; run by hand with
@@ -21,12 +22,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from configs.schema import ConfigError, FinetuneConfig
+from flows import tracking
 from flows.caching import run_stage, source_fingerprint
 from flows.finetune import (base_model_source, data_fingerprint, evaluate_on, finetune, main as finetune_main,
                             push_to_hub)
 from flows.stages import PUBLISH_LATEST
-from tasks import base_model, hub, promote
-from tasks.files import read_json
+from tasks import base_model
+from tasks.stages import hub, promote
+from tasks.common.files import read_json
 
 gate_task = task(promote.quality_gate, name="quality-gate")
 
@@ -38,7 +41,7 @@ def nightly_retrain(cfg: FinetuneConfig) -> dict:
 
     Returns:
         The decision: ``{"skipped": reason, "promote": False, "run_dir"}`` for a no-op, otherwise
-        ``tasks.promote.quality_gate``'s dict plus ``run_dir`` (the new run) and ``source``.
+        ``tasks.stages.promote.quality_gate``'s dict plus ``run_dir`` (the new run) and ``source``.
 
     Raises:
         ConfigError: ``eval.evaluate_base`` is false (the gate needs the base model's score).
@@ -64,10 +67,12 @@ def nightly_retrain(cfg: FinetuneConfig) -> dict:
         decision = gate_task(result["task"], result["finetuned"], result["base"], incumbent,
                              cfg.promotion.margin)
         decision |= {"run_dir": result["run_dir"], "source": source}
-        if decision["promote"]:  # only a promoted model is published, and pushed (output.push_to_hub)
+        if decision["promote"]:  # only a promoted model is published, pushed and registered
             PUBLISH_LATEST.task(cfg.output.dir, result["run_dir"], source)
             pushed = push_to_hub(cfg, result["run_dir"])
             decision |= {"hub": pushed.model_dump(mode="json")} if pushed else {}
+            if result.get("mlflow_run_id"):  # MLflow Model Registry: a new version, alias "champion"
+                decision["mlflow_model_version"] = tracking.register_champion(cfg.name, result["mlflow_run_id"])
     _record(decision)
     return decision
 

@@ -5,7 +5,7 @@
     python -m flows.predict --model outputs/<run1>/onnx/genai-int4-adapter \
         --model outputs/<run2>/onnx/genai-int4-adapter --adapter banking77 "I lost my card"
 
-The folder is a ``genai-*`` export (``tasks/export.py``); answers are greedy, with the prompt format of the
+The folder is a ``genai-*`` export (``tasks/deploy/export.py``); answers are greedy, with the prompt format of the
 training data (``inference.json``). Several ``genai-int4-adapter`` exports of one base model are served by one
 process on one int4 base: each under its run's config name (or ``--model NAME=DIR``), chosen with ``--adapter`` or,
 in a batch, per row (field ``adapter``). Input files: ``.jsonl`` with a ``text`` field per row, or plain text with
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from tasks import predict
-from tasks.files import write_jsonl
+from tasks.deploy.runtime import predict
+from tasks.common.files import write_jsonl
 
 predict_task = task(predict.predict, name="predict")
 
@@ -31,7 +31,8 @@ predict_task = task(predict.predict, name="predict")
 def batch_predict(model: str | list[str], input_file: str, output_file: str | None = None,
                   max_new_tokens: int | None = None, adapter: str | None = None) -> dict:
     """Answer every input of ``input_file`` with the exported model in ``model`` (or the adapter exports listed:
-    ``tasks.predict.load``), each row with its ``adapter`` field or else ``adapter``; write ``output_file``.
+    ``tasks.deploy.runtime.predict.load``), each row with its ``adapter`` field or else ``adapter``; write
+    ``output_file``.
 
     Returns:
         ``{"output": path, "n": inputs answered, "seconds": wall time of the predict task}``.

@@ -17,7 +17,10 @@ from functools import cached_property
 from prefect import Task, task
 
 from flows.gpu import holds_gpu_slot
-from tasks import base_model, evaluate, export, hub, ingest, int4_base, merge, report, split, train, validate
+from tasks import base_model
+from tasks.deploy import export
+from tasks.deploy.builders import int4_base
+from tasks.stages import evaluate, hub, ingest, merge, report, split, train, validate
 
 TORCH_STACK = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors")
 

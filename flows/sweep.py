@@ -12,7 +12,7 @@ the `gpu` concurrency slot of the worker that runs it (flows/gpu.py).
 
 The Optuna study lives in ``storage`` (default an Optuna journal in ``<output.dir>/sweeps/``) under a name
 derived from the sweep and its trials' stage keys (``study_name``), so running an interrupted sweep again
-resumes it: finished trials are read back, not run again (``tasks.sweep.restore``).
+resumes it: finished trials are read back, not run again (``tasks.stages.sweep.restore``).
 """
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ from configs.schema import FinetuneConfig, SweepConfig, load_sweep, sweep_baseli
 from flows.caching import ROOT, StageRun, run_stage, stage_key
 from flows.finetune import dry_run, evaluate_on, main as finetune_main, prepare, run_dir_for, train_and_merge
 from flows.stages import EVALUATE, MERGE, TRAIN
-from tasks import base_model, hub, sweep as trials
-from tasks.files import write_json
-from tasks.sweep import TrialResult
-from tasks.train import TrainSummary
+from tasks import base_model
+from tasks.stages import hub, sweep as trials
+from tasks.common.files import write_json
+from tasks.stages.sweep import TrialResult
+from tasks.stages.train import TrainSummary
 
 
 def run_trial(cfg: FinetuneConfig, name: str, base: str, base_key: str, split: StageRun, kind: str) -> TrialResult:
@@ -198,7 +199,7 @@ def search(spec: SweepConfig, baseline: FinetuneConfig, metric: str, direction: 
     """The baseline plus Optuna's trials, asked and told in waves of ``spec.max_parallel``;
     ``run_configs([(name, config)])`` runs one wave and returns ``(TrialResult, None)`` or ``(None, error)`` per
     trial. ``study`` (default: a new in-memory one) may hold the trials of an interrupted run of the same sweep
-    (``tasks.sweep.restore``): those are kept, not run again, and count towards ``n_trials``.
+    (``tasks.stages.sweep.restore``): those are kept, not run again, and count towards ``n_trials``.
 
     Returns:
         ``(table rows in run order, {trial name: {"trial", "params", "validation", "cfg", "merged"}} of the

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from configs.schema import EMBEDDED_MODEL, ConfigError, LoraConfig, ModelConfig
-from tasks.files import atomic_dir
+from tasks.common.files import atomic_dir
 
 if TYPE_CHECKING:
     import torch

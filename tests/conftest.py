@@ -197,7 +197,7 @@ def tiny_config(data_path, output_dir, model_dir: str, **sections):
 
     The tiny model barely learns in 15 steps (accuracy near 1/3), so its answers are near ties that int4 can
     flip: its export gate accepts 2 of 3 greedy check prompts (``export.min_greedy_agreement`` 0.6; a broken
-    export agrees on none, ``tests/test_export.py``), and training is seeded (``tasks.train`` seeds the LoRA init
+    export agrees on none, ``tests/test_export.py``), and training is seeded (``tasks.stages.train`` seeds the LoRA init
     too) with ``train.seed`` 0, for which the int4 export agrees on all 3 (so do seeds 1–5; the default 42 gets
     1 of 3)."""
     from configs.schema import FinetuneConfig
@@ -223,9 +223,9 @@ def tiny_config(data_path, output_dir, model_dir: str, **sections):
 @pytest.fixture(scope="session")
 def tiny_trained(tmp_path_factory, tiny_model_dir) -> dict:
     """Ingest, split and train the tiny model once (3 epochs of 38 rows); returns paths and results."""
-    from tasks.ingest import ingest
-    from tasks.split import split
-    from tasks.train import train
+    from tasks.stages.ingest import ingest
+    from tasks.stages.split import split
+    from tasks.stages.train import train
 
     root = tmp_path_factory.mktemp("tiny-run")
     cfg = tiny_config(write_classification_dir(root / "cls"), root / "out", tiny_model_dir)
@@ -242,9 +242,9 @@ def tiny_merged(tmp_path_factory, tiny_trained) -> dict:
     """The tiny trained model merged and evaluated: ``{"merged", "eval", "test", "inference"}`` (the merged
     folder, its evaluation folder, the test split and the ``inference.json`` settings an export writes)."""
     from configs.schema import MergeConfig
-    from tasks.evaluate import evaluate
-    from tasks.merge import merge
-    from tasks.predict import inference_settings
+    from tasks.stages.evaluate import evaluate
+    from tasks.stages.merge import merge
+    from tasks.deploy.runtime.predict import inference_settings
 
     root = tmp_path_factory.mktemp("tiny-merged")
     test, cfg = tiny_trained["splits"].files["test"], tiny_trained["cfg"]
@@ -258,7 +258,7 @@ def tiny_merged(tmp_path_factory, tiny_trained) -> dict:
 @pytest.fixture(scope="session")
 def tiny_int4(tmp_path_factory, tiny_trained, tiny_merged) -> dict:
     """``tiny_merged`` exported as genai-int4 with the tiny config's export settings (``export``'s result)."""
-    from tasks.export import export
+    from tasks.deploy.export import export
 
     m = tiny_merged
     return export("genai-int4", m["merged"], m["test"], m["eval"], m["inference"], tiny_trained["cfg"].export,

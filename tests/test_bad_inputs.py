@@ -13,7 +13,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.finetune import main
-from tasks.files import read_jsonl
+from tasks.common.files import read_jsonl
 from tests.bad_inputs import CASES, CORPUS, build_broken_models, case_argv, seed_output_dir, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_the_good_data_passes_the_dry_run_and_writes_nothing(corpus_env, tiny_mo
 @pytest.mark.parametrize("odd, plain", [("bom.jsonl", "plain.jsonl"), ("bom.csv", "plain.jsonl")])
 def test_a_utf8_byte_order_mark_is_accepted_and_changes_nothing(odd, plain, tmp_path):
     from configs.schema import DataConfig
-    from tasks.ingest import ingest
+    from tasks.stages.ingest import ingest
 
     records = [read_jsonl(ingest(DataConfig(path=str(CORPUS / name)), tmp_path / name).files["train"])
                for name in (odd, plain)]
@@ -100,7 +100,7 @@ def test_a_utf8_byte_order_mark_is_accepted_and_changes_nothing(odd, plain, tmp_
 
 def test_exact_duplicates_are_dropped_and_counted_not_an_error(tmp_path):
     from configs.schema import DataConfig
-    from tasks.ingest import ingest
+    from tasks.stages.ingest import ingest
 
     result = ingest(DataConfig(path=str(CORPUS / "exact_duplicates.jsonl")), tmp_path / "i")
     assert result.counts["train"].model_dump() == {"rows": 15, "empty_answers_dropped": 0, "duplicates_dropped": 3,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from configs.schema import ModelConfig
-from tasks.chat import chat_ids
+from tasks.common.chat import chat_ids
 from tasks.base_model import convert_gguf, embedded_gguf, is_embedded, load_model, load_tokenizer
 
 

@@ -27,17 +27,17 @@ def append(path: Path, line: str) -> None:
 
 
 def test_the_closure_follows_lazy_and_indirect_imports():
-    names = {str(p.relative_to(caching.ROOT)) for p in import_closure("tasks.train")}
+    names = {str(p.relative_to(caching.ROOT)) for p in import_closure("tasks.stages.train")}
     # train imports padding_free, chat, loss, base_model and split directly, ingest through split, and
-    # configs.schema, which imports tasks.metrics
-    assert {"tasks/train.py", "tasks/padding_free.py", "tasks/chat.py", "tasks/loss.py", "tasks/base_model.py",
-            "tasks/split.py", "tasks/ingest.py", "tasks/files.py", "configs/schema.py", "tasks/metrics.py",
-            "tasks/__init__.py"} <= names
-    assert not {"tasks/export.py", "tasks/evaluate.py", "flows/finetune.py"} & names
+    # configs.schema, which imports tasks.common.metrics
+    assert {"tasks/stages/train.py", "tasks/common/padding_free.py", "tasks/common/chat.py", "tasks/common/loss.py",
+            "tasks/base_model.py", "tasks/stages/split.py", "tasks/stages/ingest.py", "tasks/common/files.py",
+            "configs/schema.py", "tasks/common/metrics.py", "tasks/__init__.py"} <= names
+    assert not {"tasks/deploy/export.py", "tasks/stages/evaluate.py", "flows/finetune.py"} & names
 
 
-@pytest.mark.parametrize("helper", ["tasks/padding_free.py", "tasks/base_model.py", "tasks/chat.py",
-                                    "tasks/ingest.py", "configs/schema.py"])
+@pytest.mark.parametrize("helper", ["tasks/common/padding_free.py", "tasks/base_model.py",
+                                    "tasks/common/chat.py", "tasks/stages/ingest.py", "configs/schema.py"])
 def test_editing_a_helper_the_stage_imports_changes_its_key(source_copy, helper):
     before = stage_key(TRAIN, None, "x")
     append(source_copy / helper, "NEW_STATEMENT = 1")

@@ -75,7 +75,7 @@ def test_config_round_trips_through_json():
 
 @pytest.mark.parametrize("name", ["gsm8k", "alpaca_en_demo", "code_alpaca_2k", "poem_sentiment", "banking77"])
 def test_shipped_configs_ingest_their_real_data(name, shared_data, tmp_path):
-    from tasks.ingest import ingest
+    from tasks.stages.ingest import ingest
 
     cfg = load_config(CONFIG_DIR / f"{name}.yaml", [f"data.path={shared_data / name}"])
     data = ingest(cfg.data, tmp_path / "ingested")

@@ -542,7 +542,7 @@ def test_a_burst_of_twenty_runs_on_postgresql_computes_each_stage_once(tmp_path,
     slowest call is printed)."""
     import threading
 
-    from tasks.files import verify_folder
+    from tasks.common.files import verify_folder
 
     require(bool(POSTGRES_URL), "FINETUNE_TEST_POSTGRES_URL (a PostgreSQL database for the Prefect server)")
     shared = tmp_path / "shared"

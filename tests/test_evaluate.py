@@ -4,9 +4,9 @@ import math
 import pytest
 
 from configs.schema import EvalConfig
-from tasks.evaluate import evaluate
-from tasks.files import read_jsonl
-from tasks.metrics import classification_metrics, extract_answer, generation_metrics, normalise_answer
+from tasks.stages.evaluate import evaluate
+from tasks.common.files import read_jsonl
+from tasks.common.metrics import classification_metrics, extract_answer, generation_metrics, normalise_answer
 
 
 def test_normalise_answer_ignores_case_whitespace_and_later_lines():
@@ -66,7 +66,7 @@ def test_gsm8k_config_pattern_extracts_every_real_reference_answer(shared_data):
 
 
 def test_evaluate_base_vs_tuned_on_tiny_model(tmp_path, tiny_trained):
-    from tasks.merge import merge
+    from tasks.stages.merge import merge
     from configs.schema import MergeConfig
 
     test_file = tiny_trained["splits"].files["test"]
@@ -95,7 +95,7 @@ def test_generation_task_reports_rouge_and_exact_match(tmp_path, tiny_trained):
 
 
 def test_an_evaluation_result_carries_its_kinds_metrics_and_round_trips_through_json():
-    from tasks.evaluate import EvalResult
+    from tasks.stages.evaluate import EvalResult
 
     common = {"eval_loss": 1.0, "perplexity": math.e, "n_examples": 4, "bf16": False, "max_new_tokens": 8,
               "wall_seconds": 1.5}
@@ -111,12 +111,12 @@ def test_an_evaluation_result_carries_its_kinds_metrics_and_round_trips_through_
 
 
 def test_the_eval_loss_equals_the_loss_over_all_logits(tiny_trained):
-    """The head only at completion targets (tasks/loss.py) gives the eval loss of full logits (float32)."""
+    """The head only at completion targets (tasks/common/loss.py) gives the eval loss of full logits (float32)."""
     import torch
 
     from tasks.base_model import load_model, load_tokenizer
-    from tasks.chat import tokenize_with_completion_mask
-    from tasks.evaluate import completion_loss
+    from tasks.common.chat import tokenize_with_completion_mask
+    from tasks.stages.evaluate import completion_loss
 
     records = read_jsonl(tiny_trained["splits"].files["test"])
     tok, model = load_tokenizer(tiny_trained["base"]), load_model(tiny_trained["base"])
@@ -136,8 +136,8 @@ def test_one_shared_prefill_gives_the_answers_and_loss_of_the_two_separate_passe
     """generate_with_loss (one prefill per prompt, its KV cache cropped and reused for decoding) returns exactly
     generate's greedy answers and completion_loss's loss (float32), rows ending at different steps included."""
     from tasks.base_model import load_model, load_tokenizer
-    from tasks.chat import generate, prompt_ids
-    from tasks.evaluate import completion_loss, generate_with_loss
+    from tasks.common.chat import generate, prompt_ids
+    from tasks.stages.evaluate import completion_loss, generate_with_loss
 
     records = read_jsonl(tiny_merged["test"])
     tok, model = load_tokenizer(tiny_merged["merged"]), load_model(tiny_merged["merged"])
@@ -151,9 +151,9 @@ def test_one_shared_prefill_gives_the_answers_and_loss_of_the_two_separate_passe
 
 
 def test_a_model_whose_cache_cannot_be_cropped_takes_the_two_passes(tiny_merged, monkeypatch):
-    from tasks import evaluate as module
+    from tasks.stages import evaluate as module
     from tasks.base_model import load_model, load_tokenizer
-    from tasks.chat import prompt_ids
+    from tasks.common.chat import prompt_ids
 
     records = read_jsonl(tiny_merged["test"])[:4]
     tok, model = load_tokenizer(tiny_merged["merged"]), load_model(tiny_merged["merged"])
@@ -165,7 +165,7 @@ def test_a_model_whose_cache_cannot_be_cropped_takes_the_two_passes(tiny_merged,
 
 
 def test_few_shot_examples_take_one_per_label_first():
-    from tasks.evaluate import few_shot_examples
+    from tasks.stages.evaluate import few_shot_examples
 
     rows = [{"label": label, "i": i} for i in range(4) for label in "abc"] + [{"label": "d", "i": 0}]
     shots = few_shot_examples(rows, 5, seed=3)

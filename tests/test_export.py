@@ -12,10 +12,12 @@ import pytest
 from onnx import numpy_helper
 
 from configs.schema import ConfigError, ExportConfig
-from tasks import export
-from tasks.export import ExportCheckError, check_export, portable_tokenizer
-from tasks.files import read_jsonl
-from tasks.predict import Predictor
+from tasks.deploy import export
+from tasks.deploy.builders import genai
+from tasks.deploy.export import ExportCheckError, check_export
+from tasks.deploy.formats.tokenizer import portable_tokenizer
+from tasks.common.files import read_jsonl
+from tasks.deploy.runtime.predict import Predictor
 
 CFG = ExportConfig(n_check_prompts=3, max_new_tokens=6)  # the tiny config's, as tiny_int4 was exported with
 
@@ -48,7 +50,7 @@ def test_onnx_fp32_export_has_a_kv_cache_and_matches_pytorch_exactly(tmp_path, t
     session = onnxruntime.InferenceSession(str(Path(result.path) / "model.onnx"),
                                            providers=["CPUExecutionProvider"])
     assert "past_key_values.0.key" in {i.name for i in session.get_inputs()}  # decoder with KV cache
-    assert not export.quantized_matmuls(Path(result.path) / "model.onnx")  # fp32: no MatMulNBits
+    assert not genai.quantized_matmuls(Path(result.path) / "model.onnx")  # fp32: no MatMulNBits
     assert result.greedy_agreement == 1.0 and result.same_answer == 1.0
     assert result.accuracy == result.reference_accuracy
     assert Predictor(result.path)("I want the apple number 3") in {"fruit", "tool", "colour"}  # served alone
@@ -58,15 +60,15 @@ def test_the_builders_int4_options_are_read_back_from_the_graph(tiny_merged, tmp
     """onnxruntime-genai 0.18 renamed its int4 options and ignores the old names without a word: the export takes
     the new names, and a graph that does not follow the options it was built with is refused."""
     options = {"algo_config": "k_quant_last", "block_size": 16, "accuracy_level": 4, "is_symmetric": True}
-    export.build_genai_folder(tiny_merged["merged"], tmp_path / "last", "int4", "cpu", False, options)
-    nodes = export.quantized_matmuls(tmp_path / "last" / "model.onnx")
+    genai.build_genai_folder(tiny_merged["merged"], tmp_path / "last", "int4", "cpu", False, options)
+    nodes = genai.quantized_matmuls(tmp_path / "last" / "model.onnx")
     head = nodes.pop(next(name for name in nodes if name.startswith("/lm_head/")))
     assert head["bits"] == 8 and {a["bits"] for a in nodes.values()} == {4}  # int8 LM head, int4 elsewhere
     assert {a["block_size"] for a in nodes.values()} == {16}  # the builder's default is 32
     old_names = {"int4_algo_config": "k_quant_last", "int4_block_size": 16}  # as onnxruntime-genai 0.11 took them
-    export.build_genai_folder(tiny_merged["merged"], tmp_path / "old", "int4", "cpu", False, old_names)
-    with pytest.raises(export.BuilderOptionsError, match="LM head is 4-bit"):
-        export.check_quantization(tmp_path / "old" / "model.onnx", "int4", options)
+    genai.build_genai_folder(tiny_merged["merged"], tmp_path / "old", "int4", "cpu", False, old_names)
+    with pytest.raises(genai.BuilderOptionsError, match="LM head is 4-bit"):
+        genai.check_quantization(tmp_path / "old" / "model.onnx", "int4", options)
 
 
 def _corrupt_copy(exported: dict, tmp_path: Path) -> Path:
@@ -159,7 +161,7 @@ def test_ladder_publishes_the_smallest_rung_that_passes(tiny_trained, tiny_merge
     first = export.export("genai-ladder", m["merged"], m["test"], m["eval"], m["inference"], cfg, tmp_path / "a")
     assert [(r["rung"], r["passed"]) for r in first.ladder] == [("int4", True)] and first.precision == "int4"
 
-    build = export.build_genai_folder
+    build = genai.build_genai_folder
 
     def broken_int4(model, out, precision, *args):
         build(model, out, precision, *args)
@@ -178,11 +180,11 @@ def test_ladder_publishes_the_smallest_rung_that_passes(tiny_trained, tiny_merge
 
 
 def test_the_builder_shows_a_progress_bar_of_its_layers_and_prints_nothing_else(tiny_model_dir, tmp_path, capfd):
-    export.build_genai_folder(tiny_model_dir, tmp_path / "int4", "int4", "cpu", False, {})
+    genai.build_genai_folder(tiny_model_dir, tmp_path / "int4", "int4", "cpu", False, {})
     out, err = capfd.readouterr()
     assert out == ""  # the builder's own lines (every tensor it saves) are not the run's output
     layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
-    total = layers + len(export.BUILDER_STEPS) - 1
+    total = layers + len(genai.BUILDER_STEPS) - 1
     bar = err.split("\r")[-1]
     assert f"{total}/{total}" in bar and "int4 builder: tokenizer files" in bar, err[-500:]
     assert "Reading decoder layer" not in err and "Saving model.embed_tokens" not in err

@@ -28,8 +28,8 @@ def adapter_vs_merged_logits(base: str, adapter: str, merged: str, test_file: st
     import torch
 
     from tasks.base_model import load_adapter, load_model, load_tokenizer
-    from tasks.chat import tokenize_with_completion_mask
-    from tasks.files import read_jsonl
+    from tasks.common.chat import tokenize_with_completion_mask
+    from tasks.common.files import read_jsonl
 
     tokenizer = load_tokenizer(adapter)
     rows = tokenize_with_completion_mask(tokenizer, read_jsonl(test_file)[:4])
@@ -43,15 +43,15 @@ def adapter_vs_merged_logits(base: str, adapter: str, merged: str, test_file: st
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_runs_the_whole_pipeline(family, tmp_path):
     from configs.schema import MergeConfig
-    from tasks.evaluate import evaluate
-    from tasks.export import export
-    from tasks.files import read_jsonl
-    from tasks.ingest import ingest
-    from tasks.merge import merge
-    from tasks.metrics import normalise_answer
-    from tasks.predict import inference_settings, predict
-    from tasks.split import split
-    from tasks.train import train
+    from tasks.stages.evaluate import evaluate
+    from tasks.deploy.export import export
+    from tasks.common.files import read_jsonl
+    from tasks.stages.ingest import ingest
+    from tasks.stages.merge import merge
+    from tasks.common.metrics import normalise_answer
+    from tasks.deploy.runtime.predict import inference_settings, predict
+    from tasks.stages.split import split
+    from tasks.stages.train import train
 
     base = build_tiny_model(tmp_path / "base", family)
     data = tmp_path / "cls"
@@ -92,7 +92,7 @@ def test_family_runs_the_whole_pipeline(family, tmp_path):
 
 
 def test_reasoning_block_is_not_the_answer():
-    from tasks.metrics import extract_answer, normalise_answer, score, strip_reasoning
+    from tasks.common.metrics import extract_answer, normalise_answer, score, strip_reasoning
 
     assert strip_reasoning("<think>\n\n</think>\n\nfruit") == "fruit"
     assert strip_reasoning("<think>a plum is eaten</think> fruit\nmore") == "fruit\nmore"
@@ -107,7 +107,7 @@ def test_answer_prefix_is_counted_in_the_default_answer_length(family, tmp_path)
     """Qwen3's template opens every answer with an empty reasoning block: the default max_new_tokens leaves
     room for it (the evaluation scored 0 with the block eating the whole budget); other families write none."""
     from tasks.base_model import load_tokenizer
-    from tasks.chat import answer_prefix_tokens, default_max_new_tokens
+    from tasks.common.chat import answer_prefix_tokens, default_max_new_tokens
 
     tok = load_tokenizer(build_tiny_model(tmp_path / family, family))
     block = len(tok("<think>\n\n</think>\n\n", add_special_tokens=False).input_ids)
@@ -122,7 +122,8 @@ def test_an_architecture_the_builder_lacks_is_refused_before_anything_is_publish
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     from configs.schema import ExportConfig
-    from tasks.export import UnsupportedArchitectureError, export
+    from tasks.deploy.builders.genai import UnsupportedArchitectureError
+    from tasks.deploy.export import export
 
     folder = build_tiny_model(tmp_path / "mixtral", "mistral")  # Mistral's tokenizer, Mixtral's weights
     config = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tasks.files import MANIFEST, verify_folder, write_manifest
+from tasks.common.files import MANIFEST, verify_folder, write_manifest
 from tests.conftest import tiny_config, write_classification_dir
 from tests.faults import (assert_intact, cli_env, linked_stage_folders, stage_states, stall_and_kill, temporaries,
                           write_config)
@@ -171,7 +171,7 @@ def test_corrupted_stage_outputs_are_rebuilt_not_handed_out(good_run, caplog):
 
 
 def _trained(tmp_path, cfg, splits, checkpoints):
-    from tasks.train import train
+    from tasks.stages.train import train
 
     train_cfg = cfg.train.model_copy(update={"num_train_epochs": 1, "save_steps": 2, "save_total_limit": 3})
     shutil.rmtree(tmp_path / "adapter", ignore_errors=True)
@@ -179,8 +179,8 @@ def _trained(tmp_path, cfg, splits, checkpoints):
 
 
 def test_resume_skips_corrupted_and_cut_off_checkpoints(tmp_path, tiny_model_dir):
-    from tasks.ingest import ingest
-    from tasks.split import split
+    from tasks.stages.ingest import ingest
+    from tasks.stages.split import split
 
     cfg = tiny_config(write_classification_dir(tmp_path / "cls"), tmp_path / "out", tiny_model_dir)
     splits = split(ingest(cfg.data, tmp_path / "ingested"), cfg.split, tmp_path / "data")
@@ -202,7 +202,7 @@ def test_resume_skips_corrupted_and_cut_off_checkpoints(tmp_path, tiny_model_dir
 
 
 def test_no_intact_checkpoint_means_a_fresh_start(tmp_path):
-    from tasks.train import latest_complete_checkpoint
+    from tasks.stages.train import latest_complete_checkpoint
 
     for step in (3, 6):
         folder = tmp_path / f"checkpoint-{step}"
@@ -266,7 +266,7 @@ def test_a_sweep_killed_after_two_trials_resumes_from_its_journal_without_runnin
     import optuna
     import yaml
 
-    from tasks.sweep import study_storage
+    from tasks.stages.sweep import study_storage
     from tests.faults import ROOT
 
     out = tmp_path / "out"

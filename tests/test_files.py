@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from tasks.files import atomic_dir, read_jsonl, write_jsonl
-from tasks.report import metrics_table
+from tasks.common.files import atomic_dir, read_jsonl, write_jsonl
+from tasks.stages.report import metrics_table
 
 
 def test_atomic_dir_publishes_only_complete_folders(tmp_path):
@@ -60,7 +60,7 @@ def test_metrics_table_shows_the_few_shot_baseline_its_sample_and_intervals():
 
 
 def test_published_folders_carry_a_manifest_that_catches_truncation_and_corruption(tmp_path):
-    from tasks.files import MANIFEST, verify_folder
+    from tasks.common.files import MANIFEST, verify_folder
 
     final = tmp_path / "model"
     with atomic_dir(final) as tmp:
@@ -90,7 +90,7 @@ def test_published_folders_carry_a_manifest_that_catches_truncation_and_corrupti
 
 
 def test_atomic_dir_removes_only_temporary_folders_of_dead_processes(tmp_path):
-    from tasks.files import HOST
+    from tasks.common.files import HOST
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -120,7 +120,7 @@ def test_a_hard_linked_store_file_gets_its_own_inode_when_it_is_the_published_co
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from tasks.files import unshare_hard_links
+    from tasks.common.files import unshare_hard_links
 
     store = tmp_path / "int4-base"
     with atomic_dir(store) as tmp:

@@ -201,8 +201,8 @@ def test_adapter_export_trains_on_the_int4_base_and_an_accuracy_level_change_ret
 
 
 def test_export_run_makes_a_run_folder_that_survives_zip_with_model_cards(flow_run, tmp_path):
-    """A run folder is links into ``stages/`` (a zip of it has no model); ``tasks.portable`` materialises it: real
-    files (copies, never hard links into the stages), one manifest that verifies, Hugging Face model cards in
+    """A run folder is links into ``stages/`` (a zip of it has no model); ``tasks.stages.portable`` materialises it:
+    real files (copies, never hard links into the stages), one manifest that verifies, Hugging Face model cards in
     ``merged/`` and ``adapter/`` with the base model and the test metrics, and after zip → unzip elsewhere the
     merged model and the adapter load and answer like the originals."""
     import os
@@ -213,8 +213,8 @@ def test_export_run_makes_a_run_folder_that_survives_zip_with_model_cards(flow_r
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tasks.files import read_json, verify_folder
-    from tasks.portable import EMBEDDED_HUB_ID, ExportRunError, export_run, main as export_main, portable_base_id
+    from tasks.common.files import read_json, verify_folder
+    from tasks.stages.portable import EMBEDDED_HUB_ID, ExportRunError, export_run, main as export_main, portable_base_id
 
     cfg, state, out = flow_run
     run = Path(state.result()["run_dir"])

@@ -9,7 +9,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.caching import stage_key
 from flows.stages import Stage
 from flows.gpu import GPU_SLOT_ENV, holds_gpu_slot
-from tasks import train
+from tasks.stages import train
 
 
 def add(a: int, b: int = 1) -> int:

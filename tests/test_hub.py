@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from configs.schema import ConfigError, FinetuneConfig, HubPushConfig
-from tasks import hub
+from tasks.stages import hub
 
 SHA_1, SHA_2 = "1" * 40, "2" * 40
 TOKEN = "hf_" + "T0kenForTheStandInHub" * 2  # what HF_TOKEN holds in these tests: never in logs or files
@@ -188,7 +188,7 @@ def test_offline_a_branch_resolves_to_the_cached_snapshot_and_loads_from_it(fake
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     snapshot = cache_model(tiny_model_dir, "org/tiny", SHA_1)
-    with caplog.at_level(logging.WARNING, logger="tasks.hub"):
+    with caplog.at_level(logging.WARNING, logger="tasks.stages.hub"):
         cfg = hub.resolve_revisions(hub_config(tmp_path, data={"path": str(tmp_path)}))
     assert cfg.model.revision == SHA_1 and "using the locally cached snapshot " + SHA_1 in caplog.text
     assert Path(hub.model_snapshot(cfg.model)) == snapshot
@@ -230,7 +230,7 @@ def test_online_the_snapshot_of_the_resolved_commit_is_what_stages_load(fake_hub
 
 
 def test_push_run_uploads_merged_and_adapter_in_one_private_commit(fake_hub, tmp_path, monkeypatch, caplog):
-    import tasks.portable
+    import tasks.stages.portable
 
     run = tmp_path / "out" / "run-1"
     for sub, names in (("merged", ["model.safetensors", "config.json", "README.md"]),
@@ -244,7 +244,7 @@ def test_push_run_uploads_merged_and_adapter_in_one_private_commit(fake_hub, tmp
         shutil.copytree(run_dir, dest)
         return Path(dest)
 
-    monkeypatch.setattr(tasks.portable, "export_run", fake_export)
+    monkeypatch.setattr(tasks.stages.portable, "export_run", fake_export)
     with caplog.at_level(logging.DEBUG):
         result = hub.push_run(str(run), HubPushConfig(repo_id="org/tuned"))
     assert [(c["organization"], c["name"], c["private"]) for c in fake_hub.created] == [("org", "tuned", True)]

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from configs.schema import DataConfig
-from tasks.files import read_jsonl
-from tasks.ingest import DataError, ingest
+from tasks.common.files import read_jsonl
+from tasks.stages.ingest import DataError, ingest
 from tests.conftest import write_jsonl
 
 

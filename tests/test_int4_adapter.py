@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 
 from configs.schema import ConfigError, FinetuneConfig, MergeConfig
-from tasks.export import ExportCheckError, export, int4_options
-from tasks.files import read_jsonl
-from tasks.int4_base import export_base, parameter_name
-from tasks.onnx_adapter import ADAPTER_FILE, AdapterError, check_adapter, check_parameters, convert_adapter
-from tasks.predict import Predictor, load
+from tasks.deploy.export import ExportCheckError, export
+from tasks.deploy.builders.genai import int4_options
+from tasks.common.files import read_jsonl
+from tasks.deploy.builders.int4_base import export_base
+from tasks.deploy.formats.int4 import parameter_name
+from tasks.deploy.runtime.adapters import ADAPTER_FILE, AdapterError, check_adapter, check_parameters
+from tasks.deploy.formats.adapter import convert_adapter
+from tasks.deploy.runtime.predict import Predictor, load
 
 from conftest import tiny_config, write_classification_dir
 from test_predict import NO_TORCH, ROOT
@@ -34,12 +37,12 @@ def base(tmp_path_factory, tiny_model_dir):
 def _job(root: Path, base, uppercase: bool) -> dict:
     """One fine-tuning job on the matched base: train, merge, evaluate on test, export the adapter form.
     ``uppercase`` gives the second job other answers (its labels upper-cased)."""
-    from tasks.evaluate import evaluate
-    from tasks.ingest import ingest
-    from tasks.merge import merge
-    from tasks.predict import inference_settings
-    from tasks.split import split
-    from tasks.train import train
+    from tasks.stages.evaluate import evaluate
+    from tasks.stages.ingest import ingest
+    from tasks.stages.merge import merge
+    from tasks.deploy.runtime.predict import inference_settings
+    from tasks.stages.split import split
+    from tasks.stages.train import train
 
     data = write_classification_dir(root / "cls")
     if uppercase:
@@ -141,7 +144,7 @@ def test_lora_slots_are_optional_inputs_with_a_dynamic_rank(base):
 def test_the_lora_matmuls_stay_float_and_the_base_is_int4_as_configured(base):
     """Read from the built graph, not the options passed: onnxruntime-genai 0.18 ignores the old int4_* option
     names without a word, which left the LoRA MatMuls quantized and the LM head int4 under k_quant_mixed."""
-    from tasks.export import quantized_matmuls
+    from tasks.deploy.builders.genai import quantized_matmuls
 
     nodes = quantized_matmuls(Path(base.onnx) / "model.onnx")
     assert not [name for name in nodes if "/lora_" in name]  # every LoRA MatMul stayed float
@@ -271,7 +274,7 @@ def test_the_baked_model_computes_what_the_adapter_file_does_on_the_base(jobs, b
     import onnx
     import onnxruntime as ort
 
-    from tasks.onnx_adapter import bake_adapter
+    from tasks.deploy.formats.adapter import bake_adapter
 
     job = jobs["lower"]
     published = Path(job["export"].path)

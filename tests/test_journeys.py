@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.files import MANIFEST, read_jsonl, verify_folder
+from tasks.common.files import MANIFEST, read_jsonl, verify_folder
 from tests.conftest import tiny_config, write_classification_dir
 from tests.faults import cli_env, stage_states, stall_and_kill, temporaries, write_config
 from tests.test_hub import TOKEN, FakeHub

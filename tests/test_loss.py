@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from tasks.base_model import load_model, load_tokenizer
-from tasks.chat import tokenize_with_completion_mask
-from tasks.files import read_jsonl
-from tasks.loss import IGNORE_INDEX, completion_logits, cross_entropy, target_positions
-from tasks.padding_free import PaddingFreeCollator
+from tasks.common.chat import tokenize_with_completion_mask
+from tasks.common.files import read_jsonl
+from tasks.common.loss import IGNORE_INDEX, completion_logits, cross_entropy, target_positions
+from tasks.common.padding_free import PaddingFreeCollator
 
 
 def test_target_positions_are_the_ones_before_each_target():
@@ -67,7 +67,7 @@ def test_the_trainer_loss_equals_trls(tiny_trained, tmp_path):
     """The train task's trainer (head at targets only) and TRL's own compute_loss (all logits) on one batch."""
     from trl import SFTTrainer
 
-    from tasks.train import make_trainer, resolve_settings, sequence_lengths
+    from tasks.stages.train import make_trainer, resolve_settings, sequence_lengths
 
     cfg = tiny_trained["cfg"]
     settings = resolve_settings(cfg.model, cfg.lora, cfg.train, 1)

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from configs.schema import MergeConfig
 from tasks.base_model import load_model
-from tasks.merge import MergeCheckError, merge
+from tasks.stages.merge import MergeCheckError, merge
 
 
 def test_merged_model_is_standalone_and_matches_base_plus_adapter(tmp_path, tiny_trained):

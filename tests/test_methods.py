@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from configs.schema import MergeConfig
 from tasks.base_model import load_4bit, load_model
-from tasks.merge import MergeCheckError, merge
-from tasks.train import train
+from tasks.stages.merge import MergeCheckError, merge
+from tasks.stages.train import train
 
 
 def train_with(tiny_trained, out: Path, lora: dict, **train_settings) -> dict:
@@ -76,16 +76,16 @@ def test_qlora_merge_reports_its_difference_from_the_4bit_model(qlora):
 
 
 def test_qlora_merge_refuses_below_the_agreement_threshold(qlora, tiny_trained, tmp_path, monkeypatch):
-    import tasks.merge
+    import tasks.stages.merge
 
-    measured = tasks.merge.compare_with_4bit
+    measured = tasks.stages.merge.compare_with_4bit
     calls = []
 
     def half_agreement(*args, **kwargs):  # the real comparison, then a merge that agrees on half the positions
         calls.append(measured(*args, **kwargs))
         return {**calls[-1], "top1_agreement": 0.5}
 
-    monkeypatch.setattr(tasks.merge, "compare_with_4bit", half_agreement)
+    monkeypatch.setattr(tasks.stages.merge, "compare_with_4bit", half_agreement)
     with pytest.raises(MergeCheckError, match=r"50.0% of the answer positions < merge.min_qlora_top1_agreement=90%"):
         merge(tiny_trained["base"], qlora["trained"].adapter, qlora["test"], MergeConfig(), tmp_path / "m")
     assert calls and not (tmp_path / "m").exists()

@@ -10,7 +10,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.nightly import nightly_retrain
-from tasks.promote import quality_gate
+from tasks.stages.promote import quality_gate
 from tests.conftest import classification_rows, tiny_config, write_classification_dir
 
 pytestmark = pytest.mark.slow

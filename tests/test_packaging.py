@@ -26,7 +26,7 @@ def test_the_wheel_installs_the_folders_under_one_package_and_the_command_runs_f
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"finetune_flow", wheel.name.split("-py")[0] + ".dist-info"}
     for module in ("configs/schema.py", "configs/banking77.yaml", "configs/sweeps/banking77.yaml",
-                   "flows/finetune.py", "flows/launch.py", "tasks/train.py"):
+                   "flows/finetune.py", "flows/launch.py", "tasks/stages/train.py"):
         assert f"finetune_flow/{module}" in names
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "finetune-flow = finetune_flow.flows.launch:main" in entry

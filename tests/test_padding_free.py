@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from tasks.base_model import load_model, load_tokenizer
-from tasks.chat import tokenize_with_completion_mask
-from tasks.files import read_jsonl
-from tasks.padding_free import PaddingFreeCollator, first_fit_rows
-from tasks.train import train
+from tasks.common.chat import tokenize_with_completion_mask
+from tasks.common.files import read_jsonl
+from tasks.common.padding_free import PaddingFreeCollator, first_fit_rows
+from tasks.stages.train import train
 
 
 def test_first_fit_rows_fill_rows_up_to_the_limit():

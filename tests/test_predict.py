@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.files import read_jsonl
-from tasks.predict import InputError, Predictor, predict, read_inputs
+from tasks.common.files import read_jsonl
+from tasks.deploy.runtime.predict import InputError, Predictor, predict, read_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 # run a module as `python -m` would, with torch and transformers made unimportable

@@ -7,9 +7,9 @@ from prefect.testing.utilities import prefect_test_harness
 
 from configs.schema import RetryConfig
 from flows.retries import is_transient, with_retries
-from tasks.export import ExportCheckError
-from tasks.ingest import DataError
-from tasks.merge import MergeCheckError
+from tasks.deploy.export import ExportCheckError
+from tasks.stages.ingest import DataError
+from tasks.stages.merge import MergeCheckError
 
 
 @pytest.mark.parametrize("exc, transient", [

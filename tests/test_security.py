@@ -53,7 +53,7 @@ def _ingest_seeing_the_token(data, out_dir):
     from huggingface_hub import get_token
     from huggingface_hub.utils import build_hf_headers
 
-    from tasks import ingest
+    from tasks.stages import ingest
 
     SEEN["get_token"] = get_token()
     SEEN["authorization"] = build_hf_headers().get("authorization")

@@ -3,9 +3,9 @@ from collections import Counter
 import pytest
 
 from configs.schema import SplitConfig
-from tasks.files import read_jsonl, write_jsonl
-from tasks.ingest import IngestResult
-from tasks.split import check_disjoint, split
+from tasks.common.files import read_jsonl, write_jsonl
+from tasks.stages.ingest import IngestResult
+from tasks.stages.split import check_disjoint, split
 
 
 def _rec(text: str, label: str | None = "a") -> dict:

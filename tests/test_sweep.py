@@ -136,9 +136,9 @@ def test_rerunning_a_finished_sweep_resumes_its_study_and_runs_no_trial(first_sw
 
 
 def _fake_result(accuracy: float, merged: str):
-    from tasks.evaluate import EvalResult
-    from tasks.sweep import TrialResult
-    from tasks.train import TrainSummary
+    from tasks.stages.evaluate import EvalResult
+    from tasks.stages.sweep import TrialResult
+    from tasks.stages.train import TrainSummary
 
     validation = EvalResult(task="classification", accuracy=accuracy, macro_f1=accuracy, eval_loss=1.0,
                             perplexity=2.72, n_examples=4, bf16=False, max_new_tokens=4, wall_seconds=1.0)
@@ -147,7 +147,7 @@ def _fake_result(accuracy: float, merged: str):
 
 
 def _published(folder: Path) -> str:
-    from tasks.files import atomic_dir
+    from tasks.common.files import atomic_dir
 
     with atomic_dir(folder) as tmp:
         (tmp / "model.safetensors").write_bytes(b"weights")
@@ -159,7 +159,7 @@ def test_an_interrupted_sweep_resumes_from_its_storage_without_rerunning_finishe
     journal, runs the interrupted trial's sample again and then the rest; a merged model deleted since is
     trained again."""
     from flows.sweep import search
-    from tasks.sweep import make_study
+    from tasks.stages.sweep import make_study
 
     spec, baseline = load_sweep(sweep_files / "sweep.yaml")
     spec = spec.model_copy(update={"max_parallel": 1, "n_trials": 3})
@@ -203,7 +203,7 @@ def test_an_interrupted_sweep_resumes_from_its_storage_without_rerunning_finishe
 def test_a_failed_trial_is_recorded_and_told_to_optuna_and_the_rest_go_on(sweep_files):
     from configs.schema import SweepConfig
     from flows.sweep import search
-    from tasks.sweep import make_study, tell
+    from tasks.stages.sweep import make_study, tell
 
     spec, baseline = load_sweep(sweep_files / "sweep.yaml")
     spec = SweepConfig.model_validate(spec.model_dump() | {"sampler": "grid", "n_trials": 3, "space": {

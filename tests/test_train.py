@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 
 from configs.schema import TrainConfig
 from tasks.base_model import load_tokenizer
-from tasks.chat import to_prompt_completion, tokenize_with_completion_mask
-from tasks.files import read_jsonl
-from tasks.train import train
+from tasks.common.chat import to_prompt_completion, tokenize_with_completion_mask
+from tasks.common.files import read_jsonl
+from tasks.stages.train import train
 
 
 def test_training_writes_a_lora_adapter_and_reports_figures(tiny_trained):
@@ -59,7 +59,7 @@ def test_prompt_completion_rows_split_off_the_answer():
 
 def test_prompt_ids_are_the_token_ids_of_the_rendered_prompt(tiny_model_dir):
     """transformers 5's apply_chat_template returns a BatchEncoding (len() 2) unless return_dict=False."""
-    from tasks.chat import prompt_ids
+    from tasks.common.chat import prompt_ids
 
     tok = load_tokenizer(tiny_model_dir)
     record = _records([(4, 1)])[0]
@@ -73,7 +73,7 @@ def test_trls_prepared_rows_train_on_the_answers_only(tiny_trained, tmp_path):
     ``completion_mask``; the padding-free collator takes those labels (one reading ``completion_mask`` would train
     on every prompt token). Every target span of a real training batch is an answer and its end-of-turn token."""
     from tasks.base_model import load_model
-    from tasks.train import make_trainer, resolve_settings, sequence_lengths
+    from tasks.stages.train import make_trainer, resolve_settings, sequence_lengths
 
     cfg = tiny_trained["cfg"]
     settings = resolve_settings(cfg.model, cfg.lora, cfg.train, 1)
@@ -105,7 +105,7 @@ def test_completion_mask_covers_exactly_the_answer_and_its_end_token(tiny_traine
 
 def test_training_resumes_from_the_latest_checkpoint_and_matches_an_uninterrupted_run(tmp_path, tiny_trained):
     cfg = tiny_trained["cfg"]
-    train_cfg = cfg.train.model_copy(update={"group_by_length": False})  # see the note in tasks/train.py
+    train_cfg = cfg.train.model_copy(update={"group_by_length": False})  # see the note in tasks/stages/train.py
     full_run, resumed_run = tmp_path / "full", tmp_path / "resumed"
     full = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora, train_cfg,
                  full_run / "adapter", full_run / "checkpoints")
@@ -123,7 +123,7 @@ def test_training_resumes_from_the_latest_checkpoint_and_matches_an_uninterrupte
 
 
 def test_a_checkpoint_cut_off_while_saving_is_skipped_and_removed(tmp_path):
-    from tasks.train import latest_complete_checkpoint
+    from tasks.stages.train import latest_complete_checkpoint
 
     for step, complete in ((5, True), (10, True), (15, False)):
         folder = tmp_path / f"checkpoint-{step}"
@@ -146,7 +146,7 @@ def _records(lengths: list[tuple[int, int]]) -> list[dict]:
 
 
 def test_overlength_examples_are_counted_then_dropped_or_truncated(tiny_model_dir):
-    from tasks.train import fit_to_length
+    from tasks.stages.train import fit_to_length
 
     tok = load_tokenizer(tiny_model_dir)
     records = _records([(2, 2), (2, 100), (3, 3), (150, 2)])  # short, long answer, short, prompt alone too long
@@ -196,8 +196,8 @@ def test_validation_accuracy_is_generated_at_every_evaluation_and_can_choose_the
     from peft import PeftModel
 
     from tasks.base_model import load_model, load_tokenizer
-    from tasks.chat import default_max_new_tokens, generate, prompt_ids
-    from tasks.metrics import classification_metrics
+    from tasks.common.chat import default_max_new_tokens, generate, prompt_ids
+    from tasks.common.metrics import classification_metrics
 
     cfg = tiny_trained["cfg"]
     best = cfg.train.model_copy(update={"eval_steps": 4, "save_steps": 4, "load_best_model_at_end": True,
@@ -253,7 +253,7 @@ def test_train_config_fields_named_as_sft_config_pass_through(tmp_path):
 
     from trl import SFTConfig
 
-    from tasks.train import NOT_SFT_CONFIG, RENAMED, RESOLVED, Settings, training_arguments
+    from tasks.stages.train import NOT_SFT_CONFIG, RENAMED, RESOLVED, Settings, training_arguments
 
     sft = {f.name for f in dataclasses.fields(SFTConfig)}
     assert set(TrainConfig.model_fields) - sft - set(RENAMED) == NOT_SFT_CONFIG and RESOLVED <= sft
@@ -280,7 +280,7 @@ def test_liger_kernels_are_off_unless_asked_for():
     """``train.use_liger_kernel: auto`` is never the slower path measured on a GPU (Liger on: 9,686 tokens/s against
     20,049 off, H200, docs/gpu-check/2026-11-28-h200): off; ``true`` still turns them on."""
     from configs.schema import LoraConfig, ModelConfig
-    from tasks.train import liger_kernel, resolve_settings
+    from tasks.stages.train import liger_kernel, resolve_settings
 
     assert [liger_kernel(s) for s in ("auto", True, False)] == [False, True, False]
     assert not resolve_settings(ModelConfig(), LoraConfig(), TrainConfig(), 1).liger_kernel

@@ -99,7 +99,7 @@ def temporaries(out: Path) -> list[Path]:
 
 def assert_intact(run_dir: Path) -> None:
     """The run folder and every stage folder it links to have a manifest and match it."""
-    from tasks.files import MANIFEST, verify_folder
+    from tasks.common.files import MANIFEST, verify_folder
 
     assert verify_folder(run_dir) is None and (run_dir / MANIFEST).is_file()
     for name, folder in linked_stage_folders(run_dir).items():

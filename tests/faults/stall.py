@@ -3,7 +3,7 @@ stage ``STAGE`` (its folder is ``<output.dir>/stages/STAGE/<key>``) has written 
 folder, and before that folder is published, the process writes the temporary folder's path to ``MARKER`` and
 sleeps: a test can then kill it at exactly that point.
 
-``tasks.files.atomic_dir`` is patched before ``flows.finetune`` (and so the stages, which import it by name) is
+``tasks.common.files.atomic_dir`` is patched before ``flows.finetune`` (and so the stages, which import it by name) is
 imported."""
 import os
 import sys
@@ -11,12 +11,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import tasks.files
+import tasks.common.files
 
 
 def main() -> int:
     stage, marker = sys.argv[1], Path(sys.argv[2])
-    real_atomic_dir = tasks.files.atomic_dir
+    real_atomic_dir = tasks.common.files.atomic_dir
 
     @contextmanager
     def stalling_atomic_dir(final):
@@ -28,7 +28,7 @@ def main() -> int:
                 while True:
                     time.sleep(60)
 
-    tasks.files.atomic_dir = stalling_atomic_dir
+    tasks.common.files.atomic_dir = stalling_atomic_dir
     from flows.finetune import main as finetune_main
 
     return finetune_main(sys.argv[3:])

@@ -2,7 +2,7 @@
 after it has copied two files into its temporary folder the process writes that folder's path to ``MARKER`` and
 sleeps: a test can then kill it in the middle of the copy.
 
-``shutil.copy2`` (what ``tasks.portable`` copies each file with) is patched before the command runs."""
+``shutil.copy2`` (what ``tasks.stages.portable`` copies each file with) is patched before the command runs."""
 import os
 import shutil
 import sys

@@ -13,10 +13,10 @@ import yaml
 from pydantic import BaseModel, Field
 
 from configs.schema import FinetuneConfig, SearchDimension, SweepConfig, get_dotted
-from tasks.evaluate import EvalResult
-from tasks.files import atomic_dir, verify_folder, write_json, write_text_atomic
-from tasks.metrics import LOSS_METRICS, greater_is_better, task_kind
-from tasks.train import TrainSummary
+from tasks.stages.evaluate import EvalResult
+from tasks.common.files import atomic_dir, verify_folder, write_json, write_text_atomic
+from tasks.common.metrics import LOSS_METRICS, greater_is_better, task_kind
+from tasks.stages.train import TrainSummary
 
 if TYPE_CHECKING:
     import optuna
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def objective(sweep: SweepConfig, task: str) -> tuple[str, str]:
     """``(validation metric, "maximize" | "minimize")``: ``sweep.metric``, or for auto the task kind's primary
-    metric (``tasks.metrics``).
+    metric (``tasks.common.metrics``).
 
     Raises:
         ValueError: ``task`` is no task kind, or ``sweep.metric`` is not one ``task`` reports.

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.evaluate import EvalResult
-from tasks.export import ExportResult
-from tasks.files import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
-from tasks.ingest import SplitCounts
-from tasks.merge import MergeChecks
-from tasks.metrics import LOSS_METRICS, QUALITY_METRICS, task_kind
-from tasks.train import TrainSummary
+from tasks.stages.evaluate import EvalResult
+from tasks.deploy.export import ExportResult
+from tasks.common.files import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
+from tasks.stages.ingest import SplitCounts
+from tasks.stages.merge import MergeChecks
+from tasks.common.metrics import LOSS_METRICS, QUALITY_METRICS, task_kind
+from tasks.stages.train import TrainSummary
 
 N_SAMPLES = 5  # test prompts shown base vs fine-tuned in report.md and the sample-generations artifact
 
@@ -87,18 +87,27 @@ def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], trai
 
 
 def log_test_metrics(folder: str | Path, metrics: dict) -> None:
-    """TensorBoard scalars of the test evaluations in ``folder`` (``torch.utils.tensorboard.SummaryWriter``):
-    ``test/<side>/<metric>`` for each side of ``metrics.json`` (``base``, ``base_few_shot``, ``finetuned``) and
-    each quality and loss metric it has, at step ``metrics["train"]["steps"]`` (beside the training curves, which
-    the trainer logs into ``adapter/tensorboard``)."""
-    from torch.utils.tensorboard import SummaryWriter
+    """TensorBoard scalars of the test evaluations in ``folder``: ``test/<side>/<metric>`` for each side of
+    ``metrics.json`` (``base``, ``base_few_shot``, ``finetuned``) and each quality and loss metric it has, at step
+    ``metrics["train"]["steps"]`` (beside the training curves, which the trainer logs into
+    ``adapter/tensorboard``). Written with TensorBoard's own event writer (``EventFileWriter``), which imports
+    neither torch nor TensorFlow: a report whose stages all come from the cache loads no torch."""
+    import time
+
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     step = metrics["train"].get("steps") or 0
-    with SummaryWriter(str(folder)) as writer:
+    writer = EventFileWriter(str(folder))
+    try:
         for side in ("base", "base_few_shot", "finetuned"):
             for name, value in (metrics.get(side) or {}).items():
                 if name in QUALITY_METRICS + LOSS_METRICS and isinstance(value, (int, float)):
-                    writer.add_scalar(f"test/{side}/{name}", value, step)
+                    value = Summary.Value(tag=f"test/{side}/{name}", simple_value=float(value))
+                    writer.add_event(Event(wall_time=time.time(), step=step, summary=Summary(value=[value])))
+    finally:
+        writer.close()
 
 
 def sample_generations(base_eval: str | None, tuned_eval: str, n: int = N_SAMPLES) -> list[dict]:
@@ -178,7 +187,7 @@ def update_latest(output_dir: str | Path, run_dir: str | Path, source: dict | No
 
 def at_revision(section: dict, name: str) -> str:
     """``section[name]`` in backticks, with `` at commit `<sha>` `` when the section has a ``revision`` (a Hub
-    model or dataset pinned by ``tasks.hub.resolve_revisions``)."""
+    model or dataset pinned by ``tasks.stages.hub.resolve_revisions``)."""
     revision = section.get("revision")
     return f"`{section[name]}`" + (f" at commit `{revision}`" if revision else "")
 

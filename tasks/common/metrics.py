@@ -16,7 +16,7 @@ class TaskKind:
     """What an evaluation of one kind of task reports.
 
     Attributes:
-        metrics: the quality metrics ``tasks.evaluate.evaluate`` returns for it, in report order (fractions in
+        metrics: the quality metrics ``tasks.stages.evaluate.evaluate`` returns for it, in report order (fractions in
             [0, 1], greater is better).
         primary: the one the promotion gate, the export gate and ``sweep.metric: auto`` use.
         per_row: the metric that is the fraction of rows answered right (its 95 % interval is reported).

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from configs.schema import DataConfig
-from tasks.files import atomic_dir, write_json, write_jsonl
+from tasks.common.files import atomic_dir, write_json, write_jsonl
 
 if TYPE_CHECKING:
     import datasets
@@ -287,7 +287,8 @@ def _read_hub(cfg: DataConfig) -> dict[str, tuple[str, datasets.Dataset]]:
     import datasets
 
     try:
-        dd = datasets.load_dataset(cfg.path, revision=cfg.revision)  # the commit the flow resolved (tasks/hub.py)
+        # the commit the flow resolved (tasks/stages/hub.py)
+        dd = datasets.load_dataset(cfg.path, revision=cfg.revision)
     except Exception as e:
         raise DataError(f"data.path: cannot load Hub dataset {cfg.path!r} ({type(e).__name__}: {e}). Without "
                         f"Hub access, point data.path at a local file or folder, e.g. "

@@ -9,8 +9,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from configs.schema import SplitConfig
-from tasks.files import atomic_dir, read_jsonl, write_json, write_jsonl
-from tasks.ingest import IngestResult, prompt_key
+from tasks.common.files import atomic_dir, read_jsonl, write_json, write_jsonl
+from tasks.stages.ingest import IngestResult, prompt_key
 
 log = logging.getLogger(__name__)
 

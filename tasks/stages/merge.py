@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field
 
 from configs.schema import LoraConfig, MergeConfig
 from tasks.base_model import load_4bit, load_adapter, load_model, load_tokenizer
-from tasks.chat import tokenize_with_completion_mask
-from tasks.files import atomic_dir, read_json, read_jsonl
+from tasks.common.chat import tokenize_with_completion_mask
+from tasks.common.files import atomic_dir, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ def _free_memory() -> None:
 def compare_with_4bit(merged_answers, answers, base_model: str, adapter: str, lora_cfg: LoraConfig, batch: dict,
                       trust_remote_code: bool = False) -> dict:
     """Compare the merged model's logits at the answer positions (float32, shape (positions, vocab), on CPU) with
-    those of ``adapter`` on the base quantized as in training (``tasks.base_model.load_4bit``) on ``batch``, at the
-    positions where ``answers`` (bool, (batch, seq)) is True.
+    those of ``adapter`` on the base quantized as in training (``tasks.base_model.load_4bit``) on ``batch``, at
+    the positions where ``answers`` (bool, (batch, seq)) is True.
 
     Returns:
         ``{"top1_agreement": fraction of positions with the same argmax token, "max_abs_logit_diff",

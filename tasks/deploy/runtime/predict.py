@@ -1,6 +1,6 @@
 """predict: greedy generation with an exported ONNX Runtime GenAI folder, on its own — no torch, no transformers.
 
-An exported folder (``tasks/export.py``, targets ``genai-*``) holds the ONNX model, ``genai_config.json`` (which
+An exported folder (``tasks/deploy/export.py``, targets ``genai-*``) holds the ONNX model, ``genai_config.json`` (which
 names the execution provider), the tokenizer with its chat template, and ``inference.json``: how the training
 data turned an input text into chat messages (``system_prompt``, ``prompt_template``) and how many tokens an
 answer takes (``max_new_tokens``). So ``Predictor(folder)("some text")`` builds the same prompt the model was
@@ -16,15 +16,15 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.metrics import strip_reasoning
-from tasks.onnx_adapter import ADAPTER_INFO, AdapterError, base_identity, check_adapter, check_baked
+from tasks.common.metrics import strip_reasoning
+from tasks.deploy.runtime.adapters import ADAPTER_INFO, AdapterError, base_identity, check_adapter, check_baked
 
 INFERENCE_FILE = "inference.json"
 
 
 def inference_settings(data_cfg, task: str, max_new_tokens: int, name: str | None = None) -> dict:
     """The ``inference.json`` of an export: the run config's ``name`` (an adapter serves under it), how
-    ``tasks/ingest.py`` made chat messages of an input text (``data.system_prompt``; ``data.prompt_template`` for
+    ``tasks/stages/ingest.py`` made chat messages of an input text (``data.system_prompt``; ``data.prompt_template`` for
     classification), and the answer length in tokens."""
     return {"name": name, "task": task, "system_prompt": data_cfg.system_prompt, "max_new_tokens": max_new_tokens,
             "prompt_template": data_cfg.prompt_template if task == "classification" else "{text}"}
@@ -91,7 +91,7 @@ class Predictor:
 
     Raises:
         FileNotFoundError: ``model_dir`` is not a GenAI export.
-        tasks.onnx_adapter.AdapterError: an adapter (or a baked model's file) is corrupted, made for another
+        tasks.deploy.runtime.adapters.AdapterError: an adapter (or a baked model's file) is corrupted, made for another
             base, or its rank/targets do not fit the base (one line naming the file).
     """
 
@@ -187,7 +187,8 @@ class Predictor:
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` without special tokens and without a leading reasoning block
-        (``tasks.metrics.strip_reasoning``: Qwen3 writes ``<think>...</think>`` before every answer), stripped."""
+        (``tasks.common.metrics.strip_reasoning``: Qwen3 writes ``<think>...</think>`` before every answer),
+        stripped."""
         return strip_reasoning(self.tokenizer.decode(ids)) if ids else ""
 
     def __call__(self, texts: str | list[str], max_new_tokens: int | None = None,

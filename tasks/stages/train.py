@@ -19,10 +19,10 @@ from pydantic import BaseModel, Field
 
 from configs.schema import ConfigError, LoraConfig, ModelConfig, TrainConfig
 from tasks.base_model import (attention_implementation, attention_only, device, load_4bit, load_model,
-                               load_tokenizer, use_bf16)
-from tasks.chat import to_prompt_completion, tokenize_with_completion_mask
-from tasks.files import atomic_dir, read_json, read_jsonl, verify_folder, write_json, write_manifest
-from tasks.split import SplitResult
+                                     load_tokenizer, use_bf16)
+from tasks.common.chat import to_prompt_completion, tokenize_with_completion_mask
+from tasks.common.files import atomic_dir, read_json, read_jsonl, verify_folder, write_json, write_manifest
+from tasks.stages.split import SplitResult
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def sequence_lengths(tokenizer, files: dict, cfg: TrainConfig) -> tuple[dict, di
 
 
 def checkpoint_manifest_callback():
-    """A ``transformers.TrainerCallback`` that writes a manifest (``tasks.files.write_manifest``: size and sha256
+    """A ``transformers.TrainerCallback`` that writes a manifest (``tasks.common.files.write_manifest``: size and sha256
     of every file) into each ``checkpoint-<step>`` folder once the Trainer has saved it (``on_save`` runs after
     ``Trainer._save_checkpoint``), so that :func:`latest_complete_checkpoint` can tell an intact checkpoint from
     one cut off or corrupted later."""
@@ -97,7 +97,7 @@ def latest_complete_checkpoint(checkpoint_dir: str | Path) -> tuple[str | None, 
     """The newest ``checkpoint-<step>`` folder that is complete and intact, and its trainer state.
 
     A checkpoint with a manifest (:func:`checkpoint_manifest_callback`) must match it
-    (``tasks.files.verify_folder``); one without (killed between the save and the manifest, or saved before
+    (``tasks.common.files.verify_folder``); one without (killed between the save and the manifest, or saved before
     manifests existed) must have a readable ``trainer_state.json``, which the Trainer writes last. Newer
     checkpoints that fail (cut off while saving, truncated or corrupted later) are deleted here, with a warning
     naming the reason, so that neither the resume nor the checkpoint rotation picks them up: the resume falls
@@ -164,14 +164,14 @@ class Settings:
     gradient_checkpointing: bool
     liger_kernel: bool
     best_model: bool  # publish the checkpoint with the lowest validation loss
-    collator: str  # "padding-free" (tasks/padding_free.py), "packing" (TRL's), "padded"
+    collator: str  # "padding-free" (tasks/common/padding_free.py), "packing" (TRL's), "padded"
 
 
 def resolve_settings(model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainConfig, processes: int) -> Settings:
     """Resolve ``train.bf16``, ``model.attn_implementation``, ``train.gradient_checkpointing`` and
-    ``train.use_liger_kernel`` (``auto``: off, see ``liger_kernel``) for ``tasks.base_model.device``, and choose the
-    batch layout: padding-free rows (``tasks.padding_free``: rows of ``max_seq_length`` with sdpa/eager, the whole
-    batch in one row for flash attention's varlen kernel), TRL's packing, or padded batches."""
+    ``train.use_liger_kernel`` (``auto``: off, see ``liger_kernel``) for ``tasks.base_model.device``, and choose
+    the batch layout: padding-free rows (``tasks.common.padding_free``: rows of ``max_seq_length`` with sdpa/eager, the
+    whole batch in one row for flash attention's varlen kernel), TRL's packing, or padded batches."""
     bf16 = use_bf16(cfg.bf16)
     attn = attention_implementation(model_cfg.attn_implementation, bf16)
     collator = "packing" if cfg.packing else "padding-free" if cfg.padding_free else "padded"
@@ -198,7 +198,7 @@ def liger_kernel(setting: str | bool) -> bool:
     """Resolve ``train.use_liger_kernel``: ``"auto"`` is off. The one measurement (an H200, Llama-3.2-1B config,
     banking77 rows: docs/gpu-check/2026-11-28-h200) trained at 9,686 tokens/s with Liger against 20,049 without,
     and TRL >= 1.0 turns Liger's fused linear cross-entropy off anyway (the LM head here runs only at the answer
-    tokens, ``tasks/loss.py``); ``true`` still applies its RMSNorm, RoPE and SwiGLU kernels where installed."""
+    tokens, ``tasks/common/loss.py``); ``true`` still applies its RMSNorm, RoPE and SwiGLU kernels where installed."""
     return setting is True
 
 
@@ -222,7 +222,7 @@ def training_arguments(cfg: TrainConfig, settings: Settings, checkpoint_dir: str
     ``make_trainer`` (``tensorboard_dir``)."""
     from trl import SFTConfig
 
-    from tasks.metrics import greater_is_better
+    from tasks.common.metrics import greater_is_better
 
     names = {f.name for f in dataclasses.fields(SFTConfig)}
     passed = cfg.model_dump(include=names - RESOLVED - NOT_SFT_CONFIG - set(RENAMED))
@@ -234,7 +234,7 @@ def training_arguments(cfg: TrainConfig, settings: Settings, checkpoint_dir: str
         max_length=cfg.max_seq_length,
         warmup_steps=cfg.warmup_ratio,
         completion_only_loss=True,
-        padding_free=False,  # tasks.padding_free's collator lays the rows out (TRL's needs max_length=None)
+        padding_free=False,  # tasks.common.padding_free's collator lays the rows out (TRL's needs max_length=None)
         packing=settings.collator == "packing",
         train_sampling_strategy="group_by_length" if grouped else "random",
         gradient_checkpointing=settings.gradient_checkpointing,
@@ -284,7 +284,8 @@ def make_trainer(model, tokenizer, records: dict[str, list[dict]], lora_cfg: Lor
     manifests, early stopping with ``cfg.early_stopping_patience``) and the collator of ``settings``."""
     from transformers import EarlyStoppingCallback, set_seed
 
-    from tasks.padding_free import PaddingFreeCollator  # imports torch: not at module level (a cached run skips it)
+    # imports torch: not at module level (a cached run skips it)
+    from tasks.common.padding_free import PaddingFreeCollator
 
     callbacks = [make() for make in callback_factories or []] + [checkpoint_manifest_callback()]
     if cfg.early_stopping_patience:
@@ -307,16 +308,16 @@ def make_trainer(model, tokenizer, records: dict[str, list[dict]], lora_cfg: Lor
 
 
 def validation_scorer(tokenizer, records: list[dict], cfg: TrainConfig, bf16: bool):
-    """The task's quality metrics on the validation rows, generated greedily as ``tasks.evaluate`` does (same
+    """The task's quality metrics on the validation rows, generated greedily as ``tasks.stages.evaluate`` does (same
     prompts, ``max_new_tokens`` and scoring), as a function of the model: ``scorer(model) -> {"accuracy": ...}``.
     None for generation data unless ``cfg.metric_for_best_model`` names one of its metrics (long generations)."""
-    from tasks.metrics import score
+    from tasks.common.metrics import score
 
     task = "classification" if all(r.get("label") is not None for r in records) else "generation"
     if task == "generation" and cfg.metric_for_best_model == "eval_loss":
         return None
     from tasks.base_model import autocast
-    from tasks.chat import default_max_new_tokens, generate, prompt_ids
+    from tasks.common.chat import default_max_new_tokens, generate, prompt_ids
 
     prompts = [prompt_ids(tokenizer, r) for r in records]
     references = [r["messages"][-1]["content"] for r in records]
@@ -359,7 +360,7 @@ def run_training(trainer, checkpoint_dir: str | Path, best_model: bool = False) 
 def train_result(trainer, output, run: dict, settings: Settings, lora_cfg: LoraConfig, out_dir: str | Path,
                  lengths: dict) -> TrainResult:
     """The ``TrainResult`` of a finished ``run_training`` (``output``, ``run``)."""
-    from tasks.metrics import QUALITY_METRICS
+    from tasks.common.metrics import QUALITY_METRICS
 
     state, wall = trainer.state, run["wall_seconds"]
     evaluations = [h for h in state.log_history if "eval_loss" in h]
@@ -457,7 +458,7 @@ def train(base_model: str, splits: SplitResult, model_cfg: ModelConfig, lora_cfg
 def sft_trainer_class():
     """TRL's ``SFTTrainer`` with the LM head only where the completion-only loss needs it.
 
-    ``compute_loss`` runs the head at the completion targets' positions only (``tasks.loss.completion_logits``):
+    ``compute_loss`` runs the head at the completion targets' positions only (``tasks.common.loss.completion_logits``):
     the same loss and gradients as TRL's (the causal-LM cross-entropy, ``num_items_in_batch`` and the
     multi-process scaling as ``Trainer.compute_loss``); TRL's logged ``mean_token_accuracy`` and ``entropy`` (both
     over target tokens, as TRL) come from the gathered logits. TRL >= 1.15's own fused LM head does the same on
@@ -487,7 +488,7 @@ def sft_trainer_class():
             import torch
             from trl.trainer.utils import entropy_from_logits
 
-            from tasks.loss import completion_logits, cross_entropy
+            from tasks.common.loss import completion_logits, cross_entropy
 
             inputs = dict(inputs, use_cache=False)
             labels = inputs.pop("labels")
@@ -589,9 +590,9 @@ def launch_processes(processes: int, base_model: str, splits: SplitResult, model
         request_file = Path(tmp) / "train-request.json"
         request_file.write_text(json.dumps(request))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "tasks.train", str(request_file)]
+                   "-m", "tasks.stages.train", str(request_file)]
         log.info("train: %d processes: %s", processes, " ".join(command))
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         env = {"OMP_NUM_THREADS": str(max((os.cpu_count() or 1) // processes, 1)),  # torchrun's default: 1
                **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         done = subprocess.run(command, cwd=root, env=env)

@@ -16,10 +16,10 @@ from pydantic import BaseModel
 
 from configs.schema import FinetuneConfig
 from tasks.base_model import ModelError, pickle_files
-from tasks.chat import tokenize_with_completion_mask
-from tasks.files import read_jsonl
-from tasks.ingest import DataError, SplitCounts, SplitRecords, publish, read_records
-from tasks.split import split
+from tasks.common.chat import tokenize_with_completion_mask
+from tasks.common.files import read_jsonl
+from tasks.stages.ingest import DataError, SplitCounts, SplitRecords, publish, read_records
+from tasks.stages.split import split
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ snapshot the run stops before any stage with a ``ConfigError`` naming the field,
 Local folders and the embedded model are keyed by content already: a ``revision`` for them is refused.
 
 **Push.** ``push_run`` uploads a published run folder (``output.push_to_hub``): the portable copy
-(``tasks.portable.export_run``: real files, model cards) of ``merged/`` at the repo's root and ``adapter/`` under
+(``tasks.stages.portable.export_run``: real files, model cards) of ``merged/`` at the repo's root and ``adapter/`` under
 ``adapter/``, in one commit, to a repo it creates private by default. The token is huggingface_hub's own
 (``HF_TOKEN``, put there from ``model.hf_token_secret`` by ``tasks.base_model.use_hub_token``); it is never
 passed around, logged or written.
@@ -43,7 +43,7 @@ MODEL_IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.gguf", "*.onnx",
 
 def is_local(path: str) -> bool:
     """True for anything that is a local path rather than a Hub id: it exists, or starts with ``.``, ``/``
-    or ``~`` (as ``tasks.validate.check_base_model`` and ``tasks.ingest`` tell them apart)."""
+    or ``~`` (as ``tasks.stages.validate.check_base_model`` and ``tasks.stages.ingest`` tell them apart)."""
     return Path(path).expanduser().exists() or path.startswith((".", "/", "~"))
 
 
@@ -54,8 +54,8 @@ def is_hub_model(name_or_path: str) -> bool:
 
 def is_hub_dataset(path: str) -> bool:
     """True when ``data.path`` is a Hub dataset id (not a local file or folder, no data file extension that
-    ``tasks.ingest`` reads)."""
-    from tasks.ingest import READERS
+    ``tasks.stages.ingest`` reads)."""
+    from tasks.stages.ingest import READERS
 
     return not is_local(path) and Path(path).suffix.lower() not in READERS
 
@@ -220,7 +220,7 @@ def require_push_token(push: HubPushConfig | None) -> None:
 
 
 def push_operations(folder: Path) -> list:
-    """``CommitOperationAdd``s for a portable run folder (``tasks.portable.export_run``): ``merged/*`` at the
+    """``CommitOperationAdd``s for a portable run folder (``tasks.stages.portable.export_run``): ``merged/*`` at the
     repo's root (``from_pretrained(repo_id)`` loads it), ``adapter/*`` under ``adapter/``; hidden files (manifests)
     left out.
 
@@ -246,7 +246,7 @@ def push_run(run_dir: str, push: HubPushConfig) -> HubPushResult:
     missing (``HfApi.create_repo``, ``private=push.private``; an existing repo keeps its visibility), then one
     commit (``HfApi.create_commit``: both folders or nothing) of its portable copy's merged model at the root and
     adapter under ``adapter/``, each with its ``README.md`` model card. The copy is made in a temporary folder
-    beside ``run_dir`` (a real copy: ``tasks.portable``) and removed afterwards.
+    beside ``run_dir`` (a real copy: ``tasks.stages.portable``) and removed afterwards.
 
     The token is the one huggingface_hub finds (``HF_TOKEN``); it is neither an argument nor logged. The flow
     calls this only for a run that passed every gate and was published (``latest.json``).
@@ -257,13 +257,13 @@ def push_run(run_dir: str, push: HubPushConfig) -> HubPushResult:
     Raises:
         ConfigError: naming ``output.push_to_hub``: there is no Hub token, or the Hub refused with a 4xx
             status (e.g. the token may not write to that namespace; permanent, never retried).
-        tasks.portable.ExportRunError: ``run_dir`` is not an intact run folder.
+        tasks.stages.portable.ExportRunError: ``run_dir`` is not an intact run folder.
         huggingface_hub.errors.HfHubHTTPError: the Hub failed with a 5xx status (transient: retried).
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from tasks.portable import export_run
+    from tasks.stages.portable import export_run
 
     require_push_token(push)
     run_dir = Path(run_dir)

@@ -1,11 +1,12 @@
 """The per-run half of the int4 adapter export: a PEFT LoRA adapter as an ONNX Runtime adapter file for the int4
-base of ``tasks/int4_base.py``, and the checks that refuse an adapter that does not fit a base.
+base of ``tasks/deploy/builders/int4_base.py``, and that adapter baked into a copy of the base graph.
 
-An adapter export folder holds ``adapter.onnx_adapter`` (onnxruntime's adapter format, written with
-``onnxruntime.AdapterFormat``: one parameter per LoRA weight input of the base graph, ``lora_A`` as
-``[in, r]`` and ``lora_B`` times the LoRA scaling as ``[r, out]``, the builder's layout), ``adapter.json`` (the
-base it belongs to, its SHA-256, rank and targets) and ``inference.json`` (the prompt format). Only onnxruntime,
-numpy and safetensors are imported here: ``tasks/predict.py`` loads adapters without torch.
+``convert_adapter`` writes ``adapter.onnx_adapter`` (onnxruntime's adapter format, written with
+``onnxruntime.AdapterFormat``: one parameter per LoRA weight input of the base graph, ``lora_A`` as ``[in, r]``
+and ``lora_B`` times the LoRA scaling as ``[r, out]``, the builder's layout) and ``adapter.json``;
+``bake_adapter`` writes the whole model with the weights as constants. The runtime's checks of what is written
+here are ``tasks/deploy/runtime/adapters.py``. Only onnx, onnxruntime, numpy and safetensors are imported: no
+torch.
 """
 from __future__ import annotations
 
@@ -15,27 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tasks.files import file_sha256, unshare_hard_links
-from tasks.int4_base import LORA_INPUTS_FILE, RANK_DIM, builder_node, pack_nibbles, unpack_nibbles
-
-ADAPTER_FILE = "adapter.onnx_adapter"
-ADAPTER_INFO = "adapter.json"
-BAKED_FILES = ("model.onnx", "model.onnx.data")  # what bake_adapter writes and adapter.json's "baked" hashes
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot serve on a base: corrupted, made for another base, or a rank/target mismatch. The
-    message is one line and names the file."""
-
-
-def base_identity(base_onnx: str | Path) -> str:
-    """SHA-256 (hex) of the int4 base's weights file ``model.onnx.data``: the identity an adapter records."""
-    return file_sha256(Path(base_onnx) / "model.onnx.data")
-
-
-def lora_inputs(base_onnx: str | Path) -> dict:
-    """``{input name: [dim, dim]}`` of the base's LoRA weight inputs (``lora_inputs.json``)."""
-    return json.loads((Path(base_onnx) / LORA_INPUTS_FILE).read_text(encoding="utf-8"))
+from tasks.common.files import file_sha256, unshare_hard_links
+from tasks.deploy.formats.int4 import builder_node, pack_nibbles, unpack_nibbles
+from tasks.deploy.runtime.adapters import (ADAPTER_FILE, ADAPTER_INFO, BAKED_FILES, LORA_INPUTS_FILE, AdapterError,
+                                           base_identity, check_parameters, lora_inputs)
 
 
 def convert_adapter(adapter_dir: str | Path, base_onnx: str | Path, out: Path) -> dict:
@@ -83,56 +67,6 @@ def convert_adapter(adapter_dir: str | Path, base_onnx: str | Path, out: Path) -
     return info
 
 
-def check_parameters(shapes: dict, slots: dict, source: Path) -> None:
-    """Refuse adapter parameters ``{name: shape}`` that the base's LoRA inputs ``slots`` cannot take.
-
-    Raises:
-        AdapterError: a parameter for a module the base has no LoRA slot for, a shape that does not match the
-            slot's fixed dimension, or ``lora_A``/``lora_B`` of one module with different ranks.
-    """
-    for name, shape in sorted(shapes.items()):
-        slot = slots.get(name)
-        if slot is None:
-            raise AdapterError(f"{source}: {name.split('.lora_')[0]} has no LoRA slot in the int4 base (its "
-                               "target_modules differ from the base's)")
-        if len(shape) != 2 or any(want != RANK_DIM and want != got for want, got in zip(slot, shape)):
-            raise AdapterError(f"{source}: {name} is {shape}, the int4 base takes {slot}: an adapter for another "
-                               "base model")
-        if name.endswith("lora_A.MatMul.weight"):
-            other = shapes.get(name.replace("lora_A", "lora_B"))
-            if other is None or other[0] != shape[1]:
-                raise AdapterError(f"{source}: {name} has rank {shape[1]} but its lora_B has "
-                                   f"{other[0] if other else 'no weight'}")
-
-
-def check_adapter(folder: str | Path, base_onnx: str | Path, base_sha256: str | None = None) -> Path:
-    """The adapter file of the adapter export ``folder`` if it may serve on ``base_onnx`` (whose
-    ``base_identity`` the caller may pass as ``base_sha256``, to hash the base once for many adapters).
-
-    Raises:
-        AdapterError: no ``adapter.json`` or adapter file; the file's SHA-256 differs from the recorded one
-            (corrupted); it was converted for another base; or ``check_parameters`` refuses it.
-    """
-    import onnxruntime as ort
-
-    folder = Path(folder)
-    path = folder / ADAPTER_FILE
-    try:
-        info = json.loads((folder / ADAPTER_INFO).read_text(encoding="utf-8"))
-        actual = file_sha256(path)
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{folder}: not an adapter export ({e})") from None
-    _check_sha256(path, actual, info.get("sha256"))
-    if info.get("base_sha256") != (base_sha256 or base_identity(base_onnx)):
-        raise AdapterError(f"{path}: converted for another int4 base ({info.get('base')}), not {base_onnx}")
-    try:
-        params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; one line naming the file
-        raise AdapterError(f"{path}: unreadable adapter file ({str(e).splitlines()[0]})") from None
-    check_parameters({k: list(v.shape()) for k, v in params.items()}, lora_inputs(base_onnx), path)
-    return path
-
-
 class LoraModule(NamedTuple):
     """One adapted projection of the int4 base graph: ``base(x) + (x @ lora_A) @ lora_B`` (the builder's nodes)."""
 
@@ -168,7 +102,7 @@ def bake_adapter(folder: str | Path, base_onnx: str | Path, weights: str = "fold
     files, so ``folder`` loads like any ``genai-*`` export. Decode speed and accuracy of each form:
     docs/benchmarks.md.
 
-    A base file that other paths hard-link to is given its own inode first (``tasks.files.unshare_hard_links``:
+    A base file that other paths hard-link to is given its own inode first (``tasks.common.files.unshare_hard_links``:
     onnx refuses linked external data).
 
     Raises:
@@ -226,29 +160,6 @@ def bake_adapter(folder: str | Path, base_onnx: str | Path, weights: str = "fold
     info["baked"] = {"weights": weights, "sha256": {name: file_sha256(folder / name) for name in BAKED_FILES}}
     (folder / ADAPTER_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
     return len(model.graph.node)
-
-
-def check_baked(folder: str | Path) -> Path:
-    """``folder`` if its baked model files (``bake_adapter``) have the SHA-256 its ``adapter.json`` records.
-
-    Raises:
-        AdapterError: a file is missing or its bytes changed (one line naming the file).
-    """
-    folder = Path(folder)
-    recorded = json.loads((folder / ADAPTER_INFO).read_text(encoding="utf-8")).get("baked", {}).get("sha256", {})
-    for name in BAKED_FILES:
-        try:
-            actual = file_sha256(folder / name)
-        except OSError as e:
-            raise AdapterError(f"{folder / name}: unreadable ({e.strerror})") from None
-        _check_sha256(folder / name, actual, recorded.get(name))
-    return folder
-
-
-def _check_sha256(path: Path, actual: str, recorded) -> None:
-    """Raise AdapterError naming ``path`` unless its SHA-256 ``actual`` is the one ``adapter.json`` records."""
-    if actual != recorded:
-        raise AdapterError(f"{path}: corrupted (SHA-256 {actual[:12]}…, adapter.json records {str(recorded)[:12]}…)")
 
 
 def _lora_groups(graph, base_onnx: Path) -> dict[str, list[LoraModule]]:
