@@ -275,13 +275,31 @@ def arm(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def mfu(tokens_per_second: float, parameters: int, gpu: str | None) -> str:
-    """``6·N·tokens/s / peak`` (and the 4N LoRA figure) as percentages, or "n/a" off a GPU with a known peak."""
-    peak = next((v for k, v in GPU_BF16_PEAK.items() if gpu and k in gpu), None)
+def mfu(tokens_per_second: float, parameters: int, gpu: str | None, cpu_peak: float | None = None) -> str:
+    """``6·N·tokens/s / peak`` (and the 4N LoRA figure) as percentages over the GPU's dense bf16 peak, or on a CPU
+    over ``cpu_peak`` (``cpu_matmul_peak``, measured on this machine); "n/a" without a peak."""
+    peak = next((v for k, v in GPU_BF16_PEAK.items() if gpu and k in gpu), None) or cpu_peak
     if not peak:
         return "n/a"
     flops = parameters * tokens_per_second / peak
     return f"{600 * flops:.1f} % (4N: {400 * flops:.1f} %)"
+
+
+def cpu_matmul_peak(bf16: bool, size: int = 2048, seconds: float = 3.0) -> float:
+    """The CPU's achieved matmul rate in FLOP/s: square ``size``×``size`` products (``2·size³`` FLOPs each) in
+    bf16 (where the CPU has AVX512-BF16/AMX and training runs under bf16 autocast) or fp32, with all of the
+    process's threads, best of the repetitions within ``seconds``: the limit training's FLOP/s is set against."""
+    import torch
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)  # warm-up
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
 
 
 def machine() -> str:
@@ -354,6 +372,14 @@ def report(args, cfg: FinetuneConfig, base: str, results: dict) -> dict:
     with both arms; ``speed_ratio_vs_trl_loss`` / ``speed_ratio_vs_trl_padding_free`` with those arms too)."""
     n = parameter_count(base)
     gpu = next(iter(results.values()))[0].get("gpu")
+    cpu_peak = None
+    if gpu is None:  # measured here, after the arms, with the machine as idle as it was for them
+        from tasks.base_model import use_bf16
+
+        bf16 = use_bf16(cfg.train.bf16)
+        cpu_peak = cpu_matmul_peak(bf16)
+        print(f"CPU matmul peak ({'bf16' if bf16 else 'fp32'}, 2048x2048, all threads): {cpu_peak / 1e9:.1f} GFLOP/s; "
+              "MFU below = training FLOP/s (6N and 4N per token) over it")
     print(f"\nmodel {args.model} ({n / 1e6:.1f} M parameters), method {cfg.lora.method}, {args.steps} steps x "
           f"batch {cfg.train.per_device_train_batch_size}, {args.rounds} rounds; {machine()}")
     if "ours" in results:
@@ -363,7 +389,7 @@ def report(args, cfg: FinetuneConfig, base: str, results: dict) -> dict:
     for name, runs in results.items():
         speed = statistics.median(r["tokens_per_second"] for r in runs)
         row = {"tokens_per_second": speed, "peak_memory_gib": max(r["peak_memory_gib"] for r in runs),
-               "eval_loss": statistics.median(r["eval_loss"] for r in runs), "mfu": mfu(speed, n, gpu)}
+               "eval_loss": statistics.median(r["eval_loss"] for r in runs), "mfu": mfu(speed, n, gpu, cpu_peak)}
         summary["arms"][name] = row
         print(f"| {name} | {speed:.1f} | {row['peak_memory_gib']:.2f} | {row['eval_loss']:.4f} | {row['mfu']} |")
     if {"ours", "baseline"} <= results.keys():

@@ -33,6 +33,16 @@ class EvalConfig(Section):
                                                "of every prompt: what prompting alone gets; 0 = off.")
     bf16: Literal["auto"] | bool = Field("auto", description="bf16 autocast for generation and eval loss; "
                                                              "auto = where the CPU/GPU supports it.")
+    constrain: Literal["labels", "none"] = Field(
+        "labels", description="Classification answers: labels = decoded along the prefix tree of the train split's "
+        "labels, so every answer is a label (the same constraint in the export gate and in every deployed form: "
+        "tasks/common/labels.py); none = free-running greedy text, scored by exact match. Generation is never "
+        "constrained.")
+    compare_unconstrained: bool = Field(
+        True, description="With constrained answers, also decode free-running from the same prefill and report "
+        "its accuracy and the share of its answers that are no label (unconstrained_accuracy, off_label_share).")
+    label_list: bool = Field(True, description="The base model's evaluations (zero-shot and few_shot) name the "
+                                               "label set in the prompt: the prompting arm at its best.")
 
     @field_validator("answer_pattern")
     @classmethod

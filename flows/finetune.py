@@ -29,7 +29,8 @@ from tasks import base_model
 from tasks.deploy.builders import genai
 from tasks.deploy.runtime import predict
 from tasks.stages import hub, report, validate
-from tasks.common.files import verify_folder
+from tasks.common.files import read_jsonl, verify_folder
+from tasks.common.labels import label_set
 from tasks.stages.merge import MergeChecks
 from tasks.stages.report import DataSummary, RunMetrics
 from tasks.stages.train import TrainSummary
@@ -153,7 +154,9 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
         base_eval = evaluate_baselines(run, cfg, base, base_key, split, kind) if cfg.eval.evaluate_base else None
         adapter, merged = train_and_merge(run, cfg, base, base_key, split)
         tuned = evaluate_on(run, cfg, merged.dir, merged.dir, split.dir, "test", kind, label="evaluate-finetuned")
-        inference = predict.inference_settings(cfg.data, tuned.result.task, tuned.result.max_new_tokens, cfg.name)
+        labels = label_set(read_jsonl(split.result.files["train"])) if tuned.result.constrained else None
+        inference = predict.inference_settings(cfg.data, tuned.result.task, tuned.result.max_new_tokens, cfg.name,
+                                               labels)
         onnx = {}
         for target in cfg.export.targets if cfg.export.enabled else []:
             form = {"adapter": adapter.dir, "int4_base": int4.result.onnx} if target == ADAPTER_TARGET else {}
@@ -224,16 +227,17 @@ def train_and_merge(run, cfg: FinetuneConfig, base: str, base_key: str, split: S
 
 
 def evaluate_on(run, cfg: FinetuneConfig, model: str, model_key: str, split_dir: str, rows: str, kind: str,
-                label: str | None = None, sample: int | None = None, few_shot: int = 0) -> StageRun:
+                label: str | None = None, sample: int | None = None, few_shot: int = 0,
+                label_list: bool = False) -> StageRun:
     """Evaluate ``model`` (content key ``model_key``: the base model's key, or a merged folder) on the ``rows``
     split (``<split_dir>/<rows>.jsonl``, as ``tasks.stages.split`` writes it) — a stratified ``sample`` of it, with
-    ``few_shot`` training examples before every prompt — keyed alike in every flow, so that the finetune, sweep
-    and nightly flows share an evaluation of the same model on the same rows."""
-    trc, seed = cfg.model.trust_remote_code, cfg.split.seed
-    shots = {"few_shot": few_shot, "shots_file": str(Path(split_dir) / "train.jsonl")} if few_shot else {}
+    ``few_shot`` training examples before every prompt and, with ``label_list``, the label set named in it; the
+    answers constrained to the train split's labels as ``eval.constrain`` says — keyed alike in every flow, so
+    that the finetune, sweep and nightly flows share an evaluation of the same model on the same rows."""
+    trc, seed, train = cfg.model.trust_remote_code, cfg.split.seed, str(Path(split_dir) / "train.jsonl")
     return run(EVALUATE, model, str(Path(split_dir) / f"{rows}.jsonl"), kind, cfg.eval, trust_remote_code=trc,
-               max_examples=sample, seed=seed, **shots, after=(model_key, split_dir, rows, kind, trc, sample, seed,
-                                                               few_shot), label=label)
+               max_examples=sample, seed=seed, few_shot=few_shot, train_file=train, label_list=label_list,
+               after=(model_key, split_dir, rows, kind, trc, sample, seed, few_shot, label_list), label=label)
 
 
 def evaluate_baselines(run, cfg: FinetuneConfig, base: str, base_key: str, split: StageRun, kind: str) -> StageRun:
@@ -243,11 +247,12 @@ def evaluate_baselines(run, cfg: FinetuneConfig, base: str, base_key: str, split
     Returns:
         the zero-shot run (``metrics.json["base"]``; the k-shot one is ``runs["evaluate_fewshot"]``).
     """
-    sample = cfg.eval.baseline_examples
+    sample, named = cfg.eval.baseline_examples, cfg.eval.label_list and kind == "classification"
     if cfg.eval.few_shot:
         evaluate_on(run, cfg, base, base_key, split.dir, "test", kind, label="evaluate-fewshot", sample=sample,
-                    few_shot=cfg.eval.few_shot)
-    return evaluate_on(run, cfg, base, base_key, split.dir, "test", kind, label="evaluate-base", sample=sample)
+                    few_shot=cfg.eval.few_shot, label_list=named)
+    return evaluate_on(run, cfg, base, base_key, split.dir, "test", kind, label="evaluate-base", sample=sample,
+                       label_list=named)
 
 
 def run_metrics(cfg: FinetuneConfig, data_key: str, runs: dict[str, StageRun]) -> RunMetrics:

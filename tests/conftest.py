@@ -244,6 +244,8 @@ def tiny_merged(tmp_path_factory, tiny_trained) -> dict:
     from configs.schema import MergeConfig
     from tasks.stages.evaluate import evaluate
     from tasks.stages.merge import merge
+    from tasks.common.files import read_jsonl
+    from tasks.common.labels import label_set
     from tasks.deploy.runtime.predict import inference_settings
 
     root = tmp_path_factory.mktemp("tiny-merged")
@@ -251,8 +253,9 @@ def tiny_merged(tmp_path_factory, tiny_trained) -> dict:
     folder = merge(tiny_trained["base"], tiny_trained["trained"].adapter, test, MergeConfig(),
                    root / "merged").merged
     metrics = evaluate(folder, test, "classification", cfg.eval, root / "eval")
+    labels = label_set(read_jsonl(tiny_trained["splits"].files["train"]))  # constrained, as the flow exports it
     return {"merged": folder, "eval": str(root / "eval"), "test": test,
-            "inference": inference_settings(cfg.data, "classification", metrics.max_new_tokens)}
+            "inference": inference_settings(cfg.data, "classification", metrics.max_new_tokens, labels=labels)}
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -81,9 +82,19 @@ def test_evaluate_base_vs_tuned_on_tiny_model(tmp_path, tiny_trained):
         assert m.perplexity == pytest.approx(math.exp(m.eval_loss))
         assert 0 <= m.accuracy <= 1 and 0 <= m.macro_f1 <= 1
     assert tuned.eval_loss < base.eval_loss
-    assert tuned.accuracy > base.accuracy
+    # constrained answers (the default): every prediction is a label, even the untrained base model's; the free-
+    # running answers decoded beside them show what the constraint changed
+    assert base.constrained and tuned.constrained
+    assert tuned.unconstrained_accuracy > base.unconstrained_accuracy
+    assert base.off_label_share > tuned.off_label_share
     predictions = read_jsonl(tmp_path / "tuned" / "predictions.jsonl")
-    assert len(predictions) == n and {"prompt", "reference", "prediction"} <= set(predictions[0])
+    assert len(predictions) == n and {"prompt", "reference", "prediction", "unconstrained"} <= set(predictions[0])
+    assert {p["prediction"] for p in predictions} <= {"fruit", "tool", "colour"}
+    free = [p["unconstrained"].strip().lower() for p in predictions]
+    # greedy along the tree = free greedy wherever the free answer is a label (argmax among allowed tokens)
+    assert all(p["prediction"] == a for a, p in zip(free, predictions) if a in {"fruit", "tool", "colour"})
+    right = sum(a == p["reference"] for a, p in zip(free, predictions))
+    assert tuned.unconstrained_accuracy == pytest.approx(right / n)
     assert json.loads((tmp_path / "tuned" / "metrics.json").read_text())["accuracy"] == tuned.accuracy
 
 
@@ -137,15 +148,23 @@ def test_one_shared_prefill_gives_the_answers_and_loss_of_the_two_separate_passe
     generate's greedy answers and completion_loss's loss (float32), rows ending at different steps included."""
     from tasks.base_model import load_model, load_tokenizer
     from tasks.common.chat import generate, prompt_ids
-    from tasks.stages.evaluate import completion_loss, generate_with_loss
+    from tasks.common.chat import answer_ids
+    from tasks.common.labels import LabelTree
+    from tasks.stages.evaluate import completion_loss, generate_constrained, generate_with_loss
 
     records = read_jsonl(tiny_merged["test"])
     tok, model = load_tokenizer(tiny_merged["merged"]), load_model(tiny_merged["merged"])
     prompts = [prompt_ids(tok, r) for r in records]
     assert len({len(p) for p in prompts}) > 1  # batches with left padding
-    answers, loss = generate_with_loss(model, tok, records, prompts, max_new_tokens, batch_size=4)
-    assert answers == generate(model, tok, prompts, max_new_tokens, batch_size=4)
+    answers, loss, free = generate_with_loss(model, tok, records, prompts, max_new_tokens, batch_size=4)
+    assert free is None and answers == generate(model, tok, prompts, max_new_tokens, batch_size=4)
     assert loss == pytest.approx(completion_loss(model, tok, records, batch_size=4), rel=0, abs=1e-5)
+    # constrained, with the free-running answers beside them: the shared prefill's labels are those of the
+    # separate constrained pass, its free answers generate's, its loss the same
+    tree = LabelTree.build(answer_ids(tok, sorted({r["label"] for r in records})))
+    labels, loss2, free = generate_with_loss(model, tok, records, prompts, max_new_tokens, 4, tree, compare=True)
+    assert labels == generate_constrained(model, tok, prompts, tree, batch_size=4)
+    assert free == answers and loss2 == pytest.approx(loss, rel=0, abs=1e-6)
     if max_new_tokens > 1:  # the trained model ends its short labels early: rows stop at different steps
         assert any(a and len(tok(a, add_special_tokens=False).input_ids) < max_new_tokens - 1 for a in answers)
 
@@ -160,8 +179,8 @@ def test_a_model_whose_cache_cannot_be_cropped_takes_the_two_passes(tiny_merged,
     model.config.sliding_window = 8  # a sliding-window cache keeps no cut-able prefix
     passes = []
     monkeypatch.setattr(module, "completion_loss", lambda *a: passes.append("loss") or 1.0)
-    answers, loss = module.generate_with_loss(model, tok, records, [prompt_ids(tok, r) for r in records], 3, 4)
-    assert passes == ["loss"] and loss == 1.0 and len(answers) == 4
+    answers, loss, free = module.generate_with_loss(model, tok, records, [prompt_ids(tok, r) for r in records], 3, 4)
+    assert passes == ["loss"] and loss == 1.0 and len(answers) == 4 and free is None
 
 
 def test_few_shot_examples_take_one_per_label_first():
@@ -183,7 +202,7 @@ def test_a_sampled_few_shot_evaluation_reports_its_sample_shots_and_interval(tmp
     test = read_jsonl(files["test"])
     cfg = EvalConfig(batch_size=4, bf16=False)
     m = evaluate(tiny_trained["base"], files["test"], "classification", cfg, tmp_path / "k", max_examples=6,
-                 few_shot=3, shots_file=files["train"], seed=0)
+                 few_shot=3, train_file=files["train"], seed=0, label_list=True)
     assert (m.n_examples, m.population, m.few_shot) == (6, len(test), 3)
     low, high = m.interval95["accuracy"]
     assert 0 <= low <= m.accuracy <= high <= 1 and high - low > 0.2  # 6 rows: a wide interval
@@ -195,5 +214,10 @@ def test_a_sampled_few_shot_evaluation_reports_its_sample_shots_and_interval(tmp
         assert len(turns) == 2 * 3 + 1 and all(json.dumps(t) in train_turns for t in turns[:-1])
         assert [t["role"] for t in turns] == ["user", "assistant"] * 3 + ["user"]
         assert {t["content"] for t in turns[1:-1:2]} == {"fruit", "tool", "colour"}  # one shot per label
-    with pytest.raises(ValueError, match="few_shot needs shots_file"):
-        evaluate(tiny_trained["base"], files["test"], "classification", cfg, tmp_path / "x", few_shot=2)
+        assert "Answer with exactly one of these labels: colour, fruit, tool." in r["prompt"][0]["content"]
+        assert r["prediction"] in {"fruit", "tool", "colour"}  # constrained: a label, even from the base model
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "test.jsonl").write_text((Path(files["test"])).read_text())  # no train.jsonl beside it
+    with pytest.raises(ValueError, match="few_shot, constrained answers and label_list need train_file"):
+        evaluate(tiny_trained["base"], str(alone / "test.jsonl"), "classification", cfg, tmp_path / "x", few_shot=2)

@@ -80,7 +80,9 @@ def _corrupt_copy(exported: dict, tmp_path: Path) -> Path:
 def test_corrupted_weights_fail_the_gate(tiny_int4, tiny_merged, tmp_path):
     folder = _corrupt_copy(tiny_int4, tmp_path)
     _shuffle_scales(folder)
-    with pytest.raises(ExportCheckError, match=r"greedy agreement with PyTorch 0\.00 .*accuracy 0\.0000") as err:
+    # constrained to the labels, the broken model still answers one (at the tiny reference's chance accuracy, so
+    # the accuracy check may pass): the free greedy tokens against PyTorch's catch it
+    with pytest.raises(ExportCheckError, match=r"greedy agreement with PyTorch 0\.00 ") as err:
         run_check(tiny_merged, folder)
     assert "tokenizer" not in str(err.value)
 

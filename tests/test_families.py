@@ -49,6 +49,7 @@ def test_family_runs_the_whole_pipeline(family, tmp_path):
     from tasks.stages.ingest import ingest
     from tasks.stages.merge import merge
     from tasks.common.metrics import normalise_answer
+    from tasks.common.labels import label_set
     from tasks.deploy.runtime.predict import inference_settings, predict
     from tasks.stages.split import split
     from tasks.stages.train import train
@@ -77,7 +78,8 @@ def test_family_runs_the_whole_pipeline(family, tmp_path):
     assert metrics.n_examples == len(rows) == len(read_jsonl(test)) == 12
     assert metrics.accuracy >= 0.5 and metrics.eval_loss == metrics.eval_loss  # learned: chance is 1/3
 
-    inference = inference_settings(cfg.data, "classification", metrics.max_new_tokens)
+    inference = inference_settings(cfg.data, "classification", metrics.max_new_tokens,
+                                   labels=label_set(read_jsonl(splits.files["train"])))
     exported = export("genai-int4", merged.merged, test, str(run / "eval"), inference, cfg.export, run / "int4")
     assert exported.tokenizer_mismatches == 0  # the folder's chat template + tokenizer give the training ids
     assert exported.greedy_agreement >= cfg.export.min_greedy_agreement

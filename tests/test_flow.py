@@ -99,7 +99,8 @@ def test_artifacts_are_in_prefect(flow_run):
     assert {"metrics", "loss-curve", "model-card", "run-folder", "training-progress",
             "sample-generations"} <= set(by_key)
     table = json.loads(by_key["metrics"].data) if isinstance(by_key["metrics"].data, str) else by_key["metrics"].data
-    assert {row["metric"] for row in table} == {"accuracy", "macro_f1", "eval_loss", "perplexity"}
+    assert {row["metric"] for row in table} == {"accuracy", "macro_f1", "unconstrained_accuracy", "off_label_share",
+                                                "eval_loss", "perplexity"}
     assert set(table[0]) == {"metric", "base", "base 3-shot", "fine-tuned", "delta"}
     assert "data:image/png;base64," in by_key["loss-curve"].data
     assert "from_pretrained" in by_key["model-card"].data and "sha256" in by_key["model-card"].data

@@ -40,6 +40,7 @@ def _job(root: Path, base, uppercase: bool) -> dict:
     from tasks.stages.evaluate import evaluate
     from tasks.stages.ingest import ingest
     from tasks.stages.merge import merge
+    from tasks.common.labels import label_set
     from tasks.deploy.runtime.predict import inference_settings
     from tasks.stages.split import split
     from tasks.stages.train import train
@@ -57,7 +58,8 @@ def _job(root: Path, base, uppercase: bool) -> dict:
     test = splits.files["test"]
     merged = merge(base.matched_model, trained.adapter, test, MergeConfig(), root / "merged").merged
     evaluated = evaluate(merged, test, "classification", cfg.eval, root / "eval")
-    inference = inference_settings(cfg.data, "classification", evaluated.max_new_tokens, cfg.name)
+    inference = inference_settings(cfg.data, "classification", evaluated.max_new_tokens, cfg.name,
+                                   label_set(read_jsonl(splits.files["train"])))
     exported = export("genai-int4-adapter", merged, test, str(root / "eval"), inference, cfg.export,
                       root / "export", adapter=trained.adapter, int4_base=base.onnx)
     answers = [r["prediction"] for r in read_jsonl(root / "eval" / "predictions.jsonl")]

@@ -62,7 +62,8 @@ def test_a_promoted_nightly_run_is_tracked_and_registered_as_champion(mlflow_ser
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
     cfg = tiny_config(write_classification_dir(tmp_path / "cls"), tmp_path / "out", tiny_model_dir,
-                      train={"report_to": ["tensorboard", "mlflow"]}, eval={"baseline_examples": 6, "few_shot": 0},
+                      train={"report_to": ["tensorboard", "mlflow"]},
+                      eval={"baseline_examples": 6, "few_shot": 0, "constrain": "none"},  # as in test_nightly
                       output={"run_name": None})
     client = MlflowClient(mlflow_server)
     with prefect_test_harness():

@@ -78,6 +78,91 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     return out
 
 
+def answer_ids(tokenizer, labels: list[str]) -> dict[str, list[int]]:
+    """The token ids the model writes as each label's answer: the completion tokens of a one-turn chat with the
+    label as the assistant turn (``tokenize_with_completion_mask``: what training taught), up to and including
+    the end-of-sequence token when the template writes it (ChatML: the label's tokens, then ``<|im_end|>``;
+    Qwen3's empty reasoning block comes first).
+
+    Returns:
+        ``{label: token ids}``, the input of ``tasks.common.labels.LabelTree.build``.
+    """
+    user = [{"role": "user", "content": "?"}]
+    eos, out = tokenizer.eos_token_id, {}
+    for label in labels:
+        (ids, n), = tokenize_with_completion_mask(tokenizer, [{"messages": user + [{"role": "assistant",
+                                                                                   "content": label}]}])
+        completion = ids[n:]
+        out[label] = completion[: completion.index(eos) + 1] if eos in completion else completion
+    return out
+
+
+def constrained_decode(model, input_ids, attention_mask, tree, pad_token_id: int, cache=None,
+                       first_logits=None) -> list[str]:
+    """Greedy answers of a batch of prompts along the label tree ``tree`` (``tasks.common.labels``): every answer
+    is a label.
+
+    A row follows the tree without the model while its node has one child; where it has several, the model's
+    logits at that position choose among them. Each model call feeds every row that must choose the tokens it
+    took since its last call, as one right-padded chunk on top of the KV cache (padding masked out, positions
+    counted over real tokens only), so a batch needs as many calls as its deepest chain of choices, not as many
+    as its longest answer has tokens.
+
+    Args:
+        input_ids, attention_mask: int64 (batch, width): the left-padded prompts.
+        cache, first_logits: the model's KV cache after the prompts and float (batch, vocabulary) logits for
+            each row's first answer token (the evaluation's one prefill); None: the prompts are run here first.
+
+    Returns:
+        the label each row answered, in row order.
+    """
+    import torch
+
+    from tasks.common.labels import choose, forced
+
+    mask = attention_mask
+    with torch.inference_mode():
+        if cache is None:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            cache, first_logits = outputs.past_key_values, outputs.logits[:, -1]
+        rows = input_ids.shape[0]
+        nodes, pending, labels = [tree.root] * rows, [[] for _ in range(rows)], [None] * rows
+        logits = [first_logits[i].float() for i in range(rows)]
+
+        def advance(i: int) -> None:  # take forced and chosen tokens until the row needs the model or ends
+            while True:
+                tokens, nodes[i] = forced(nodes[i])
+                pending[i] += tokens
+                if nodes[i].label is not None:
+                    labels[i] = nodes[i].label
+                    return
+                if pending[i]:
+                    return
+                token = choose(nodes[i], logits[i])
+                nodes[i] = nodes[i].children[token]
+                pending[i].append(token)
+
+        for i in range(rows):
+            advance(i)
+        while feed := [i for i in range(rows) if labels[i] is None]:
+            width = max(len(pending[i]) for i in feed)
+            chunk = torch.full((rows, width), pad_token_id, dtype=torch.long, device=mask.device)
+            chunk_mask = torch.zeros_like(chunk)
+            for i in feed:
+                chunk[i, : len(pending[i])] = torch.tensor(pending[i])
+                chunk_mask[i, : len(pending[i])] = 1
+            mask = torch.cat([mask, chunk_mask], 1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+            outputs = model(input_ids=chunk, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True)
+            cache = outputs.past_key_values
+            for i in feed:
+                logits[i], pending[i] = outputs.logits[i, len(pending[i]) - 1].float(), []
+                advance(i)
+    return labels
+
+
 def default_max_new_tokens(tokenizer, references: list[str], task: str) -> int:
     """``eval.max_new_tokens``'s default: for classification the longest reference label's tokens + 2 (the
     end-of-turn token and a margin) + the tokens the chat template writes before every answer

@@ -131,6 +131,7 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
         tasks.deploy.runtime.adapters.AdapterError: the adapter does not fit the int4 base.
     """
     spec = TARGETS[target]
+    inference = with_label_token_ids(inference, merged_model, trust_remote_code)
     if spec.tool == "adapter" and not (adapter and int4_base):
         raise ValueError("export genai-int4-adapter needs the adapter folder and the int4 base folder")
     start = time.perf_counter()
@@ -156,6 +157,18 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
         write_json(tmp / "export.json", result.model_dump(mode="json", exclude={"path"}))
     log.info("export %s: %s", target, result.model_dump_json(exclude={"path"}))
     return result.model_copy(update={"path": str(out_dir)})
+
+
+def with_label_token_ids(inference: dict, merged_model: str, trust_remote_code: bool = False) -> dict:
+    """``inference`` with ``label_token_ids`` (``{label: answer token ids}``, ``tasks.common.chat.answer_ids`` with
+    the training tokenizer) when it names ``labels``: the folder then answers along their tree, as the evaluation
+    did (the gate checks that the folder's tokenizer encodes as the training one)."""
+    if not inference.get("labels"):
+        return inference
+    from tasks.common.chat import answer_ids
+
+    return inference | {"label_token_ids": answer_ids(load_tokenizer(merged_model, trust_remote_code),
+                                                      inference["labels"])}
 
 
 def folder_mb(folder: Path) -> float:
@@ -313,9 +326,10 @@ class GenAIRunner:
         return self.predictor.generate_ids(prompt, max_new_tokens)
 
     def answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        """The folder's answers as it serves them (``Predictor.answer``: constrained to its labels when its
+        ``inference.json`` has them), one sequence at a time: right-padded batches were slower on the CPU provider
+        (docs/benchmarks.md)."""
         from tqdm.auto import tqdm
 
-        # one sequence at a time: onnxruntime-genai 0.11 takes no left padding, and right-padded batches were
-        # slower on the CPU provider (docs/benchmarks.md)
-        return [self.predictor.decode(self.greedy(p, max_new_tokens))
+        return [self.predictor.answer(p, max_new_tokens)
                 for p in tqdm(prompts, desc="export gate: test rows", unit="row", file=sys.stderr)]

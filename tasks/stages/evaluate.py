@@ -1,9 +1,12 @@
 """evaluate: batched greedy generation and teacher-forced loss on the test split, for the base or tuned model.
 
 Classification: accuracy and macro-F1 of the generated label (exact match after whitespace/case
-normalisation). Generation: ROUGE-L F1 (rouge-score), corpus BLEU (sacrebleu) and exact match — of the whole
-text, or of the final answer an ``eval.answer_pattern`` extracts (gsm8k's ``#### <number>``). Both:
-completion-token eval loss and perplexity = exp(eval loss).
+normalisation); with ``eval.constrain: labels`` (the default) the answer is decoded along the tree of the train
+split's labels (``tasks.common.labels``), so it is a label by construction, and the unconstrained answer is
+measured beside it (``eval.compare_unconstrained``: its accuracy and the share of answers that are no label).
+Generation: ROUGE-L F1 (rouge-score), corpus BLEU (sacrebleu) and exact match — of the whole text, or of the final
+answer an ``eval.answer_pattern`` extracts (gsm8k's ``#### <number>``). Both: completion-token eval loss and
+perplexity = exp(eval loss).
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from configs.schema import ConfigError, EvalConfig
 from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16
-from tasks.common.chat import batches, default_max_new_tokens, generate, prompt_ids, tokenize_with_completion_mask
+from tasks.common.chat import (answer_ids, batches, constrained_decode, default_max_new_tokens, generate, prompt_ids,
+                               tokenize_with_completion_mask)
+from tasks.common.labels import LabelTree, label_set
 from tasks.common.files import atomic_dir, read_jsonl, write_json, write_jsonl
 from tasks.common.metrics import score, task_kind, wilson_interval
 
@@ -39,6 +44,12 @@ class EvalResult(BaseModel):
     wall_seconds: float
     population: int | None = None  # rows in the split; n_examples < population: a stratified sample of it
     few_shot: int = 0  # training examples shown before every prompt (k-shot prompting)
+    constrained: bool = False  # answers decoded along the label tree (eval.constrain: labels)
+    label_list: bool = False  # the label set was in the prompt (the prompting baselines)
+    # with constrained answers and eval.compare_unconstrained: the unconstrained answers' accuracy and the share
+    # of them that are no label at all
+    unconstrained_accuracy: float | None = None
+    off_label_share: float | None = None
     interval95: dict[str, tuple[float, float]] = {}  # Wilson 95 % interval of each per-row proportion metric
 
     @model_validator(mode="after")
@@ -62,7 +73,7 @@ class EvalResult(BaseModel):
 
 def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_dir: str | Path,
              trust_remote_code: bool = False, max_examples: int | None = None, few_shot: int = 0,
-             shots_file: str | None = None, seed: int = 0) -> EvalResult:
+             train_file: str | None = None, seed: int = 0, label_list: bool = False) -> EvalResult:
     """Evaluate the model at ``model_path`` on ``test_file``; publish ``metrics.json`` + ``predictions.jsonl``
     in ``out_dir`` atomically.
 
@@ -70,15 +81,20 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
         task: ``"classification"`` or ``"generation"`` (``cfg.task`` overrides it unless ``"auto"``).
         max_examples: evaluate a stratified sample of this many rows (``tasks.stages.split.subsample`` with ``seed``);
             None = every row.
-        few_shot: k; with ``shots_file`` (a split's JSONL), k of its examples (``few_shot_examples``) precede every
-            prompt as earlier chat turns.
+        few_shot: k; k of ``train_file``'s examples (``few_shot_examples``) precede every prompt as earlier chat
+            turns.
+        train_file: the train split (JSONL; default the ``train.jsonl`` beside ``test_file``, as the split stage
+            writes them): the few-shot examples and, for classification with ``cfg.constrain: labels``, the label
+            set answers are constrained to.
+        label_list: tell the model the label set in the prompt (``with_label_list``; the prompting baselines).
 
     Returns:
         ``EvalResult``, with the Wilson 95 % interval of its per-row proportion metric
         (``tasks.common.metrics.TaskKind.per_row``).
 
     Raises:
-        ValueError: ``few_shot`` without ``shots_file``.
+        ValueError: ``few_shot``, constrained answers or ``label_list`` without ``train_file``.
+        tasks.common.labels.LabelTreeError: the labels' answer tokens cannot be told apart (a ValueError).
     """
     from tasks.stages.split import subsample
 
@@ -87,31 +103,81 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
     records = read_jsonl(test_file)
     population = len(records)
     records = subsample(records, max_examples, seed)
-    if few_shot:
-        if shots_file is None:
-            raise ValueError("evaluate: few_shot needs shots_file (the split to draw the examples from)")
-        shots = few_shot_examples(read_jsonl(shots_file), few_shot, seed)
-        records = [with_shots(r, shots) for r in records]
+    constrain = task == "classification" and cfg.constrain == "labels"
+    beside = Path(test_file).with_name("train.jsonl")  # the split stage's folder holds train.jsonl beside it
+    train_file = train_file or (str(beside) if beside.is_file() else None)
+    if (few_shot or constrain or label_list) and train_file is None:
+        raise ValueError("evaluate: few_shot, constrained answers and label_list need train_file (the train split)")
+    train = read_jsonl(train_file) if train_file else []
+    labels = label_set(train)
+    shots = few_shot_examples(train, few_shot, seed) if few_shot else []
+    records = [with_shots(r, shots) for r in records] if shots else records
     tokenizer = load_tokenizer(model_path, trust_remote_code)
+    if label_list and labels:
+        records = [with_label_list(r, labels, tokenizer) for r in records]
     model = load_model(model_path, trust_remote_code)
     prompts = [prompt_ids(tokenizer, r) for r in records]
     references = [r["messages"][-1]["content"] for r in records]
     max_new = cfg.max_new_tokens or default_max_new_tokens(tokenizer, references, task)
+    tree = LabelTree.build(answer_ids(tokenizer, labels)) if constrain else None
     bf16 = use_bf16(cfg.bf16)
     with autocast(bf16):
-        predictions, loss = generate_with_loss(model, tokenizer, records, prompts, max_new, cfg.batch_size)
+        predictions, loss, free = generate_with_loss(model, tokenizer, records, prompts, max_new, cfg.batch_size,
+                                                     tree, compare=constrain and cfg.compare_unconstrained)
     scores = score(task, predictions, references, cfg.answer_pattern)
     per_row = task_kind(task).per_row
+    extra = unconstrained_figures(free, references, labels) if free is not None else {}
     metrics = EvalResult(task=task, **scores, eval_loss=loss, perplexity=math.exp(loss), n_examples=len(records),
                          bf16=bf16, max_new_tokens=max_new, wall_seconds=time.perf_counter() - start,
-                         population=population, few_shot=len(shots) if few_shot else 0,
+                         population=population, few_shot=len(shots), constrained=constrain,
+                         label_list=bool(label_list and labels), **extra,
                          interval95={per_row: wilson_interval(round(scores[per_row] * len(records)), len(records))})
+    rows = [{"prompt": r["messages"][:-1], "reference": ref, "prediction": p}
+            | ({"unconstrained": free[i]} if free is not None else {})
+            for i, (r, ref, p) in enumerate(zip(records, references, predictions))]
     with atomic_dir(out_dir) as tmp:
-        write_jsonl(tmp / "predictions.jsonl", [{"prompt": r["messages"][:-1], "reference": ref, "prediction": p}
-                                                for r, ref, p in zip(records, references, predictions)])
+        write_jsonl(tmp / "predictions.jsonl", rows)
         write_json(tmp / "metrics.json", metrics.model_dump(mode="json"))
     log.info("evaluate %s: %s", model_path, metrics.model_dump_json())
     return metrics
+
+
+def unconstrained_figures(answers: list[str], references: list[str], labels: list[str]) -> dict:
+    """``{"unconstrained_accuracy", "off_label_share"}`` of free-running answers: the fraction equal to the
+    reference, and the fraction that is none of ``labels`` (after ``normalise_answer``)."""
+    from tasks.common.metrics import normalise_answer
+
+    known = {normalise_answer(label) for label in labels}
+    pairs = [(normalise_answer(a), normalise_answer(r)) for a, r in zip(answers, references)]
+    n = max(len(pairs), 1)
+    return {"unconstrained_accuracy": sum(a == r for a, r in pairs) / n,
+            "off_label_share": sum(a not in known for a, _ in pairs) / n}
+
+
+def with_label_list(record: dict, labels: list[str], tokenizer) -> dict:
+    """``record`` with the label set named in its prompt — in its system turn, or (a template without a system
+    role, e.g. Gemma's) at the head of its first user turn: "Answer with exactly one of these labels: a, b, ...".
+    What a prompt engineer adds for a base model that was never trained on the label names."""
+    note = "Answer with exactly one of these labels: " + ", ".join(labels) + "."
+    messages = [dict(m) for m in record["messages"]]
+    if messages[0]["role"] == "system":
+        messages[0]["content"] = f"{messages[0]['content']}\n\n{note}"
+    elif accepts_system_role(tokenizer):
+        messages.insert(0, {"role": "system", "content": note})
+    else:
+        first = next(m for m in messages if m["role"] == "user")
+        first["content"] = f"{note}\n\n{first['content']}"
+    return {**record, "messages": messages}
+
+
+def accepts_system_role(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a system turn (Gemma's raises on one)."""
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                      tokenize=False)
+    except Exception:  # noqa: BLE001 - jinja's TemplateError from raise_exception, or a template's own error
+        return False
+    return True
 
 
 def few_shot_examples(records: list[dict], k: int, seed: int) -> list[dict]:
@@ -168,38 +234,65 @@ def completion_loss(model, tokenizer, records: list[dict], batch_size: int) -> f
 
 
 def generate_with_loss(model, tokenizer, records: list[dict], prompts: list[list[int]], max_new_tokens: int,
-                       batch_size: int) -> tuple[list[str], float]:
-    """``generate``'s greedy answers and ``completion_loss``'s loss, from one prefill of each prompt.
+                       batch_size: int, tree: LabelTree | None = None,
+                       compare: bool = False) -> tuple[list[str], float, list[str] | None]:
+    """Greedy answers and ``completion_loss``'s loss, from one prefill of each prompt.
 
     One forward pass over [left-padded prompt | right-padded reference answer] gives the teacher-forced loss at
     the answer tokens and, at the prompt's last position (which predicts the first answer token), the first
     greedy token; the KV cache of that pass, cropped to the prompt (causal attention: the prompt's keys and
-    values never see the answer), then continues greedy decoding (``model.generate`` with ``past_key_values``).
-    Falls back to the two separate passes when a record's chat template does not render its prompt as a prefix
-    of prompt + answer, or the model's cache cannot be cropped.
+    values never see the answer), then continues decoding: along the label tree ``tree``
+    (``tasks.common.chat.constrained_decode``), or free-running (``model.generate`` with ``past_key_values``).
+    Falls back to separate passes when a record's chat template does not render its prompt as a prefix of
+    prompt + answer, or the model's cache cannot be cropped.
 
     Args:
         prompts: ``prompt_ids`` of each record (generation prompt included).
-        max_new_tokens: greedy tokens per row at most; a row ends at the tokenizer's end-of-sequence token.
+        max_new_tokens: free-running tokens per row at most; a row ends at the tokenizer's end-of-sequence token.
+        tree: constrain the answers to its labels (None: free-running).
+        compare: with ``tree``, also decode free-running from the same prefill (a copy of the cache).
 
     Returns:
-        ``(answers in input order, mean cross-entropy in nats per completion token)``.
+        ``(answers in input order, mean cross-entropy in nats per completion token, the free-running answers
+        with ``compare`` else None)``.
     """
     from tqdm.auto import tqdm
 
     rows = tokenize_with_completion_mask(tokenizer, records)
+    compare = tree is not None and compare
     if any(full[:n] != prompt for (full, n), prompt in zip(rows, prompts)) or not _croppable(model):
-        return (generate(model, tokenizer, prompts, max_new_tokens, batch_size),
-                completion_loss(model, tokenizer, records, batch_size))
+        loss = completion_loss(model, tokenizer, records, batch_size)
+        free = generate(model, tokenizer, prompts, max_new_tokens, batch_size) if tree is None or compare else None
+        if tree is None:
+            return free, loss, None
+        return generate_constrained(model, tokenizer, prompts, tree, batch_size), loss, free
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out, total, count = [""] * len(prompts), 0.0, 0
+    out, free, total, count = [""] * len(prompts), [""] * len(prompts) if compare else None, 0.0, 0
     for idx in tqdm(list(batches(order, batch_size)), desc="generate + eval loss"):
-        texts, nll, n = _generate_with_loss_batch(model, tokenizer, [prompts[i] for i in idx],
-                                                  [rows[i][0][rows[i][1]:] for i in idx], max_new_tokens)
-        for i, text in zip(idx, texts):
-            out[i] = text
+        texts, nll, n, free_texts = _generate_with_loss_batch(model, tokenizer, [prompts[i] for i in idx],
+                                                              [rows[i][0][rows[i][1]:] for i in idx],
+                                                              max_new_tokens, tree, compare)
+        for j, i in enumerate(idx):
+            out[i] = texts[j]
+            if compare:
+                free[i] = free_texts[j]
         total, count = total + nll, count + n
-    return out, total / max(count, 1)
+    return out, total / max(count, 1), free
+
+
+def generate_constrained(model, tokenizer, prompts: list[list[int]], tree: LabelTree, batch_size: int) -> list[str]:
+    """``constrained_decode`` over ``prompts`` in left-padded batches (longest first); the labels in input order."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for idx in tqdm(list(batches(order, batch_size)), desc="constrained answers"):
+        batch = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt",
+                              padding_side="left").to(model.device)
+        for i, label in zip(idx, constrained_decode(model, batch["input_ids"], batch["attention_mask"], tree,
+                                                    tokenizer.pad_token_id)):
+            out[i] = label
+    return out
 
 
 def _croppable(model) -> bool:
@@ -216,8 +309,12 @@ def _croppable(model) -> bool:
 
 
 def _generate_with_loss_batch(model, tokenizer, prompts: list[list[int]], answers: list[list[int]],
-                              max_new_tokens: int) -> tuple[list[str], float, int]:
-    """One batch of ``generate_with_loss``: ``(answers, summed cross-entropy in nats, completion tokens)``."""
+                              max_new_tokens: int, tree: LabelTree | None = None,
+                              free_running: bool = True) -> tuple[list[str], float, int, list[str] | None]:
+    """One batch of ``generate_with_loss``: ``(answers, summed cross-entropy in nats, completion tokens,
+    free-running answers or None)``; ``free_running``: decode free-running too (always when ``tree`` is None)."""
+    import copy
+
     import torch
 
     from tasks.common.loss import IGNORE_INDEX, completion_logits
@@ -236,18 +333,33 @@ def _generate_with_loss_batch(model, tokenizer, prompts: list[list[int]], answer
             model, {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}, labels)
         nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
         counts = (labels != IGNORE_INDEX).sum(-1)
-        first = logits[counts.cumsum(0) - counts].argmax(-1)  # each row's first kept position: the prompt's last
-        new = first[:, None]
-        if max_new_tokens > 1:
-            cache = outputs.past_key_values
-            if tail:  # drop the answer's keys/values (a negative count: transformers 5 refuses a positive one)
-                cache.crop(-tail)
-            generated = model.generate(input_ids=torch.cat([ids[:, :width], new], 1),
-                                       attention_mask=torch.cat([mask[:, :width], torch.ones_like(new)], 1),
-                                       past_key_values=cache, max_new_tokens=max_new_tokens - 1, do_sample=False,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            new = generated[:, width:]
+        first_logits = logits[counts.cumsum(0) - counts]  # each row's first kept position: the prompt's last
+        cache = outputs.past_key_values
+        if tail:  # drop the answer's keys/values (a negative count: transformers 5 refuses a positive one)
+            cache.crop(-tail)
+        free = None
+        if tree is None or free_running:
+            free = _free_running(model, tokenizer, ids[:, :width], mask[:, :width], first_logits,
+                                 copy.deepcopy(cache) if tree is not None else cache, max_new_tokens)
+        if tree is None:
+            return free, nll, targets.numel(), None
+        chosen = constrained_decode(model, ids[:, :width], mask[:, :width], tree, tokenizer.pad_token_id, cache,
+                                    first_logits)
+    return chosen, nll, targets.numel(), free
+
+
+def _free_running(model, tokenizer, ids, mask, first_logits, cache, max_new_tokens: int) -> list[str]:
+    """Greedy free-running answers after the prompts ``ids`` (left-padded, ``mask``) from their KV cache and the
+    logits of the first answer token (``model.generate`` with ``past_key_values``)."""
+    import torch
+
+    new = first_logits.argmax(-1)[:, None]
+    if max_new_tokens > 1:
+        generated = model.generate(input_ids=torch.cat([ids, new], 1),
+                                   attention_mask=torch.cat([mask, torch.ones_like(new)], 1),
+                                   past_key_values=cache, max_new_tokens=max_new_tokens - 1, do_sample=False,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        new = generated[:, ids.shape[1]:]
     eos = tokenizer.eos_token_id
     cut = [row[: row.index(eos)] if eos in row else row for row in new.tolist()]  # a row that ended stays ended
-    texts = [text.strip() for text in tokenizer.batch_decode(cut, skip_special_tokens=True)]
-    return texts, nll, targets.numel()
+    return [text.strip() for text in tokenizer.batch_decode(cut, skip_special_tokens=True)]

@@ -113,14 +113,15 @@ def log_test_metrics(folder: str | Path, metrics: dict) -> None:
 def sample_generations(base_eval: str | None, tuned_eval: str, n: int = N_SAMPLES) -> list[dict]:
     """The first ``n`` test rows side by side: ``[{"prompt": last user message, "reference", "base" (None
     without a base evaluation), "fine-tuned"}]``, read from the evaluations' ``predictions.jsonl``; with a base
-    evaluation (a sample of the test rows) the first ``n`` rows it answered."""
+    evaluation (a sample of the test rows) the first ``n`` rows it answered, matched by the row's own user message
+    (the base model's prompt may name the label set before it, ``eval.label_list``)."""
     tuned = read_jsonl(Path(tuned_eval) / "predictions.jsonl")
     base = {}
     if base_eval:
-        base = {json.dumps(r["prompt"]): r["prediction"] for r in read_jsonl(Path(base_eval) / "predictions.jsonl")}
-        tuned = [t for t in tuned if json.dumps(t["prompt"]) in base]
+        base = {r["prompt"][-1]["content"]: r["prediction"] for r in read_jsonl(Path(base_eval) / "predictions.jsonl")}
+        tuned = [t for t in tuned if t["prompt"][-1]["content"] in base]
     return [{"prompt": t["prompt"][-1]["content"], "reference": t["reference"],
-             "base": base.get(json.dumps(t["prompt"])), "fine-tuned": t["prediction"]} for t in tuned[:n]]
+             "base": base.get(t["prompt"][-1]["content"]), "fine-tuned": t["prediction"]} for t in tuned[:n]]
 
 
 def samples_markdown(samples: list[dict]) -> str:
@@ -248,15 +249,17 @@ def _fmt(value) -> str:
 
 
 def metrics_rows(metrics: dict) -> list[dict]:
-    """One row per quality metric, eval loss and perplexity: base (zero-shot), base k-shot (with a few-shot
-    evaluation), fine-tuned and the delta fine-tuned − zero-shot base (4 decimals)."""
+    """One row per quality metric, the free-running answers' accuracy and share of answers that are no label (with
+    constrained answers), eval loss and perplexity: base (zero-shot), base k-shot (with a few-shot evaluation),
+    fine-tuned and the delta fine-tuned − zero-shot base (4 decimals)."""
     base, shots, tuned = metrics["base"] or {}, metrics.get("base_few_shot"), metrics["finetuned"]
     rows = []
-    for key in (*task_kind(metrics["task"]).metrics, *LOSS_METRICS):
+    unconstrained = tuple(k for k in ("unconstrained_accuracy", "off_label_share") if tuned.get(k) is not None)
+    for key in (*task_kind(metrics["task"]).metrics, *unconstrained, *LOSS_METRICS):
         b, t = base.get(key), tuned[key]
         row = {"metric": key, "base": None if b is None else round(b, 4)}
         if shots:
-            row[f"base {shots['few_shot']}-shot"] = round(shots[key], 4)
+            row[f"base {shots['few_shot']}-shot"] = None if shots.get(key) is None else round(shots[key], 4)
         rows.append(row | {"fine-tuned": round(t, 4), "delta": None if b is None else round(t - b, 4)})
     return rows
 

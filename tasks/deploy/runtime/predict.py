@@ -16,18 +16,22 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.common.labels import LabelTree, constrained_greedy
 from tasks.common.metrics import strip_reasoning
 from tasks.deploy.runtime.adapters import ADAPTER_INFO, AdapterError, base_identity, check_adapter, check_baked
 
 INFERENCE_FILE = "inference.json"
 
 
-def inference_settings(data_cfg, task: str, max_new_tokens: int, name: str | None = None) -> dict:
+def inference_settings(data_cfg, task: str, max_new_tokens: int, name: str | None = None,
+                       labels: list[str] | None = None) -> dict:
     """The ``inference.json`` of an export: the run config's ``name`` (an adapter serves under it), how
-    ``tasks/stages/ingest.py`` made chat messages of an input text (``data.system_prompt``; ``data.prompt_template`` for
-    classification), and the answer length in tokens."""
+    ``tasks/stages/ingest.py`` made chat messages of an input text (``data.system_prompt``; ``data.prompt_template``
+    for classification), the answer length in tokens and, for answers constrained to a label set, its ``labels``
+    (the export adds each one's answer token ids, ``label_token_ids``)."""
     return {"name": name, "task": task, "system_prompt": data_cfg.system_prompt, "max_new_tokens": max_new_tokens,
-            "prompt_template": data_cfg.prompt_template if task == "classification" else "{text}"}
+            "prompt_template": data_cfg.prompt_template if task == "classification" else "{text}"} | (
+        {"labels": sorted(labels)} if labels else {})
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
@@ -125,6 +129,7 @@ class Predictor:
                 raise AdapterError(f"{file}: ONNX Runtime GenAI cannot load it ({str(e).splitlines()[0]})") from None
             self.prompt_formats[name] = json.loads((Path(path) / INFERENCE_FILE).read_text(encoding="utf-8"))
         self.default = baked or (None if None in self.prompt_formats or len(adapters) != 1 else next(iter(adapters)))
+        self._trees: dict[str | None, LabelTree | None] = {}
 
     @property
     def adapters(self) -> list[str]:
@@ -185,6 +190,38 @@ class Predictor:
         eos = set(int(i) for i in self.tokenizer.eos_token_ids)
         return new[:-1] if new and new[-1] in eos else new
 
+    def label_tree(self, adapter: str | None = None) -> LabelTree | None:
+        """The label tree of the prompt format of ``adapter`` (``inference.json``'s ``label_token_ids``: the token
+        ids of each label's answer, as the export wrote them with the training tokenizer), or None: free text."""
+        name = self._choose(adapter)
+        if name not in self._trees:
+            ids = self.prompt_formats[name].get("label_token_ids")
+            self._trees[name] = LabelTree.build(ids) if ids else None
+        return self._trees[name]
+
+    def answer(self, prompt: list[int], max_new_tokens: int, adapter: str | None = None) -> str:
+        """The answer to ``prompt`` (token ids): a label of ``label_tree`` (decoded along it: only its branch points
+        call the model, ``tasks.common.labels.constrained_greedy``), or free greedy text (``generate_ids`` then
+        ``decode``) when the folder has no label set."""
+        tree = self.label_tree(adapter)
+        if tree is None:
+            return self.decode(self.generate_ids(prompt, max_new_tokens, adapter=adapter))
+        og, name = self._og, self._choose(adapter)
+        params = og.GeneratorParams(self.model)
+        longest = max(map(len, tree.sequences.values()))
+        params.set_search_options(do_sample=False, max_length=len(prompt) + longest + 1)
+        generator = og.Generator(self.model, params)
+        if self._adapters is not None and name is not None:
+            generator.set_active_adapter(self._adapters, name)
+        generator.append_tokens([prompt])
+
+        def next_logits(tokens: list[int]):
+            generator.append_tokens([tokens])
+            return generator.get_logits()[0, -1]
+
+        label, _, _ = constrained_greedy(tree, generator.get_logits()[0, -1], next_logits)
+        return label
+
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` without special tokens and without a leading reasoning block
         (``tasks.common.metrics.strip_reasoning``: Qwen3 writes ``<think>...</think>`` before every answer),
@@ -206,8 +243,7 @@ class Predictor:
                     disable=single)
         for text, name in rows:
             max_new = max_new_tokens or self.prompt_formats[self._choose(name)]["max_new_tokens"]
-            answers.append(self.decode(self.generate_ids(self.prompt_ids(self.messages(text, name)), max_new,
-                                                         adapter=name)))
+            answers.append(self.answer(self.prompt_ids(self.messages(text, name)), max_new, adapter=name))
         return answers[0] if single else answers
 
 
