@@ -221,3 +221,38 @@ def test_a_sampled_few_shot_evaluation_reports_its_sample_shots_and_interval(tmp
     (alone / "test.jsonl").write_text((Path(files["test"])).read_text())  # no train.jsonl beside it
     with pytest.raises(ValueError, match="few_shot, constrained answers and label_list need train_file"):
         evaluate(tiny_trained["base"], str(alone / "test.jsonl"), "classification", cfg, tmp_path / "x", few_shot=2)
+
+
+def test_a_prefix_every_prompt_shares_is_run_once_with_the_same_answers_and_loss(tiny_trained, monkeypatch):
+    """The prompting baselines' prompts share the system turn and the k examples: generate_with_loss runs that
+    prefix once and repeats its KV cache (prefix caching); answers, free-running answers and loss are those of
+    running every prompt whole."""
+    from tasks.base_model import load_model, load_tokenizer
+    from tasks.common.chat import answer_ids, prompt_ids
+    from tasks.common.labels import LabelTree
+    from tasks.stages import evaluate as module
+
+    files = tiny_trained["splits"].files
+    train, labels = read_jsonl(files["train"]), ["colour", "fruit", "tool"]
+    shots = module.few_shot_examples(train, 3, seed=0)
+    tok, model = load_tokenizer(tiny_trained["base"]), load_model(tiny_trained["base"])
+    records = [module.with_label_list(module.with_shots(r, shots), labels, tok) for r in read_jsonl(files["test"])]
+    prompts = [prompt_ids(tok, r) for r in records]
+    tree = LabelTree.build(answer_ids(tok, labels))
+    shared = module.shared_prefix(prompts)
+    assert len(shared) > 20 and all(p[: len(shared)] == shared and len(p) > len(shared) for p in prompts)
+
+    def run(minimum):
+        monkeypatch.setattr(module, "SHARED_PREFIX_MIN", minimum)
+        return module.generate_with_loss(model, tok, records, prompts, 4, 5, tree, compare=True)
+
+    calls = []
+    prefix_cache = module._prefix_cache
+    monkeypatch.setattr(module, "_prefix_cache", lambda m, p: calls.append(len(p)) or prefix_cache(m, p))
+    whole = run(10**9)
+    assert calls == []
+    cached = run(1)
+    assert calls == [len(shared)]
+    assert cached[0] == whole[0] and cached[2] == whole[2]
+    assert cached[1] == pytest.approx(whole[1], rel=0, abs=1e-5)
+    assert module.shared_prefix([[1, 2, 3], [1, 2]]) == [1] and module.shared_prefix([[1, 2]]) == []

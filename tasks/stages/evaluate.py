@@ -246,6 +246,11 @@ def generate_with_loss(model, tokenizer, records: list[dict], prompts: list[list
     Falls back to separate passes when a record's chat template does not render its prompt as a prefix of
     prompt + answer, or the model's cache cannot be cropped.
 
+    Prefix caching: when every prompt starts with the same ``SHARED_PREFIX_MIN`` or more tokens (the prompting
+    baselines: the system turn naming the labels and the k examples, identical in every row), that prefix is
+    run once and its KV cache is repeated across each batch (as vLLM's automatic prefix caching does), so each
+    row pays only for its own tokens.
+
     Args:
         prompts: ``prompt_ids`` of each record (generation prompt included).
         max_new_tokens: free-running tokens per row at most; a row ends at the tokenizer's end-of-sequence token.
@@ -268,16 +273,41 @@ def generate_with_loss(model, tokenizer, records: list[dict], prompts: list[list
         return generate_constrained(model, tokenizer, prompts, tree, batch_size), loss, free
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out, free, total, count = [""] * len(prompts), [""] * len(prompts) if compare else None, 0.0, 0
+    prefix = shared_prefix(prompts)
+    prefix = (prefix, _prefix_cache(model, prefix)) if len(prefix) >= SHARED_PREFIX_MIN else None
     for idx in tqdm(list(batches(order, batch_size)), desc="generate + eval loss"):
         texts, nll, n, free_texts = _generate_with_loss_batch(model, tokenizer, [prompts[i] for i in idx],
                                                               [rows[i][0][rows[i][1]:] for i in idx],
-                                                              max_new_tokens, tree, compare)
+                                                              max_new_tokens, tree, compare, prefix)
         for j, i in enumerate(idx):
             out[i] = texts[j]
             if compare:
                 free[i] = free_texts[j]
         total, count = total + nll, count + n
     return out, total / max(count, 1), free
+
+
+SHARED_PREFIX_MIN = 64  # tokens: below this, running a common prefix once saves less than it costs to set up
+
+
+def shared_prefix(prompts: list[list[int]]) -> list[int]:
+    """The token ids every prompt starts with, leaving each prompt at least its last token (whose logits predict
+    the answer's first token)."""
+    if len(prompts) < 2:
+        return []
+    limit, first = min(map(len, prompts)) - 1, prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return first[:n]
+
+
+def _prefix_cache(model, prefix: list[int]):
+    """The KV cache of ``prefix`` (one row), positions 0 .. len - 1."""
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True).past_key_values
 
 
 def generate_constrained(model, tokenizer, prompts: list[list[int]], tree: LabelTree, batch_size: int) -> list[str]:
@@ -309,16 +339,19 @@ def _croppable(model) -> bool:
 
 
 def _generate_with_loss_batch(model, tokenizer, prompts: list[list[int]], answers: list[list[int]],
-                              max_new_tokens: int, tree: LabelTree | None = None,
-                              free_running: bool = True) -> tuple[list[str], float, int, list[str] | None]:
+                              max_new_tokens: int, tree: LabelTree | None = None, free_running: bool = True,
+                              prefix=None) -> tuple[list[str], float, int, list[str] | None]:
     """One batch of ``generate_with_loss``: ``(answers, summed cross-entropy in nats, completion tokens,
-    free-running answers or None)``; ``free_running``: decode free-running too (always when ``tree`` is None)."""
+    free-running answers or None)``; ``free_running``: decode free-running too (always when ``tree`` is None);
+    ``prefix``: ``(token ids every prompt starts with, their one-row KV cache)`` or None."""
     import copy
 
     import torch
 
     from tasks.common.loss import IGNORE_INDEX, completion_logits
 
+    head, cache = prefix if prefix else ([], None)
+    prompts = [p[len(head):] for p in prompts]
     width, tail = max(map(len, prompts)), max(map(len, answers))
     ids = torch.full((len(prompts), width + tail), tokenizer.pad_token_id, dtype=torch.long)
     mask, labels = torch.zeros_like(ids), torch.full_like(ids, IGNORE_INDEX)
@@ -327,10 +360,17 @@ def _generate_with_loss_batch(model, tokenizer, prompts: list[list[int]], answer
         mask[j, width - len(prompt): width + len(answer)] = 1
         labels[j, width: width + len(answer)] = torch.tensor(answer)
     ids, mask, labels = ids.to(model.device), mask.to(model.device), labels.to(model.device)
+    inputs = {"input_ids": ids, "use_cache": True}
+    if head:  # [shared prefix | pad | row's own prompt | answer]: the prefix's cache, repeated for each row
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(len(prompts))
+        shared = torch.tensor([head], dtype=torch.long, device=model.device).expand(len(prompts), -1)
+        ids, mask = torch.cat([shared, ids], 1), torch.cat([torch.ones_like(shared), mask], 1)
+        inputs["past_key_values"], width = cache, width + len(head)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers a left-padded prompt
+    inputs |= {"attention_mask": mask, "position_ids": positions[:, len(head):]}
     with torch.inference_mode():
-        logits, targets, outputs = completion_logits(
-            model, {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}, labels)
+        logits, targets, outputs = completion_logits(model, inputs, labels)
         nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
         counts = (labels != IGNORE_INDEX).sum(-1)
         first_logits = logits[counts.cumsum(0) - counts]  # each row's first kept position: the prompt's last
