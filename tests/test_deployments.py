@@ -310,7 +310,8 @@ def test_run_triggered_from_the_cli_completes_on_the_worker(service, tiny_cfg):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Completed" in done.stdout
     metrics = json.loads((Path(tiny_cfg.output.dir) / "from-cli" / "metrics.json").read_text())
-    assert metrics["finetuned"]["accuracy"] > metrics["base"]["accuracy"]
+    # learned (the loss; constrained, the barely trained tiny model and its base both answer at chance, 1/3)
+    assert metrics["finetuned"]["eval_loss"] < metrics["base"]["eval_loss"] and metrics["finetuned"]["constrained"]
     latest = json.loads((Path(tiny_cfg.output.dir) / "latest.json").read_text())
     assert latest["run_dir"].endswith("from-cli")
 
