@@ -144,14 +144,13 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
 
 def unconstrained_figures(answers: list[str], references: list[str], labels: list[str]) -> dict:
     """``{"unconstrained_accuracy", "off_label_share"}`` of free-running answers: the fraction equal to the
-    reference, and the fraction that is none of ``labels`` (after ``normalise_answer``)."""
-    from tasks.common.metrics import normalise_answer
+    reference (``classification_metrics``), and the fraction that is none of ``labels`` (after
+    ``normalise_answer``)."""
+    from tasks.common.metrics import classification_metrics, normalise_answer
 
     known = {normalise_answer(label) for label in labels}
-    pairs = [(normalise_answer(a), normalise_answer(r)) for a, r in zip(answers, references)]
-    n = max(len(pairs), 1)
-    return {"unconstrained_accuracy": sum(a == r for a, r in pairs) / n,
-            "off_label_share": sum(a not in known for a, _ in pairs) / n}
+    return {"unconstrained_accuracy": classification_metrics(answers, references)["accuracy"],
+            "off_label_share": sum(normalise_answer(a) not in known for a in answers) / max(len(answers), 1)}
 
 
 def with_label_list(record: dict, labels: list[str], tokenizer) -> dict:

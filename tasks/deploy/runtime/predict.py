@@ -173,15 +173,8 @@ class Predictor:
         Returns:
             the new token ids, end-of-sequence token excluded.
         """
-        og = self._og
-        name = self._choose(adapter)
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens,
-                                  min_length=len(prompt) + min_new_tokens)
-        generator = og.Generator(self.model, params)
-        if self._adapters is not None and name is not None:
-            generator.set_active_adapter(self._adapters, name)
-        generator.append_tokens([prompt])
+        generator = self._generator(prompt, adapter, max_length=len(prompt) + max_new_tokens,
+                                    min_length=len(prompt) + min_new_tokens)
         while not generator.is_done():
             generator.generate_next_token()
             if on_token:
@@ -189,6 +182,18 @@ class Predictor:
         new = [int(i) for i in generator.get_sequence(0)[len(prompt):]]
         eos = set(int(i) for i in self.tokenizer.eos_token_ids)
         return new[:-1] if new and new[-1] in eos else new
+
+    def _generator(self, prompt: list[int], adapter: str | None, **search):
+        """A greedy ONNX Runtime GenAI generator with ``adapter`` active (default: the only one loaded) that has
+        read ``prompt``; ``search``: its length options (``max_length``, ``min_length``)."""
+        og, name = self._og, self._choose(adapter)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, **search)
+        generator = og.Generator(self.model, params)
+        if self._adapters is not None and name is not None:
+            generator.set_active_adapter(self._adapters, name)
+        generator.append_tokens([prompt])
+        return generator
 
     def label_tree(self, adapter: str | None = None) -> LabelTree | None:
         """The label tree of the prompt format of ``adapter`` (``inference.json``'s ``label_token_ids``: the token
@@ -206,14 +211,8 @@ class Predictor:
         tree = self.label_tree(adapter)
         if tree is None:
             return self.decode(self.generate_ids(prompt, max_new_tokens, adapter=adapter))
-        og, name = self._og, self._choose(adapter)
-        params = og.GeneratorParams(self.model)
         longest = max(map(len, tree.sequences.values()))
-        params.set_search_options(do_sample=False, max_length=len(prompt) + longest + 1)
-        generator = og.Generator(self.model, params)
-        if self._adapters is not None and name is not None:
-            generator.set_active_adapter(self._adapters, name)
-        generator.append_tokens([prompt])
+        generator = self._generator(prompt, adapter, max_length=len(prompt) + longest + 1)
 
         def next_logits(tokens: list[int]):
             generator.append_tokens([tokens])
