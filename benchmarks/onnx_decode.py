@@ -1,13 +1,16 @@
-"""Decode speed of one fine-tuned model as PyTorch fp32, ONNX fp32 (optimum + onnxruntime) and ONNX Runtime
-GenAI int4, on the same prompts, alternating engines round by round.
+"""Decode speed of one fine-tuned model as PyTorch fp32 and as each of its exports (ONNX Runtime GenAI folders, the
+OpenVINO NPU form), on the same prompts, alternating engines round by round.
 
-    python benchmarks/onnx_decode.py --run outputs/<run> [--prompts 8] [--new-tokens 64] [--rounds 3]
+    python benchmarks/onnx_decode.py --run outputs/<run> [--npu DIR] [--prompts 8] [--new-tokens 64] [--rounds 3]
 
-``--run`` is a run folder of ``python -m flows.finetune`` exported with
-``--set 'export.targets=[onnx-fp32,genai-int4]'`` (its ``merged/``, ``onnx/<target>/`` and ``data/test.jsonl``).
-Each prompt decodes exactly ``--new-tokens`` greedy tokens (end-of-sequence ignored), one sequence at a time
-with a KV cache; PyTorch runs as the pipeline loads it (``tasks.base_model.load_model``: fp32, SDPA attention),
-GenAI through ``tasks.deploy.runtime.predict.Predictor`` (as ``flows.predict`` does). Time to first token (TTFT) =
+``--run`` is a run folder of ``python -m flows.finetune`` (its ``merged/``, ``onnx/<target>/`` and
+``data/test.jsonl``); every export folder under ``onnx/`` is an engine (the int4 base alone is not), and ``--npu``
+adds an ``openvino-npu`` folder made elsewhere (``benchmarks/npu_export.py``). Each prompt decodes exactly
+``--new-tokens`` greedy tokens (end-of-sequence ignored), one sequence at a time with a KV cache; PyTorch runs as the
+pipeline loads it (``tasks.base_model.load_model``: fp32, SDPA attention), GenAI through
+``tasks.deploy.runtime.predict.Predictor`` and the NPU form through ``tasks.deploy.runtime.openvino.NPUPredictor``
+(as ``flows.predict`` does: on a machine without an NPU, the NPU's static pipeline on the CPU, which is not an NPU
+figure). Time to first token (TTFT) =
 prompt processing + first token; decode rate = tokens after the first / time after the first. Prints medians over all
 prompts and rounds, ratios to PyTorch fp32, and the machine. Run it on an otherwise idle machine: a concurrent
 job skews the ratios.
@@ -26,6 +29,7 @@ from benchmarks.machine import cpu  # noqa: E402
 from tasks.base_model import load_model, load_tokenizer  # noqa: E402
 from tasks.common.chat import prompt_ids  # noqa: E402
 from tasks.common.files import read_jsonl  # noqa: E402
+from tasks.deploy.runtime.openvino import NPUPredictor, is_openvino_export  # noqa: E402
 from tasks.deploy.runtime.predict import Predictor  # noqa: E402
 
 
@@ -58,7 +62,7 @@ def hf_engine(model, eos: int):
     return run
 
 
-def genai_engine(predictor: Predictor):
+def genai_engine(predictor: Predictor):  # also an NPUPredictor: the same generate_ids
     def run(prompt: list[int], new_tokens: int) -> list[float]:
         stamps: list[float] = []
         predictor.generate_ids(prompt, new_tokens, min_new_tokens=new_tokens,
@@ -74,23 +78,26 @@ def size_mb(folder: Path) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--npu", type=Path, help="an openvino-npu export folder to add")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    from optimum.onnxruntime import ORTModelForCausalLM
 
-    merged, onnx = args.run / "merged", args.run / "onnx"
+    merged = args.run / "merged"
     tokenizer = load_tokenizer(str(merged))
     records = read_jsonl(args.run / "data" / "test.jsonl")[: args.prompts]
     prompts = [prompt_ids(tokenizer, r) for r in records]
     eos = tokenizer.eos_token_id
-    engines = {
-        "PyTorch fp32 (SDPA, KV cache)": (hf_engine(load_model(str(merged)), eos), size_mb(merged)),
-        "ONNX fp32 (optimum, onnxruntime CPU)": (hf_engine(ORTModelForCausalLM.from_pretrained(
-            onnx / "onnx-fp32", provider="CPUExecutionProvider"), eos), size_mb(onnx / "onnx-fp32")),
-        "ONNX Runtime GenAI int4 (CPU)": (genai_engine(Predictor(onnx / "genai-int4")), size_mb(onnx / "genai-int4")),
-    }
+    engines = {"PyTorch fp32 (SDPA, KV cache)": (hf_engine(load_model(str(merged)), eos), size_mb(merged))}
+    folders = sorted(f for f in (args.run / "onnx").iterdir() if f.name != "int4-base") + [args.npu] * bool(args.npu)
+    for folder in folders:
+        if is_openvino_export(folder):
+            predictor = NPUPredictor(folder)
+            name = f"{folder.name} (OpenVINO GenAI, {predictor.device})"
+        else:
+            predictor, name = Predictor(folder), f"{folder.name} (ONNX Runtime GenAI, CPU)"
+        engines[name] = (genai_engine(predictor), size_mb(folder))
     for run, _ in engines.values():  # warm-up: first-call allocations and kernel selection
         run(prompts[0], 4)
     ttft: dict[str, list[float]] = {name: [] for name in engines}

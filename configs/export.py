@@ -12,16 +12,29 @@ class ExportConfig(Section):
     """ONNX export targets and the gate each must pass before it is published (tasks/deploy/export.py)."""
 
     enabled: bool = True
-    targets: list[Literal["genai-int4-adapter", "genai-ladder", "onnx-fp32", "genai-int4", "genai-fp16"]] = Field(
+    targets: list[Literal["genai-int4-adapter", "genai-ladder", "onnx-fp32", "genai-int4", "genai-fp16",
+                          "openvino-npu", "openvino-npu-adapter"]] = Field(
         ["genai-int4"], min_length=1, description="genai-int4-adapter: the adapter alone, served on one int4 base per "
         "base model (ONNX Runtime GenAI, CPU; several adapters share one process); genai-ladder: the smallest rung "
         "of export.ladder that passes the gate (merged, GenAI CPU); onnx-fp32: the model builder at fp32, GenAI CPU; "
-        "genai-int4: ONNX Runtime GenAI int4 (MatMulNBits) for CPU; genai-fp16: GenAI fp16 for CUDA "
-        "(tasks/deploy/export.py).")
+        "genai-int4: ONNX Runtime GenAI int4 (MatMulNBits) for CPU; genai-fp16: GenAI fp16 for CUDA; "
+        "openvino-npu: an OpenVINO IR for the Intel NPU (the first export.npu_weights rung that passes the gate, "
+        "run on the NPU's static pipeline; needs the npu extra); openvino-npu-adapter: the LoRA adapter alone on "
+        "one NPU base per base model (export.npu_adapter_weights) (tasks/deploy/export.py).")
     ladder: list[Literal["int4", "int4-int8-head", "int4-mixed", "fp32"]] = Field(
         ["int4", "int4-int8-head", "int4-mixed", "fp32"], min_length=1, description="genai-ladder's rungs, tried "
         "in order: int4 (RTN), int4 with int8 LM head and embeddings (k_quant_last), int4 with int8 sensitive "
         "layers (k_quant_mixed), fp32 (tasks/deploy/export.py RUNGS).")
+    npu_weights: list[Literal["int4-g128", "int4-channel", "int8"]] = Field(
+        ["int4-g128", "int4-channel", "int8"], min_length=1, description="openvino-npu's rungs, tried in order: "
+        "int4 symmetric per group of 128 weights, int4 symmetric per output channel (the two int4 forms the NPU "
+        "takes), int8 symmetric (NNCF through optimum-intel: tasks/deploy/builders/openvino.py NPU_WEIGHTS).")
+    npu_adapter_weights: Literal["int4-g128", "int4-channel", "int8"] = Field(
+        "int8", description="openvino-npu-adapter: the NPU base's weights (one base per base model and weights, "
+        "shared by every job's adapter; no ladder: the gate passes or fails this one).")
+    npu_max_prompt_len: int | None = Field(None, gt=0, description="openvino-npu: the NPU's static prompt window in "
+                                           "tokens (longer prompts are refused); None = twice the longest test "
+                                           "prompt, rounded up to a multiple of 64.")
     match_quantization: bool = Field(True, description="With genai-int4-adapter: train and evaluate on the int4 "
                                      "base's de-quantized weights (tasks/deploy/builders/int4_base.py), so that "
                                      "the model the pipeline measures is the one the adapter export ships.")

@@ -78,9 +78,10 @@ class FinetuneConfig(Section):
 
     @model_validator(mode="after")
     def _check_adapter_export(self) -> "FinetuneConfig":
-        if self.export.enabled and "genai-int4-adapter" in self.export.targets and self.lora.method != "lora":
-            raise ValueError(f"export.targets genai-int4-adapter needs lora.method lora (got {self.lora.method!r}: "
-                             "the int4 base takes plain LoRA weights); export genai-int4 instead")
+        for target, merged in (("genai-int4-adapter", "genai-int4"), ("openvino-npu-adapter", "openvino-npu")):
+            if self.export.enabled and target in self.export.targets and self.lora.method != "lora":
+                raise ValueError(f"export.targets {target} needs lora.method lora (got {self.lora.method!r}: the "
+                                 f"base takes plain LoRA weights); export {merged} instead")
         return self
 
     @model_validator(mode="after")

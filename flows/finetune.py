@@ -23,8 +23,8 @@ from configs.schema import ConfigError, FinetuneConfig, load_config
 from flows import artifacts, tracking
 from flows.caching import StageRun, fingerprint, run_stage, source_fingerprint, stage_key
 from flows.retries import with_retries
-from flows.stages import (EVALUATE, EXPORT, INGEST, INT4_BASE, MERGE, PREPARE_BASE_MODEL, PUBLISH_LATEST, PUSH_TO_HUB,
-                          REPORT, SPLIT, TRAIN, VALIDATE)
+from flows.stages import (EVALUATE, EXPORT, INGEST, INT4_BASE, MERGE, NPU_BASE, PREPARE_BASE_MODEL, PUBLISH_LATEST,
+                          PUSH_TO_HUB, REPORT, SPLIT, TRAIN, VALIDATE)
 from tasks import base_model
 from tasks.deploy.builders import genai
 from tasks.deploy.runtime import predict
@@ -35,7 +35,7 @@ from tasks.stages.merge import MergeChecks
 from tasks.stages.report import DataSummary, RunMetrics
 from tasks.stages.train import TrainSummary
 
-ADAPTER_TARGET = "genai-int4-adapter"
+ADAPTER_TARGET, NPU_ADAPTER_TARGET = "genai-int4-adapter", "openvino-npu-adapter"
 logging.getLogger("tasks").setLevel(logging.INFO)  # stage logs: terminal + Prefect run logs (flows/__init__)
 
 
@@ -119,6 +119,18 @@ def export_int4_base(run, cfg: FinetuneConfig, base: str, base_key: str) -> Stag
                out_dir=Path(cfg.model.cache_dir).expanduser() / f"int4-base-{key}", store=shared_store(cfg))
 
 
+def export_npu_base(run, cfg: FinetuneConfig, base: str, base_key: str) -> StageRun | None:
+    """The NPU base IR of the base model the adapter trains on (``tasks.deploy.builders.openvino.export_npu_base``,
+    at ``export.npu_adapter_weights``), once per base model and weights, under ``model.cache_dir``; None unless
+    ``openvino-npu-adapter`` is an enabled export target."""
+    if not (cfg.export.enabled and NPU_ADAPTER_TARGET in cfg.export.targets):
+        return None
+    trc, weights = cfg.model.trust_remote_code, cfg.export.npu_adapter_weights
+    key = stage_key(NPU_BASE, None, base_key, weights, trc)
+    return run(NPU_BASE, base, weights, trust_remote_code=trc,
+               out_dir=Path(cfg.model.cache_dir).expanduser() / f"npu-base-{key}", store=shared_store(cfg))
+
+
 @flow(name="finetune")
 def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     """Run the whole pipeline for ``cfg``; return ``metrics.json``'s content plus ``run_dir``, ``test_file``
@@ -150,6 +162,7 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
     trc, run_dir = cfg.model.trust_remote_code, run_dir_for(cfg)
     with tracking.tracked(cfg, run_dir.name) as mlflow_run:  # None unless train.report_to names mlflow
         base, base_key, data_key, data, split, int4 = prepare(cfg, run)
+        npu_base = export_npu_base(run, cfg, base, base_key)  # on the base the adapter trains on
         test_file, kind = split.result.files["test"], data.result.task
         base_eval = evaluate_baselines(run, cfg, base, base_key, split, kind) if cfg.eval.evaluate_base else None
         adapter, merged = train_and_merge(run, cfg, base, base_key, split)
@@ -160,6 +173,7 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
         onnx = {}
         for target in cfg.export.targets if cfg.export.enabled else []:
             form = {"adapter": adapter.dir, "int4_base": int4.result.onnx} if target == ADAPTER_TARGET else {}
+            form = {"adapter": adapter.dir, "npu_base": npu_base.dir} if target == NPU_ADAPTER_TARGET else form
             onnx[target] = run(EXPORT, target, merged.dir, test_file, tuned.dir, inference, cfg.export, **form,
                                trust_remote_code=trc, label=f"export-{target}",
                                after=(merged.dir, tuned.dir, target, inference, trc, *form.values()))
@@ -169,6 +183,7 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
         links |= ({"eval/base": base_eval.dir} if base_eval else {}) | {f"onnx/{t}": r.dir for t, r in onnx.items()}
         links |= {"eval/base-few-shot": runs["evaluate_fewshot"].dir} if "evaluate_fewshot" in runs else {}
         links |= {"onnx/int4-base": int4.result.onnx} if int4 else {}
+        links |= {"onnx/npu-base": npu_base.dir} if npu_base else {}
         metrics_json = metrics.model_dump(mode="json")
         train_log = Path(adapter.dir) / "train_log.json"
         paths = REPORT.task(run_dir, metrics_json, links, str(train_log))

@@ -5,11 +5,12 @@
     python -m flows.predict --model outputs/<run1>/onnx/genai-int4-adapter \
         --model outputs/<run2>/onnx/genai-int4-adapter --adapter banking77 "I lost my card"
 
-The folder is a ``genai-*`` export (``tasks/deploy/export.py``); answers are greedy, with the prompt format of the
-training data (``inference.json``). Several ``genai-int4-adapter`` exports of one base model are served by one
-process on one int4 base: each under its run's config name (or ``--model NAME=DIR``), chosen with ``--adapter`` or,
-in a batch, per row (field ``adapter``). Input files: ``.jsonl`` with a ``text`` field per row, or plain text with
-one input per line. The batch flow writes ``{"text", "prediction"}`` lines atomically (default
+The folder is a ``genai-*`` or ``openvino-npu`` export (``tasks/deploy/export.py``; the latter runs on the NPU's
+static pipeline, on the CPU where there is no NPU, and says which on stderr); answers are greedy, with the prompt
+format of the training data (``inference.json``). Several ``genai-int4-adapter`` exports of one base model are
+served by one process on one int4 base: each under its run's config name (or ``--model NAME=DIR``), chosen with
+``--adapter`` or, in a batch, per row (field ``adapter``). Input files: ``.jsonl`` with a ``text`` field per row,
+or plain text with one input per line. The batch flow writes ``{"text", "prediction"}`` lines atomically (default
 ``<input>.predictions.jsonl``).
 """
 from __future__ import annotations
@@ -21,10 +22,23 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from tasks.deploy.runtime import predict
 from tasks.common.files import write_jsonl
+from tasks.deploy.runtime import openvino, predict
 
-predict_task = task(predict.predict, name="predict")
+
+def answer(model: str | list[str], texts: list[str], max_new_tokens: int | None = None,
+           adapter: str | list[str | None] | None = None) -> list[str]:
+    """``tasks.deploy.runtime.predict.predict``, or for ``openvino-npu`` exports ``NPUPredictor`` (``load_npu``;
+    the device it runs on is printed to stderr)."""
+    models = model if isinstance(model, list) else [model]
+    if all(openvino.is_openvino_export(predict.split_model_arg(m)[1]) for m in models):
+        predictor = openvino.load_npu(models)
+        print(f"{', '.join(models)}: {predictor.device}", file=sys.stderr)
+        return predictor(list(texts), max_new_tokens, adapter)
+    return predict.predict(model, texts, max_new_tokens, adapter)
+
+
+predict_task = task(answer, name="predict")
 
 
 @flow(name="batch-predict")
@@ -50,8 +64,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.predict") -
     """CLI: print one answer per text, or run ``batch_predict`` on ``--input``; exit 1 with one line on error."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, action="append", metavar="[NAME=]DIR",
-                   help="an exported genai-* folder (outputs/<run>/onnx/genai-int4); repeat it for several "
-                        "genai-int4-adapter exports of one base model, served by one process")
+                   help="an exported genai-* or openvino-npu folder (outputs/<run>/onnx/genai-int4); repeat it for "
+                        "several genai-int4-adapter exports of one base model, served by one process")
     p.add_argument("--adapter", help="the adapter to answer with (its run's config name, or NAME of --model)")
     p.add_argument("texts", nargs="*", help="input texts, answered one per line")
     p.add_argument("--input", help="a .jsonl (field 'text') or text file (one input per line): batch flow")
@@ -63,14 +77,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.predict") -
         p.error("give either texts or --input FILE")
     try:
         for spec in args.model:  # a wrong folder fails here, in one line, before any flow starts
-            predict.check_model_dir(predict.split_model_arg(spec)[1])
+            folder = predict.split_model_arg(spec)[1]
+            if openvino.is_openvino_export(folder):
+                openvino.check_npu_folder(folder)
+            else:
+                predict.check_model_dir(folder)
         models = args.model if len(args.model) > 1 else args.model[0]
         if args.input:
             predict.read_inputs(args.input)  # bad input fails here, in one line, before any flow starts
             print(batch_predict(models, args.input, args.output, args.max_new_tokens, args.adapter)["output"])
         else:
-            for answer in predict.predict(models, args.texts, args.max_new_tokens, args.adapter):
-                print(answer)
+            for text in answer(models, args.texts, args.max_new_tokens, args.adapter):
+                print(text)
     except Exception as e:  # noqa: BLE001 - one line per failure unless --debug
         if args.debug:
             raise

@@ -19,7 +19,7 @@ from prefect import Task, task
 from flows.gpu import holds_gpu_slot
 from tasks import base_model
 from tasks.deploy import export
-from tasks.deploy.builders import int4_base
+from tasks.deploy.builders import int4_base, openvino
 from tasks.stages import evaluate, hub, ingest, merge, report, split, train, validate
 
 TORCH_STACK = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors")
@@ -72,6 +72,8 @@ EXPORT = Stage("export", export.export, sections=("export",), needs=("merge", "e
                libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir"))
 INT4_BASE = Stage("int4-base", int4_base.export_base, needs=("prepare-base-model",),
                   libraries=(*TORCH_STACK, "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir"))
+NPU_BASE = Stage("npu-base", openvino.export_npu_base, needs=("prepare-base-model",),
+                 libraries=(*TORCH_STACK, "openvino", "openvino-tokenizers", "nncf", "optimum-intel"))
 REPORT = Stage("report", report.write_report)
 PUBLISH_LATEST = Stage("publish-latest", report.update_latest)
 PUSH_TO_HUB = Stage("push-to-hub", hub.push_run)  # after publish-latest only; never cached (output.push_to_hub)

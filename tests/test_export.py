@@ -125,7 +125,7 @@ def test_failed_gate_publishes_nothing(tiny_merged, tmp_path, monkeypatch):
 def test_quality_gate_uses_the_configured_margin(tiny_int4, tiny_merged, monkeypatch):
     reference = json.loads(Path(tiny_merged["eval"], "metrics.json").read_text())["accuracy"]
     assert reference > 0  # the tiny model answers some rows right, so a model that answers none drops below it
-    monkeypatch.setattr(export.GenAIRunner, "answers", lambda self, prompts, n: ["no idea"] * len(prompts))
+    monkeypatch.setattr(export.ExportRunner, "answers", lambda self, prompts, n: ["no idea"] * len(prompts))
     with pytest.raises(ExportCheckError, match=r"accuracy 0\.0000 on 12 test rows is .* below"):
         run_check(tiny_merged, tiny_int4.path)
     lenient = CFG.model_copy(update={"max_quality_drop": 1.0})

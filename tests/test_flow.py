@@ -201,6 +201,21 @@ def test_adapter_export_trains_on_the_int4_base_and_an_accuracy_level_change_ret
     assert {states[s] for s in ("train", "merge", "evaluate_base", "evaluate_finetuned")} == {"Cached"}
 
 
+def test_both_npu_targets_export_through_the_flow_and_a_second_job_reuses_the_npu_base(flow_run):
+    """openvino-npu and openvino-npu-adapter as the flow runs them: the npu-base stage once per base model and
+    weights (another job's export reuses it), both folders gated and linked from the run folder."""
+    cfg, _, out = flow_run
+    npu = {"targets": ["openvino-npu", "openvino-npu-adapter"], "npu_weights": ["int8"]}
+    first = finetune(_rename(cfg, "npu", export=npu))
+    assert first["stage_states"]["npu_base"] == "Completed"
+    for target in npu["targets"]:
+        assert first["onnx"][target]["greedy_agreement"] >= 0.6 and (out / f"npu/onnx/{target}/npu.json").is_file()
+    base = Path(first["onnx"]["openvino-npu-adapter"]["base"])
+    assert (out / "npu/onnx/npu-base").resolve() == base.resolve()
+    again = finetune(_rename(cfg, "npu-again", export={**npu, "npu_max_prompt_len": 256}))["stage_states"]
+    assert again["npu_base"] == again["train"] == "Cached" and again["export_openvino-npu-adapter"] == "Completed"
+
+
 def test_export_run_makes_a_run_folder_that_survives_zip_with_model_cards(flow_run, tmp_path):
     """A run folder is links into ``stages/`` (a zip of it has no model); ``tasks.stages.portable`` materialises it:
     real files (copies, never hard links into the stages), one manifest that verifies, Hugging Face model cards in

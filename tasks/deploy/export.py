@@ -11,6 +11,8 @@ Targets (``export.targets``):
 | ``onnx-fp32`` | ONNX Runtime GenAI model builder ``-p fp32 -e cpu`` (KV cache) | fp32 | ORT GenAI CPU |
 | ``genai-int4`` | ONNX Runtime GenAI model builder ``-p int4 -e cpu`` (MatMulNBits) | int4 weights | ORT GenAI CPU |
 | ``genai-fp16`` | model builder ``-p fp16 -e cuda`` | fp16 | ORT GenAI CUDA (needs onnxruntime-genai-cuda) |
+| ``openvino-npu`` | optimum-intel, NNCF (``builders/openvino.py``) | first passing ``npu_weights`` | OV GenAI NPU |
+| ``openvino-npu-adapter`` | the NPU base (``npu-base`` stage) + the PEFT adapter | ``npu_adapter_weights`` | same |
 
 The adapter target ships exactly what the pipeline measured when training ran on the int4 base's de-quantized
 weights (``export.match_quantization``): the merged model the evaluation scored is that base plus the adapter.
@@ -21,7 +23,9 @@ The other folders hold the tokenizer, its chat template and ``inference.json`` (
 folder runs with ``tasks/deploy/runtime/predict.py`` alone. ``onnx-fp32`` was optimum's exporter until
 optimum-onnx (whose newest release caps transformers below 4.58) was dropped for transformers 5; the model
 builder's fp32 graph is the same decoder with a KV cache. NPUs: the model builder (0.18) offers no NPU execution
-provider, so there is no NPU target here.
+provider; ``openvino-npu`` is the NPU target: an OpenVINO IR served by ``tasks/deploy/runtime/openvino.py`` on
+the NPU's static-shape pipeline (on the CPU where there is no NPU, as the gate runs it here), its prompt window fixed
+at export (``export.npu_max_prompt_len``).
 
 Before publishing, ``check_export`` measures the folder as its runtime loads it; the stage fails (and
 publishes nothing) unless:
@@ -39,6 +43,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +56,9 @@ from tasks.common.chat import prompt_ids
 from tasks.common.files import atomic_dir, read_json, read_jsonl, write_json
 from tasks.common.metrics import extract_answer, normalise_answer, score, task_kind
 from tasks.deploy.builders.genai import build_genai_folder, int4_options, quiet_loggers
+from tasks.deploy.builders.openvino import OpenVINOBuildError, build_openvino_folder, write_npu_adapter
 from tasks.deploy.formats.adapter import bake_adapter, convert_adapter
+from tasks.deploy.runtime.openvino import NPU_INFO, NPUPredictor, is_openvino_export, npu_manifest
 from tasks.deploy.runtime.predict import INFERENCE_FILE, Predictor
 
 log = logging.getLogger(__name__)
@@ -78,14 +85,16 @@ class ExportResult(BaseModel):
     execution_provider: str
     size_mb: float  # MB of the folder
     export_seconds: float
-    base: str | None = None  # genai-int4-adapter: the int4 base folder the adapter runs on
-    ladder: list[dict] | None = None  # genai-ladder: what each rung tried measured (rung, size_mb, passed, ...)
+    base: str | None = None  # genai-int4-adapter, openvino-npu-adapter: the base folder the adapter runs on
+    ladder: list[dict] | None = None  # genai-ladder, openvino-npu: what each rung tried measured (rung, passed, ...)
+    device: str | None = None  # openvino-npu: where the gate ran the NPU pipeline
     path: str | None = None  # the published folder
 
 
 @dataclass(frozen=True)
 class Target:
-    tool: str  # "genai" (the ONNX Runtime GenAI model builder), "ladder" or "adapter" (tasks/deploy/formats/adapter.py)
+    tool: str  # "genai" (the ONNX Runtime GenAI model builder), "ladder", "adapter" (tasks/deploy/formats/adapter.py)
+    # or "openvino" (tasks/deploy/builders/openvino.py, a ladder of export.npu_weights)
     precision: str
     builder_ep: str | None  # the model builder's --execution_provider
     provider: str  # the onnxruntime execution provider the exported model runs on
@@ -103,12 +112,14 @@ TARGETS = {
     "onnx-fp32": Target("genai", "fp32", "cpu", "CPUExecutionProvider"),
     "genai-int4": Target("genai", "int4", "cpu", "CPUExecutionProvider"),
     "genai-fp16": Target("genai", "fp16", "cuda", "CUDAExecutionProvider"),
+    "openvino-npu": Target("openvino", "smallest passing", None, "OpenVINO NPU"),
+    "openvino-npu-adapter": Target("npu-adapter", "NPU base + LoRA", None, "OpenVINO NPU"),
 }
 
 
 def export(target: str, merged_model: str, test_file: str, reference_eval: str, inference: dict,
            cfg: ExportConfig, out_dir: str | Path, trust_remote_code: bool = False, adapter: str | None = None,
-           int4_base: str | None = None) -> ExportResult:
+           int4_base: str | None = None, npu_base: str | None = None) -> ExportResult:
     """Export ``merged_model`` as ``target`` (see the module table) into ``out_dir``, check it, then publish.
 
     Args:
@@ -118,6 +129,8 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
             folder's ``inference.json`` (the prompt format ``tasks/deploy/runtime/predict.py`` rebuilds).
         adapter, int4_base: ``genai-int4-adapter`` only: the PEFT adapter folder that was merged, and the int4
             base's GenAI folder (``tasks.deploy.builders.int4_base.export_base``'s ``onnx``) it is converted for.
+        npu_base: ``openvino-npu-adapter`` only (with ``adapter``): the NPU base folder
+            (``tasks.deploy.builders.openvino.export_npu_base``) the adapter runs on.
 
     Returns:
         ``ExportResult``.
@@ -127,33 +140,46 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
         ConfigError: the target needs a runtime this machine lacks (``genai-fp16`` without CUDA).
         UnsupportedArchitectureError: a ``genai-*`` target for an architecture the model builder has no builder
             for (a ValueError; README.md, Model families).
-        ValueError: ``genai-int4-adapter`` without ``adapter`` and ``int4_base``.
+        ValueError: ``genai-int4-adapter`` without ``adapter`` and ``int4_base``, or ``openvino-npu-adapter``
+            without ``adapter`` and ``npu_base``.
         tasks.deploy.runtime.adapters.AdapterError: the adapter does not fit the int4 base.
     """
     spec = TARGETS[target]
     inference = with_label_token_ids(inference, merged_model, trust_remote_code)
     if spec.tool == "adapter" and not (adapter and int4_base):
         raise ValueError("export genai-int4-adapter needs the adapter folder and the int4 base folder")
-    start = time.perf_counter()
+    if spec.tool == "npu-adapter" and not (adapter and npu_base):
+        raise ValueError("export openvino-npu-adapter needs the adapter folder and the NPU base folder")
+    start, device = time.perf_counter(), None
     with atomic_dir(out_dir) as tmp:
-        if spec.tool == "ladder":
-            result, ladder = climb_ladder(merged_model, tmp, inference, test_file, reference_eval, cfg,
-                                          trust_remote_code)
-            built, precision = sum(r["build_seconds"] for r in ladder), ladder[-1]["rung"]
+        if spec.tool in ("ladder", "openvino"):
+            rungs, build = rung_builder(target, merged_model, test_file, cfg, trust_remote_code)
+            result, ladder = climb_ladder(target, rungs, build, merged_model, tmp, inference, test_file,
+                                          reference_eval, cfg, trust_remote_code)
+            built, precision = sum(r.get("build_seconds", 0) for r in ladder), ladder[-1]["rung"]
+            device = result.pop("device", None)
         else:
             if spec.tool == "adapter":
                 convert_adapter(adapter, int4_base, tmp)
                 with quiet_loggers("onnxruntime"):  # its quantizer logs every node
                     bake_adapter(tmp, int4_base, cfg.adapter_weights)
+            elif spec.tool == "npu-adapter":
+                window = cfg.npu_max_prompt_len or npu_window(merged_model, test_file, trust_remote_code)
+                write_npu_adapter(adapter, npu_base, tmp, window)
             else:
                 build_genai(merged_model, tmp, spec, cfg, trust_remote_code)
             write_json(tmp / INFERENCE_FILE, inference)
             built, precision, ladder = time.perf_counter() - start, spec.precision, None
             if spec.tool == "adapter":
                 precision = f"int4 + {cfg.adapter_weights} LoRA"
+            elif spec.tool == "npu-adapter":
+                precision = f"{cfg.npu_adapter_weights} + LoRA"
             result = check_export(target, tmp, merged_model, test_file, reference_eval, cfg, trust_remote_code)
+            device = result.pop("device", None)
         result = ExportResult(**result, target=target, precision=precision, execution_provider=spec.provider,
-                              size_mb=folder_mb(tmp), export_seconds=round(built, 1), base=int4_base, ladder=ladder)
+                              size_mb=folder_mb(tmp), export_seconds=round(built, 1), base=int4_base or npu_base,
+                              ladder=ladder,
+                              device=device)
         write_json(tmp / "export.json", result.model_dump(mode="json", exclude={"path"}))
     log.info("export %s: %s", target, result.model_dump_json(exclude={"path"}))
     return result.model_copy(update={"path": str(out_dir)})
@@ -176,39 +202,76 @@ def folder_mb(folder: Path) -> float:
     return round(sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6, 1)
 
 
-def climb_ladder(merged_model: str, out: Path, inference: dict, test_file: str, reference_eval: str,
-                 cfg: ExportConfig, trust_remote_code: bool = False) -> tuple[dict, list[dict]]:
-    """Build and measure the rungs of ``export.ladder`` (``RUNGS``) in order, each in a folder of its own under
-    ``out``, until one passes the gate; move that one's files into ``out``.
+def rung_builder(target: str, merged_model: str, test_file: str, cfg: ExportConfig,
+                 trust_remote_code: bool = False) -> tuple[list[str], Callable[[str, Path], None]]:
+    """The rungs a laddered target tries, in order, and what builds one rung into a folder: ``export.ladder``'s
+    model-builder precisions (``RUNGS``) for ``genai-ladder``; ``export.npu_weights`` (``NPU_WEIGHTS``) for
+    ``openvino-npu``, each with ``npu.json`` (its prompt window, ``npu_window``, and the files' SHA-256)."""
+    if target == "genai-ladder":
+        def build(rung: str, folder: Path) -> None:
+            precision, options = RUNGS[rung]
+            options = {**int4_options(cfg), **options} if precision == "int4" else {}
+            build_genai_folder(merged_model, folder, precision, "cpu", trust_remote_code, options)
+
+        return list(cfg.ladder), build
+    window = cfg.npu_max_prompt_len or npu_window(merged_model, test_file, trust_remote_code)
+
+    def build_npu(rung: str, folder: Path) -> None:
+        build_openvino_folder(merged_model, folder, rung, trust_remote_code)
+        write_json(folder / NPU_INFO, npu_manifest(folder, window))
+
+    return list(cfg.npu_weights), build_npu
+
+
+def npu_window(merged_model: str, test_file: str, trust_remote_code: bool = False) -> int:
+    """The NPU export's static prompt window when ``export.npu_max_prompt_len`` is None: the longest test prompt
+    (chat template applied), doubled for longer inputs in use and rounded up to a multiple of 64 tokens."""
+    tokenizer = load_tokenizer(merged_model, trust_remote_code)
+    longest = max(len(prompt_ids(tokenizer, r)) for r in read_jsonl(test_file))
+    return -(-2 * longest // 64) * 64
+
+
+def climb_ladder(target: str, rungs: list[str], build: Callable[[str, Path], None], merged_model: str, out: Path,
+                 inference: dict, test_file: str, reference_eval: str, cfg: ExportConfig,
+                 trust_remote_code: bool = False) -> tuple[dict, list[dict]]:
+    """Build (``build(rung, folder)``) and measure the ``rungs`` in order, each in a folder of its own under
+    ``out``, until one passes the gate; move that one's files into ``out``. A rung that cannot be built
+    (``OpenVINOBuildError``: e.g. a hidden size the group size does not divide) is recorded as failed.
 
     Returns:
         ``(the passing rung's measure_export figures, [{"rung", "size_mb", "build_seconds", "passed",
-        <primary metric>, "same_answer", "greedy_agreement", "failures"} per rung tried; the last one passed])``.
+        <primary metric>, "same_answer", "greedy_agreement", "failures"} per rung tried (only "rung", "passed"
+        and "failures" for one that could not be built); the last one passed])``.
 
     Raises:
         ExportCheckError: no rung passed; names each rung's failed checks.
     """
     primary, tried = task_kind(read_json(Path(reference_eval) / "metrics.json")["task"]).primary, []
-    for rung in cfg.ladder:
-        folder, (precision, options) = out / f".rung-{rung}", RUNGS[rung]
+    for rung in rungs:
+        folder = out / f".rung-{rung}"
         start = time.perf_counter()
-        options = {**int4_options(cfg), **options} if precision == "int4" else {}
-        build_genai_folder(merged_model, folder, precision, "cpu", trust_remote_code, options)
+        try:
+            build(rung, folder)
+        except OpenVINOBuildError as e:
+            tried.append({"rung": rung, "passed": False, "failures": [str(e)]})
+            log.info("export %s: %s", target, tried[-1])
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
         write_json(folder / INFERENCE_FILE, inference)
         built = round(time.perf_counter() - start, 1)
-        figures, failures = measure_export("genai-ladder", folder, merged_model, test_file, reference_eval, cfg,
+        figures, failures = measure_export(target, folder, merged_model, test_file, reference_eval, cfg,
                                            trust_remote_code)
         tried.append({"rung": rung, "size_mb": folder_mb(folder), "build_seconds": built, "passed": not failures,
                       primary: figures[primary], "same_answer": figures["same_answer"],
                       "greedy_agreement": figures["greedy_agreement"], "failures": failures})
-        log.info("export genai-ladder: %s", tried[-1])
+        log.info("export %s: %s", target, tried[-1])
         if not failures:
             for path in folder.iterdir():
                 path.rename(out / path.name)
             folder.rmdir()
             return figures, tried
         shutil.rmtree(folder)
-    raise ExportCheckError("export genai-ladder: no rung passed the gate: " +
+    raise ExportCheckError(f"export {target}: no rung passed the gate: " +
                            " | ".join(f"{t['rung']}: {'; '.join(t['failures'])}" for t in tried))
 
 
@@ -255,7 +318,7 @@ def measure_export(target: str, folder: str | Path, merged_model: str, test_file
     primary = task_kind(task).primary
     tokenizer = load_tokenizer(merged_model, trust_remote_code)
     expected = [prompt_ids(tokenizer, r) for r in records]
-    runner = GenAIRunner(folder)
+    runner = ExportRunner(folder)
 
     mismatched = [i for i, r in enumerate(records) if runner.prompt_ids(r["messages"][:-1]) != expected[i]]
     agreement = greedy_agreement(runner, merged_model, expected[: cfg.n_check_prompts], cfg.max_new_tokens,
@@ -271,7 +334,7 @@ def measure_export(target: str, folder: str | Path, merged_model: str, test_file
     result = {"tokenizer_mismatches": len(mismatched), "greedy_agreement": agreement,
               "n_check_prompts": min(cfg.n_check_prompts, len(records)), **scores,
               f"reference_{primary}": ref_scores[primary], "same_answer": same, "n_examples": n,
-              "eval_seconds": round(seconds, 1)}
+              "eval_seconds": round(seconds, 1)} | ({"device": runner.device} if runner.device else {})
 
     failures = []
     if mismatched:
@@ -313,11 +376,14 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
-class GenAIRunner:
-    """A ``genai-*`` folder through ``tasks.deploy.runtime.predict.Predictor``: its own chat template and tokenizer."""
+class ExportRunner:
+    """An exported folder as its runtime serves it, with its own chat template and tokenizer: a ``genai-*`` folder
+    through ``tasks.deploy.runtime.predict.Predictor``, an ``openvino-npu`` one through
+    ``tasks.deploy.runtime.openvino.NPUPredictor``; ``device`` says where the latter runs (None for the former)."""
 
     def __init__(self, folder: str | Path):
-        self.predictor = Predictor(folder)
+        self.predictor = NPUPredictor(folder) if is_openvino_export(folder) else Predictor(folder)
+        self.device = getattr(self.predictor, "device", None)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.predictor.prompt_ids(messages)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from configs.schema import FinetuneConfig
+from configs.schema import ConfigError, FinetuneConfig
 from tasks.base_model import ModelError, pickle_files
 from tasks.common.chat import tokenize_with_completion_mask
 from tasks.common.files import read_jsonl
@@ -62,7 +62,9 @@ def validate(cfg: FinetuneConfig, base_model: str) -> ValidateResult:
             split lacks, or over-long examples (``train.overlength: error``, or none left to train on).
         ModelError: the base model folder is missing, has no safetensors weights (pickle files are never
             loaded), has a truncated/corrupt weight file, or its tokenizer cannot be loaded.
+        ConfigError: an export target needs packages this environment lacks (``check_export_packages``).
     """
+    check_export_packages(cfg)
     splits, fmt = read_records(cfg.data)
     with tempfile.TemporaryDirectory(prefix="finetune-validate-") as tmp:
         data = publish(splits, fmt, Path(tmp) / "ingest")
@@ -79,6 +81,30 @@ def validate(cfg: FinetuneConfig, base_model: str) -> ValidateResult:
                              split=parts.counts, sequence_lengths=lengths, base_model=base_model)
     log.info("validate: %s", summary.model_dump_json())
     return summary
+
+
+# export targets whose packages are an extra of their own: {target: (modules it imports, how to install them)}
+NPU_PACKAGES = (("openvino_genai", "openvino_tokenizers", "nncf", "optimum.intel"),
+                "pip install 'finetune-flow[npu]' && pip install --no-deps optimum-intel==2.2.0 "
+                "(make install does both)")
+EXPORT_PACKAGES = {"openvino-npu": NPU_PACKAGES, "openvino-npu-adapter": NPU_PACKAGES}
+
+
+def check_export_packages(cfg: FinetuneConfig) -> None:
+    """Refuse, before anything is trained, an enabled export target whose packages are not installed.
+
+    Raises:
+        ConfigError: naming the target, the missing module and how to install it.
+    """
+    import importlib.util
+
+    for target in cfg.export.targets if cfg.export.enabled else []:
+        modules, install = EXPORT_PACKAGES.get(target, ((), ""))
+        missing = [m for m in modules if importlib.util.find_spec(m.split(".")[0]) is None
+                   or importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"export.targets: {target} needs {', '.join(missing)}, which this environment lacks: "
+                              f"{install}")
 
 
 def check_split_labels(files: dict[str, str], data_path: str) -> None:
