@@ -137,6 +137,17 @@ def wait_for(env: dict, run_ids: list, timeout: float = 600) -> list:
             time.sleep(2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _events_dropped_at_the_end():
+    """At this module's end, stop this process's Prefect event workers with a bounded wait (5 s): events bound
+    for this module's servers, all stopped by then, otherwise keep the next module's ``prefect_test_harness``
+    teardown waiting on them (165 s in test_faults' teardown in CI, 2026-12-06: the next module using it)."""
+    yield
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=5)
+
+
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory, tiny_model_dir) -> FinetuneConfig:
     root = tmp_path_factory.mktemp("service-data")
@@ -482,7 +493,7 @@ def test_sweep_trials_run_as_flow_runs_on_workers_of_two_hosts(tmp_path, tiny_cf
     """Two workers in two other checkouts (standing in for two hosts, one job at a time each, a slot each)
     share an output folder; the sweep, run from this checkout, submits its trials to the trial deployment: both
     workers run trials, and a sweep with a new study is served from their cache."""
-    sweep_file = _sweep_file(tmp_path, tiny_cfg, n_trials=4, max_parallel=4)
+    sweep_file = _sweep_file(tmp_path, tiny_cfg, n_trials=2, max_parallel=2)  # two trials at once: one per host
     with _two_hosts(tmp_path) as (env, hosts):
         first = subprocess.run(_sweep_command(sweep_file), env=env, cwd=ROOT, capture_output=True, text=True,
                                timeout=900)
@@ -493,7 +504,7 @@ def test_sweep_trials_run_as_flow_runs_on_workers_of_two_hosts(tmp_path, tiny_cf
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         with api(env) as client:
             states = _stage_states(client, client.read_deployment_by_name("sweep-trial/trial").id)
-    assert [r["trial"] for r in rows] == ["baseline", "trial-0", "trial-1", "trial-2", "trial-3"]
+    assert [r["trial"] for r in rows] == ["baseline", "trial-0", "trial-1"]
     assert all(r["error"] is None for r in rows), rows
     ran_on = {r["trial"]: r["ran_on"].split(":", 1)[1] for r in rows}
     assert set(ran_on.values()) == {str(host) for host, _ in hosts.values()}, ran_on  # both, from their checkouts
@@ -501,9 +512,9 @@ def test_sweep_trials_run_as_flow_runs_on_workers_of_two_hosts(tmp_path, tiny_cf
     assert again_rows == [{**r, "ran_on": a["ran_on"]} for r, a in zip(rows, again_rows)]
     assert (tmp_path / "shared" / "two-hosts" / "best.yaml").is_file()
     trained = [name for name in states if name.startswith(("train-", "merge-", "evaluate-"))]
-    assert len(trained) == 2 * 15, sorted(states)  # train, merge, evaluate of 5 trials, in each sweep
-    assert sum(states[name] == "Cached" for name in trained) == 15, sorted(states.items())
-    assert sum(states[name] == "Completed" for name in trained) == 15
+    assert len(trained) == 2 * 9, sorted(states)  # train, merge, evaluate of 3 trials, in each sweep
+    assert sum(states[name] == "Cached" for name in trained) == 9, sorted(states.items())
+    assert sum(states[name] == "Completed" for name in trained) == 9
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
