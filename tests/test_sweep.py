@@ -237,3 +237,27 @@ def test_a_finetune_run_of_the_baseline_config_reuses_the_baseline_trial(first_s
     states = result["stage_states"]
     assert states["train"] == states["merge"] == states["evaluate_finetuned"] == "Cached", states
     assert result["finetuned"] == state.result()["baseline"]["test"]
+
+
+def test_a_trial_killed_between_keeping_its_result_and_telling_optuna_is_kept_on_resume():
+    """``record`` writes the trial's entry, then tells Optuna: a sweep killed between the two leaves a RUNNING trial
+    with its result; resuming keeps it (told its value now) instead of training it again, while a trial killed
+    mid-training is told failed and run again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from tasks.stages.sweep import restore
+
+    study = optuna.create_study(direction="maximize")
+    finished, cut, running = study.ask(), study.ask(), study.ask()
+    for trial in (finished, cut, running):
+        trial.suggest_float("train.learning_rate", 1e-3, 3e-2)
+    entry = {"trial": "trial-0", "params": finished.params, "validation": 0.5, "merged": None}
+    finished.set_user_attr("sweep", entry)
+    study.tell(finished, 0.5)
+    cut_entry = {"trial": "trial-1", "params": cut.params, "validation": 0.7, "merged": None}
+    cut.set_user_attr("sweep", cut_entry)  # killed here, before study.tell
+    kept, again = restore(study)
+    assert kept == [entry, cut_entry] and again == [running.params]
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL] and study.trials[1].value == 0.7

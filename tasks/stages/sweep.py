@@ -100,7 +100,7 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchDimension]) -> dict[str,
     return params
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, value: float | None) -> None:
+def tell(study: optuna.Study, trial: optuna.Trial | int, value: float | None) -> None:
     """Report a trial's validation metric to Optuna, or that it failed (``value`` None)."""
     from optuna.trial import TrialState
 
@@ -127,18 +127,23 @@ def restore(study: optuna.Study) -> tuple[list[dict], list[dict]]:
     Returns:
         ``(entries, again)``: the ``record``ed entries of finished trials in run order (the baseline first), and
         the params of trials to run again: those a killed sweep left running (told failed now, so Optuna does
-        not wait for them) and finished ones whose merged model is gone or fails its manifest.
+        not wait for them) and finished ones whose merged model is gone or fails its manifest. A trial killed
+        between ``record``'s two writes (its entry kept, Optuna not yet told) is finished: told its value now.
     """
     from optuna.trial import TrialState
 
     entries = [study.user_attrs["baseline"]] if "baseline" in study.user_attrs else []
     again = []
     for trial in study.trials:
+        entry = trial.user_attrs.get("sweep")
         if trial.state in (TrialState.RUNNING, TrialState.WAITING):
-            study.tell(trial.number, state=TrialState.FAIL)
-            again.append(trial.params)
-        elif "sweep" in trial.user_attrs:
-            entries.append(trial.user_attrs["sweep"])
+            if entry is None:
+                study.tell(trial.number, state=TrialState.FAIL)
+                again.append(trial.params)
+                continue
+            tell(study, trial.number, entry["validation"])
+        if entry is not None:
+            entries.append(entry)
     kept = [e for e in entries if e["merged"] is None or not verify_folder(e["merged"])]
     covered = [e["params"] for e in kept]  # a lost model trained again since is not lost any more
     again += [e["params"] for e in entries if e not in kept and e["trial"] != "baseline" and e["params"] not in covered]
