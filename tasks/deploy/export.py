@@ -150,39 +150,44 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
         raise ValueError("export genai-int4-adapter needs the adapter folder and the int4 base folder")
     if spec.tool == "npu-adapter" and not (adapter and npu_base):
         raise ValueError("export openvino-npu-adapter needs the adapter folder and the NPU base folder")
-    start, device = time.perf_counter(), None
+    start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         if spec.tool in ("ladder", "openvino"):
             rungs, build = rung_builder(target, merged_model, test_file, cfg, trust_remote_code)
             result, ladder = climb_ladder(target, rungs, build, merged_model, tmp, inference, test_file,
                                           reference_eval, cfg, trust_remote_code)
             built, precision = sum(r.get("build_seconds", 0) for r in ladder), ladder[-1]["rung"]
-            device = result.pop("device", None)
         else:
-            if spec.tool == "adapter":
-                convert_adapter(adapter, int4_base, tmp)
-                with quiet_loggers("onnxruntime"):  # its quantizer logs every node
-                    bake_adapter(tmp, int4_base, cfg.adapter_weights)
-            elif spec.tool == "npu-adapter":
-                window = cfg.npu_max_prompt_len or npu_window(merged_model, test_file, trust_remote_code)
-                write_npu_adapter(adapter, npu_base, tmp, window)
-            else:
-                build_genai(merged_model, tmp, spec, cfg, trust_remote_code)
+            precision = build_target(target, merged_model, test_file, cfg, tmp, trust_remote_code, adapter,
+                                     int4_base, npu_base)
             write_json(tmp / INFERENCE_FILE, inference)
-            built, precision, ladder = time.perf_counter() - start, spec.precision, None
-            if spec.tool == "adapter":
-                precision = f"int4 + {cfg.adapter_weights} LoRA"
-            elif spec.tool == "npu-adapter":
-                precision = f"{cfg.npu_adapter_weights} + LoRA"
+            built, ladder = time.perf_counter() - start, None
             result = check_export(target, tmp, merged_model, test_file, reference_eval, cfg, trust_remote_code)
-            device = result.pop("device", None)
         result = ExportResult(**result, target=target, precision=precision, execution_provider=spec.provider,
                               size_mb=folder_mb(tmp), export_seconds=round(built, 1), base=int4_base or npu_base,
-                              ladder=ladder,
-                              device=device)
+                              ladder=ladder)
         write_json(tmp / "export.json", result.model_dump(mode="json", exclude={"path"}))
     log.info("export %s: %s", target, result.model_dump_json(exclude={"path"}))
     return result.model_copy(update={"path": str(out_dir)})
+
+
+def build_target(target: str, merged_model: str, test_file: str, cfg: ExportConfig, out: Path,
+                 trust_remote_code: bool = False, adapter: str | None = None, int4_base: str | None = None,
+                 npu_base: str | None = None) -> str:
+    """Build a target that is not a ladder into ``out`` (see ``export`` for the arguments); return the precision
+    ``export.json`` names."""
+    spec = TARGETS[target]
+    if spec.tool == "adapter":
+        convert_adapter(adapter, int4_base, out)
+        with quiet_loggers("onnxruntime"):  # its quantizer logs every node
+            bake_adapter(out, int4_base, cfg.adapter_weights)
+        return f"int4 + {cfg.adapter_weights} LoRA"
+    if spec.tool == "npu-adapter":
+        window = cfg.npu_max_prompt_len or npu_window(merged_model, test_file, trust_remote_code)
+        write_npu_adapter(adapter, npu_base, out, window)
+        return f"{cfg.npu_adapter_weights} + LoRA"
+    build_genai(merged_model, out, spec, cfg, trust_remote_code)
+    return spec.precision
 
 
 def with_label_token_ids(inference: dict, merged_model: str, trust_remote_code: bool = False) -> dict:

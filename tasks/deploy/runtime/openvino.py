@@ -97,6 +97,30 @@ def label_regex(labels: list[str]) -> str:
     return "(" + "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True)) + ")"
 
 
+def serving_plan(folder: Path, adapters: dict[str, str | Path]) -> tuple[str, dict, dict[str | None, Path]]:
+    """What ``NPUPredictor`` loads for ``folder`` and ``adapters`` (its arguments): ``(the folder the pipeline
+    loads, {name: npu.json}, {name: export folder})``, the name None for a whole model, each folder checked
+    (``check_npu_folder``).
+
+    Raises:
+        NPUExportError: as ``check_npu_folder``.
+        InputError: the adapters run on different NPU bases, or ``folder`` is a whole model given with adapters.
+    """
+    is_base = bool(adapters) and not (folder / INFERENCE_FILE).is_file()
+    info = check_npu_folder(folder, base=is_base)
+    if "base" in info:  # an adapter export: served on its base, under its run's name
+        adapters = {adapter_name(folder): folder, **adapters}
+    elif adapters and not is_base:
+        raise InputError(f"{folder}: a whole model (openvino-npu); adapters run on their NPU base folder")
+    if not adapters:
+        return str(folder), {None: info}, {None: folder}
+    infos = {name: check_npu_folder(path) for name, path in adapters.items()}
+    bases = {str(Path(i["base"]).resolve()) for i in infos.values()} | ({str(folder.resolve())} if is_base else set())
+    if len(bases) > 1:
+        raise InputError(f"the adapters run on {len(bases)} different NPU bases; one process serves one base")
+    return bases.pop(), infos, {name: Path(path) for name, path in adapters.items()}
+
+
 class NPUPredictor(Predictor):
     """An ``openvino-npu`` export (or an ``openvino-npu-adapter`` one on its NPU base) loaded once in
     ``openvino_genai.LLMPipeline`` on the NPU (or its static pipeline on the CPU, see the module doc), answering as
@@ -120,32 +144,25 @@ class NPUPredictor(Predictor):
     def __init__(self, model_dir: str | Path, adapters: dict[str, str | Path] | None = None):
         import openvino_genai as ov_genai
 
-        folder, adapters = Path(model_dir), dict(adapters or {})
-        is_base = bool(adapters) and not (folder / INFERENCE_FILE).is_file()
-        info = check_npu_folder(folder, base=is_base)
-        if "base" in info:  # an adapter export: served on its base, under its run's name
-            adapters = {adapter_name(folder): folder, **adapters}
-        infos = {name: check_npu_folder(path) for name, path in adapters.items()}
-        bases = {str(Path(i["base"]).resolve()) for i in infos.values()} | ({str(folder.resolve())} if is_base
-                                                                             else set())
-        if len(bases) > 1:
-            raise InputError(f"the adapters run on {len(bases)} different NPU bases; one process serves one base")
+        folder = Path(model_dir)
+        model, infos, folders = serving_plan(folder, dict(adapters or {}))
         self.model_dir, self._ov_genai, self._trees, self._adapters = folder, ov_genai, {}, None
-        self.prompt_formats = {name: json.loads((Path(path) / INFERENCE_FILE).read_text(encoding="utf-8"))
-                               for name, path in (adapters or {None: folder}).items()}
-        self.window = max(i["max_prompt_len"] for i in (infos or {None: info}).values())
-        self.default = next(iter(adapters)) if len(adapters) == 1 else None
+        self.prompt_formats = {name: json.loads((path / INFERENCE_FILE).read_text(encoding="utf-8"))
+                               for name, path in folders.items()}
+        self.window = max(info["max_prompt_len"] for info in infos.values())
+        named = [name for name in folders if name is not None]
+        self.default = named[0] if len(named) == 1 else None
         self.device, settings = npu_device()
-        loaded = {name: (ov_genai.Adapter(str(Path(adapters[name]) / NPU_ADAPTER_FILE)), i["alpha"])
-                  for name, i in infos.items()}
+        loaded = {name: (ov_genai.Adapter(str(folders[name] / NPU_ADAPTER_FILE)), infos[name]["alpha"])
+                  for name in named}
         self._adapter_configs = {name: ov_genai.AdapterConfig(*pair) for name, pair in loaded.items()}
         if loaded:  # every adapter in the pipeline; each request names its own (generate_ids)
             settings["adapters"] = every = ov_genai.AdapterConfig()
             for adapter, alpha in loaded.values():
                 every.add(adapter, alpha)
         response = max(f["max_new_tokens"] for f in self.prompt_formats.values())
-        self.pipe = ov_genai.LLMPipeline(bases.pop() if bases else str(folder), "NPU", MAX_PROMPT_LEN=self.window,
-                                         MIN_RESPONSE_LEN=response, **settings)
+        self.pipe = ov_genai.LLMPipeline(model, "NPU", MAX_PROMPT_LEN=self.window, MIN_RESPONSE_LEN=response,
+                                         **settings)
         self.tokenizer = self.pipe.get_tokenizer()
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
