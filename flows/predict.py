@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.predict") -
         for spec in args.model:  # a wrong folder fails here, in one line, before any flow starts
             folder = predict.split_model_arg(spec)[1]
             if openvino.is_openvino_export(folder):
-                openvino.check_npu_folder(folder)
+                openvino.npu_info(folder)  # its files are hashed when it is loaded, as check_model_dir's are
             else:
                 predict.check_model_dir(folder)
         models = args.model if len(args.model) > 1 else args.model[0]

@@ -183,8 +183,7 @@ def build_target(target: str, merged_model: str, test_file: str, cfg: ExportConf
             bake_adapter(out, int4_base, cfg.adapter_weights)
         return f"int4 + {cfg.adapter_weights} LoRA"
     if spec.tool == "npu-adapter":
-        window = cfg.npu_max_prompt_len or npu_window(merged_model, test_file, trust_remote_code)
-        write_npu_adapter(adapter, npu_base, out, window)
+        write_npu_adapter(adapter, npu_base, out, npu_window(cfg, merged_model, test_file, trust_remote_code))
         return f"{cfg.npu_adapter_weights} + LoRA"
     build_genai(merged_model, out, spec, cfg, trust_remote_code)
     return spec.precision
@@ -219,7 +218,7 @@ def rung_builder(target: str, merged_model: str, test_file: str, cfg: ExportConf
             build_genai_folder(merged_model, folder, precision, "cpu", trust_remote_code, options)
 
         return list(cfg.ladder), build
-    window = cfg.npu_max_prompt_len or npu_window(merged_model, test_file, trust_remote_code)
+    window = npu_window(cfg, merged_model, test_file, trust_remote_code)
 
     def build_npu(rung: str, folder: Path) -> None:
         build_openvino_folder(merged_model, folder, rung, trust_remote_code)
@@ -228,9 +227,12 @@ def rung_builder(target: str, merged_model: str, test_file: str, cfg: ExportConf
     return list(cfg.npu_weights), build_npu
 
 
-def npu_window(merged_model: str, test_file: str, trust_remote_code: bool = False) -> int:
-    """The NPU export's static prompt window when ``export.npu_max_prompt_len`` is None: the longest test prompt
-    (chat template applied), doubled for longer inputs in use and rounded up to a multiple of 64 tokens."""
+def npu_window(cfg: ExportConfig, merged_model: str, test_file: str, trust_remote_code: bool = False) -> int:
+    """The NPU export's static prompt window in tokens: ``export.npu_max_prompt_len``, or when that is None the
+    longest test prompt (chat template applied), doubled for longer inputs in use and rounded up to a multiple of
+    64."""
+    if cfg.npu_max_prompt_len:
+        return cfg.npu_max_prompt_len
     tokenizer = load_tokenizer(merged_model, trust_remote_code)
     longest = max(len(prompt_ids(tokenizer, r)) for r in read_jsonl(test_file))
     return -(-2 * longest // 64) * 64

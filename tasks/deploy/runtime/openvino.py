@@ -52,19 +52,30 @@ def npu_manifest(folder: str | Path, max_prompt_len: int) -> dict:
                                                          for name in HASHED_FILES}}
 
 
-def check_npu_folder(folder: str | Path, base: bool = False) -> dict:
-    """``npu.json`` of ``folder`` once every file it records has that SHA-256 and ``inference.json`` is there (not
-    in a ``base`` folder); for an adapter folder, also once its NPU base passes the same check and is the base the
-    adapter was exported for.
+def npu_info(folder: str | Path, base: bool = False) -> dict:
+    """``npu.json`` of ``folder`` once it and ``inference.json`` (not in a ``base`` folder) are there; no file is
+    hashed (``check_npu_folder`` does that).
 
     Raises:
-        NPUExportError: a file is missing or changed, or the base is another one (one line naming the file).
+        NPUExportError: a file is missing (one line naming it).
     """
     folder = Path(folder)
     for name in (NPU_INFO,) if base else (NPU_INFO, INFERENCE_FILE):
         if not (folder / name).is_file():
             raise NPUExportError(f"{folder}: no {name}; expected a folder exported with the openvino-npu target")
-    info = json.loads((folder / NPU_INFO).read_text(encoding="utf-8"))
+    return json.loads((folder / NPU_INFO).read_text(encoding="utf-8"))
+
+
+def check_npu_folder(folder: str | Path, base: bool = False) -> dict:
+    """``npu_info`` of ``folder`` once every file it records has that SHA-256; for an adapter folder, also once its
+    NPU base is the one it was exported for (the base's ``npu.json``; the base's own files are checked once, by
+    ``check_npu_folder(base, base=True)``, however many adapters run on it: ``serving_plan``).
+
+    Raises:
+        NPUExportError: a file is missing or changed, or the base is another one (one line naming the file).
+    """
+    folder = Path(folder)
+    info = npu_info(folder, base)
     for name, recorded in info["sha256"].items():
         try:
             actual = file_sha256(folder / name)
@@ -75,7 +86,7 @@ def check_npu_folder(folder: str | Path, base: bool = False) -> dict:
                                  f"{recorded[:12]}…)")
     if "base" in info:
         base_info = Path(info["base"]) / NPU_INFO
-        check_npu_folder(base_info.parent, base=True)
+        npu_info(base_info.parent, base=True)
         if file_sha256(base_info) != info["base_sha256"]:
             raise NPUExportError(f"{folder / NPU_INFO}: made for another NPU base than {base_info.parent} "
                                  "(its npu.json differs)")
@@ -99,8 +110,8 @@ def label_regex(labels: list[str]) -> str:
 
 def serving_plan(folder: Path, adapters: dict[str, str | Path]) -> tuple[str, dict, dict[str | None, Path]]:
     """What ``NPUPredictor`` loads for ``folder`` and ``adapters`` (its arguments): ``(the folder the pipeline
-    loads, {name: npu.json}, {name: export folder})``, the name None for a whole model, each folder checked
-    (``check_npu_folder``).
+    loads, {name: npu.json}, {name: export folder})``, the name None for a whole model, each folder and the base
+    checked once (``check_npu_folder``).
 
     Raises:
         NPUExportError: as ``check_npu_folder``.
@@ -114,11 +125,14 @@ def serving_plan(folder: Path, adapters: dict[str, str | Path]) -> tuple[str, di
         raise InputError(f"{folder}: a whole model (openvino-npu); adapters run on their NPU base folder")
     if not adapters:
         return str(folder), {None: info}, {None: folder}
-    infos = {name: check_npu_folder(path) for name, path in adapters.items()}
+    infos = {name: info if Path(path) == folder else check_npu_folder(path) for name, path in adapters.items()}
     bases = {str(Path(i["base"]).resolve()) for i in infos.values()} | ({str(folder.resolve())} if is_base else set())
     if len(bases) > 1:
         raise InputError(f"the adapters run on {len(bases)} different NPU bases; one process serves one base")
-    return bases.pop(), infos, {name: Path(path) for name, path in adapters.items()}
+    base = bases.pop()
+    if not is_base:  # (a base given as the folder was checked above)
+        check_npu_folder(base, base=True)
+    return base, infos, {name: Path(path) for name, path in adapters.items()}
 
 
 class NPUPredictor(Predictor):
@@ -236,16 +250,16 @@ def load_npu(models: list[str]) -> NPUPredictor:
 
     Raises:
         InputError: two adapters with one name, or several folders that are not adapter exports.
-        NPUExportError: as ``check_npu_folder``.
+        NPUExportError: as ``check_npu_folder`` (``NPUPredictor`` checks every folder).
     """
     if len(models) == 1 and not split_model_arg(models[0])[0]:
         return NPUPredictor(models[0])
     named: dict[str, str] = {}
     for name, folder in map(split_model_arg, models):
-        if "base" not in check_npu_folder(folder):
+        if "base" not in npu_info(folder):
             raise InputError(f"{folder}: only adapter exports (openvino-npu-adapter) can be served together")
         name = name or adapter_name(folder)
         if name in named:
             raise InputError(f"two adapters named {name!r} ({named[name]}, {folder}); name them: --model NAME=DIR")
         named[name] = folder
-    return NPUPredictor(check_npu_folder(next(iter(named.values())))["base"], adapters=named)
+    return NPUPredictor(npu_info(next(iter(named.values())))["base"], adapters=named)
