@@ -21,6 +21,7 @@ from prefect import flow
 
 from configs.schema import ConfigError, FinetuneConfig, load_config
 from flows import artifacts, tracking
+from flows.api_server import temporary_server
 from flows.caching import StageRun, fingerprint, run_stage, source_fingerprint, stage_key
 from flows.retries import with_retries
 from flows.stages import (EVALUATE, EXPORT, INGEST, INT4_BASE, MERGE, NPU_BASE, PREPARE_BASE_MODEL, PUBLISH_LATEST,
@@ -381,7 +382,12 @@ def main(argv: list[str] | None = None, flow_fn=None, prog: str = "python -m flo
         for handler in logging.getLogger().handlers:
             handler.addFilter(_DropTraceback())
     try:
-        (check if args.dry_run else print_config if args.print_config else flow_fn)(load(args.config, args.overrides))
+        cfg = load(args.config, args.overrides)
+        if args.dry_run or args.print_config:
+            (check if args.dry_run else print_config)(cfg)
+        else:
+            with temporary_server():  # Prefect's temporary server when no API is configured (flows/api_server.py)
+                flow_fn(cfg)
     except Exception as e:  # noqa: BLE001 - the CLI's contract is one line per failure
         if args.debug:
             raise
