@@ -2,10 +2,10 @@
 
 A flow run without ``PREFECT_API_URL`` makes Prefect start a temporary server (``SubprocessASGIServer``): a
 uvicorn subprocess serving ``prefect.server.api.server:create_app``. Prefect first imports that module into the
-calling process only to build the command, which costs ~2.6 s on a 2-core CPU (FastAPI, SQLAlchemy and the ORM
-models: ``python -X importtime``), then waits ~5 s for the subprocess. ``temporary_server`` starts the same
-subprocess, with the same command and environment, from this process without that import, sets
-``PREFECT_API_URL`` to it for the run, and stops it at the end (``docs/benchmarks.md``: the cached re-run).
+calling process only to build the command (FastAPI, SQLAlchemy and the ORM models: seconds on a small CPU), then
+waits for the subprocess. ``temporary_server`` starts the same subprocess, with the same command and environment,
+from this process without that import, sets ``PREFECT_API_URL`` to it for the run, and stops it at the end
+(the cached re-run's figures: ``docs/benchmarks.md``).
 With an API URL configured (a running server, Prefect Cloud, a test harness) it does nothing.
 """
 from __future__ import annotations

@@ -241,6 +241,50 @@ def attention_implementation(setting: str, bf16: bool) -> str:
     return "flash_attention_2" if flash else "sdpa"
 
 
+SDPA_GQA = "sdpa_gqa"  # transformers' attention name for sdpa_gqa_attention (registered by inference_attention)
+
+
+def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                       is_causal: bool | None = None, **kwargs):
+    """transformers' SDPA attention (``transformers.integrations.sdpa_attention.sdpa_attention_forward``) with the
+    key/value heads of grouped-query attention shared by PyTorch's kernel (``enable_gqa``, torch >= 2.5) under an
+    attention mask too, where transformers 5 copies them ``num_key_value_groups`` times first (``repeat_kv``) unless
+    the mask is None. Same result (same kernel, same arithmetic); on a CPU the copy dominates decoding a padded
+    batch over a long KV cache.
+
+    Args:
+        query: float (batch, heads, query length, head dim); key, value: (batch, key/value heads, key length, head
+            dim); attention_mask: bool or additive float (batch, 1, query length, key length), or None.
+
+    Returns:
+        ``(attention output (batch, query length, heads, head dim), None)``, as transformers' attention functions.
+    """
+    import torch
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = query.shape[2] > 1 and attention_mask is None and causal
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, is_causal=causal,
+                                                           enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def inference_attention() -> str | None:
+    """The attention implementation for evaluation and generation: ``SDPA_GQA`` on a CPU (registered with
+    transformers' ``AttentionInterface``, with the SDPA mask), None (transformers' default) on a GPU, where PyTorch
+    runs grouped-query attention under a mask in its slow math kernel (transformers' note in
+    ``use_gqa_in_sdpa``)."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if torch.cuda.is_available():
+        return None
+    AttentionInterface.register(SDPA_GQA, sdpa_gqa_attention)
+    AttentionMaskInterface.register(SDPA_GQA, sdpa_mask)
+    return SDPA_GQA
+
+
 def load_adapter(model: PreTrainedModel, adapter: str | Path) -> PeftModel:
     """``model`` with the peft adapter of the local folder ``adapter``, read from ``adapter_model.safetensors``.
 

@@ -256,3 +256,37 @@ def test_a_prefix_every_prompt_shares_is_run_once_with_the_same_answers_and_loss
     assert cached[0] == whole[0] and cached[2] == whole[2]
     assert cached[1] == pytest.approx(whole[1], rel=0, abs=1e-5)
     assert module.shared_prefix([[1, 2, 3], [1, 2]]) == [1] and module.shared_prefix([[1, 2]]) == []
+
+
+def test_grouped_query_attention_without_copied_heads_gives_the_same_answers_and_loss(tiny_merged, monkeypatch):
+    """On a CPU the evaluation's model shares grouped-query key/value heads in PyTorch's kernel
+    (tasks.base_model.SDPA_GQA) instead of transformers' repeat_kv copies under a padding mask: the padded,
+    KV-cached batches of generate_with_loss give the same labels, free-running answers and loss as transformers'
+    own SDPA, and the copies are never made."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from tasks.base_model import SDPA_GQA, inference_attention, load_model, load_tokenizer
+    from tasks.common.chat import answer_ids, prompt_ids
+    from tasks.common.labels import LabelTree
+    from tasks.stages.evaluate import generate_with_loss
+
+    records = read_jsonl(tiny_merged["test"])
+    tok = load_tokenizer(tiny_merged["merged"])
+    prompts = [prompt_ids(tok, r) for r in records]
+    tree = LabelTree.build(answer_ids(tok, sorted({r["label"] for r in records})))
+    copies = []
+    repeat_kv = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda x, n: copies.append(n) or repeat_kv(x, n))
+
+    def run(attention):
+        model = load_model(tiny_merged["merged"], attn_implementation=attention)
+        assert model.config.num_key_value_heads < model.config.num_attention_heads  # the tiny model has GQA
+        return generate_with_loss(model, tok, records, prompts, 6, 4, tree, compare=True)
+
+    assert inference_attention() == SDPA_GQA  # no GPU here
+    ours = run(SDPA_GQA)
+    assert copies == []
+    default = run("sdpa")
+    assert copies  # transformers' own SDPA copies the heads under the padding mask
+    assert ours[0] == default[0] and ours[2] == default[2]
+    assert ours[1] == pytest.approx(default[1], rel=0, abs=1e-6)

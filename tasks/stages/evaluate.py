@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from configs.schema import ConfigError, EvalConfig
-from tasks.base_model import autocast, load_model, load_tokenizer, use_bf16
+from tasks.base_model import autocast, inference_attention, load_model, load_tokenizer, use_bf16
 from tasks.common.chat import (answer_ids, batches, constrained_decode, default_max_new_tokens, generate, prompt_ids,
                                tokenize_with_completion_mask)
 from tasks.common.labels import LabelTree, label_set
@@ -115,7 +115,7 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     if label_list and labels:
         records = [with_label_list(r, labels, tokenizer) for r in records]
-    model = load_model(model_path, trust_remote_code)
+    model = load_model(model_path, trust_remote_code, attn_implementation=inference_attention())
     prompts = [prompt_ids(tokenizer, r) for r in records]
     references = [r["messages"][-1]["content"] for r in records]
     max_new = cfg.max_new_tokens or default_max_new_tokens(tokenizer, references, task)
