@@ -269,16 +269,25 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout: float
     return out.transpose(1, 2).contiguous(), None
 
 
-def inference_attention() -> str | None:
-    """The attention implementation for evaluation and generation: ``SDPA_GQA`` on a CPU (registered with
-    transformers' ``AttentionInterface``, with the SDPA mask), None (transformers' default) on a GPU, where PyTorch
-    runs grouped-query attention under a mask in its slow math kernel (transformers' note in
-    ``use_gqa_in_sdpa``)."""
+def inference_attention(model_path: str) -> str | None:
+    """The attention implementation to evaluate and generate with the model at ``model_path`` (a folder or Hub id):
+    ``SDPA_GQA`` on a CPU (registered with transformers' ``AttentionInterface``, with the SDPA mask); None
+    (transformers' default) on a GPU, where PyTorch runs grouped-query attention under a mask in its slow math
+    kernel (transformers' note in ``use_gqa_in_sdpa``), and for a model whose class takes no attention function
+    from that interface (``is_backend_compatible()`` False, or the model's own code: ``auto_map``)."""
     import torch
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AutoConfig
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if torch.cuda.is_available():
+        return None
+    try:  # never the model's own code; what cannot be read here is refused in its words by load_model
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+    except (OSError, ValueError):
+        return None
+    model_class = None if getattr(config, "auto_map", None) else MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None or not model_class.is_backend_compatible():
         return None
     AttentionInterface.register(SDPA_GQA, sdpa_gqa_attention)
     AttentionMaskInterface.register(SDPA_GQA, sdpa_mask)

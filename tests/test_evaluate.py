@@ -283,7 +283,7 @@ def test_grouped_query_attention_without_copied_heads_gives_the_same_answers_and
         assert model.config.num_key_value_heads < model.config.num_attention_heads  # the tiny model has GQA
         return generate_with_loss(model, tok, records, prompts, 6, 4, tree, compare=True)
 
-    assert inference_attention() == SDPA_GQA  # no GPU here
+    assert inference_attention(tiny_merged["merged"]) == SDPA_GQA  # no GPU here
     ours = run(SDPA_GQA)
     assert copies == []
     default = run("sdpa")

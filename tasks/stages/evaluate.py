@@ -115,7 +115,7 @@ def evaluate(model_path: str, test_file: str, task: str, cfg: EvalConfig, out_di
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     if label_list and labels:
         records = [with_label_list(r, labels, tokenizer) for r in records]
-    model = load_model(model_path, trust_remote_code, attn_implementation=inference_attention())
+    model = load_model(model_path, trust_remote_code, attn_implementation=inference_attention(model_path))
     prompts = [prompt_ids(tokenizer, r) for r in records]
     references = [r["messages"][-1]["content"] for r in records]
     max_new = cfg.max_new_tokens or default_max_new_tokens(tokenizer, references, task)
