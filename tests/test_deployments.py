@@ -31,6 +31,7 @@ from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterDeployme
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from configs.schema import FinetuneConfig, SweepConfig, load_config, load_sweep, sweep_baseline
+from flows.api_server import free_port, healthy
 from tests.conftest import require, tiny_config, write_classification_dir
 
 pytestmark = pytest.mark.service
@@ -38,12 +39,6 @@ pytestmark = pytest.mark.service
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deployments"
 POSTGRES_URL = os.environ.get("FINETUNE_TEST_POSTGRES_URL")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _script(name: str, env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -77,7 +72,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @contextmanager
 def prefect_service(home: Path, database_url: str | None = None):
     """server.sh on a free port (PREFECT_HOME=home), then setup.sh and deploy.sh; yields the environment."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PORT": str(port),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_WORKER_QUERY_SECONDS": "2",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}  # faster than the defaults, for the tests
@@ -87,23 +82,13 @@ def prefect_service(home: Path, database_url: str | None = None):
     home.mkdir(parents=True, exist_ok=True)
     with _background([str(DEPLOY / "server.sh")], env, home / "server.log") as server:
         deadline = time.monotonic() + 120
-        while not _healthy(port):
+        while not healthy(f"http://127.0.0.1:{port}/api"):
             assert server.poll() is None, (home / "server.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "server not healthy after 120 s"
             time.sleep(0.5)
         _script("setup.sh", env)
         _script("deploy.sh", env)
         yield env
-
-
-def _healthy(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 @contextmanager
