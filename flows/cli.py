@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     command, rest = argv[0], argv[1:]
     prog = f"finetune-flow {command}"
+    if command in ("run", "sweep", "nightly"):  # Prefect's temporary server starts while the flow imports
+        from flows.api_server import begin
+
+        begin()
     if command in ("run", "validate", "print-config"):
         from flows.finetune import main as finetune_main
 

@@ -8,6 +8,11 @@ from (``after=``). Stages pass paths and small typed results (pydantic models), 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command-line run: Prefect's temporary server starts while the rest imports
+    from flows.api_server import begin
+
+    begin()
+
 import argparse
 import logging
 import secrets
@@ -21,7 +26,7 @@ from prefect import flow
 
 from configs.schema import ConfigError, FinetuneConfig, load_config
 from flows import artifacts, tracking
-from flows.api_server import temporary_server
+from flows.api_server import cancel, temporary_server
 from flows.caching import StageRun, fingerprint, run_stage, source_fingerprint, stage_key
 from flows.retries import with_retries
 from flows.stages import (EVALUATE, EXPORT, INGEST, INT4_BASE, MERGE, NPU_BASE, PREPARE_BASE_MODEL, PUBLISH_LATEST,
@@ -187,7 +192,7 @@ def finetune(cfg: FinetuneConfig, publish_latest: bool = True) -> dict:
         links |= {"onnx/npu-base": npu_base.dir} if npu_base else {}
         metrics_json = metrics.model_dump(mode="json")
         train_log = Path(adapter.dir) / "train_log.json"
-        paths = REPORT.task(run_dir, metrics_json, links, str(train_log))
+        paths = REPORT.task(run_dir, metrics_json, links, str(Path(adapter.dir) / "loss_curve.png"))
         source = source_fingerprint(cfg, data_key, base_key)
         if publish_latest:  # every gate passed (a failed merge/export check raised before the report)
             PUBLISH_LATEST.task(cfg.output.dir, run_dir, source)
@@ -384,6 +389,7 @@ def main(argv: list[str] | None = None, flow_fn=None, prog: str = "python -m flo
     try:
         cfg = load(args.config, args.overrides)
         if args.dry_run or args.print_config:
+            cancel()  # begin()'s server, not needed
             (check if args.dry_run else print_config)(cfg)
         else:
             with temporary_server():  # Prefect's temporary server when no API is configured (flows/api_server.py)

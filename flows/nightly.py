@@ -14,6 +14,11 @@ Deployed on a cron schedule by ``deployments/prefect.yaml``; run by hand with
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command-line run: Prefect's temporary server starts while the rest imports
+    from flows.api_server import begin
+
+    begin()
+
 import functools
 import sys
 from pathlib import Path

@@ -16,6 +16,11 @@ resumes it: finished trials are read back, not run again (``tasks.stages.sweep.r
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command-line run: Prefect's temporary server starts while the rest imports
+    from flows.api_server import begin
+
+    begin()
+
 import socket
 import sys
 import time

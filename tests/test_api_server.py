@@ -1,4 +1,5 @@
-"""flows/api_server.py: the temporary Prefect server a CLI run starts itself (without importing Prefect's server)."""
+"""flows/api_server.py: the temporary Prefect server a CLI run starts itself, early (``begin``) and without importing
+Prefect's server; it opens no database before it is told to serve."""
 import subprocess
 import sys
 
@@ -36,8 +37,56 @@ def test_the_server_answers_within_the_block_and_is_stopped_after_it(tmp_path, m
 
 
 def test_a_server_that_cannot_start_is_left_to_prefect_with_its_reason(monkeypatch, caplog):
-    monkeypatch.setattr(api_server, "uvicorn_command",
+    monkeypatch.setattr(api_server, "server_command",
                         lambda port: [sys.executable, "-c", "import sys; sys.exit('no database here')"])
     with temporary_settings(restore_defaults={PREFECT_API_URL}), api_server.temporary_server() as url:
         assert url is None and get_current_settings().api.url is None  # Prefect starts its own, as without us
     assert "exit code 1" in caplog.text and "no database here" in caplog.text
+
+
+def test_begin_starts_nothing_with_an_api_url_in_the_environment(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("started a server although PREFECT_API_URL is set")
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    api_server.begin()
+    assert api_server._early is None
+
+
+def test_an_early_server_never_told_to_serve_exits_without_opening_a_database(tmp_path, monkeypatch):
+    """The gate: ``begin``'s process imports Prefect's server, then ends at the end of its input without the
+    word; with a configured API, ``temporary_server`` stops it (a dry run: ``cancel``)."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    api_server.begin()
+    waiting = api_server._early.process
+    waiting.stdin.close()  # as when the run's process exits without using it
+    assert waiting.wait(120) == 0
+    api_server._early.stderr.close()
+    api_server._early = None
+    assert not (tmp_path / "home" / "prefect.db").exists()
+
+    api_server.begin()
+    unused = api_server._early.process
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:1/api"}), api_server.temporary_server() as url:
+        assert url is None
+    assert api_server._early is None and unused.poll() is not None
+    assert not (tmp_path / "home" / "prefect.db").exists()
+
+
+def test_the_run_uses_the_server_begin_started(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    api_server.begin()
+    early = api_server._early
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("started a second server")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), api_server.temporary_server() as url:
+        assert url == f"http://127.0.0.1:{early.port}/api" and api_server.healthy(url)
+        assert api_server._early is None  # taken: a later run in this process starts its own
+    assert early.process.poll() is not None and not api_server.healthy(url)
+    assert (tmp_path / "home" / "prefect.db").is_file()  # begin()'s environment reached the server

@@ -28,6 +28,7 @@ def test_training_writes_a_lora_adapter_and_reports_figures(tiny_trained):
     eval_losses = [h["eval_loss"] for h in log if "eval_loss" in h]
     assert len(eval_losses) == 3 and eval_losses[-1] < eval_losses[0]  # one validation pass per epoch
     assert result.eval_loss == eval_losses[-1]
+    assert (adapter / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn once, here
     kept = sorted(p.name for p in (tiny_trained["run"] / "checkpoints").glob("checkpoint-*"))
     assert kept == ["checkpoint-12", "checkpoint-15"]  # every 4 steps + the last, save_total_limit=2
 

@@ -212,9 +212,11 @@ def require_push_token(push: HubPushConfig | None) -> None:
     Raises:
         ConfigError: naming ``output.push_to_hub`` and the repo: no token.
     """
+    if push is None:
+        return
     from huggingface_hub import get_token
 
-    if push is not None and not get_token():
+    if not get_token():
         raise ConfigError(f"output.push_to_hub: pushing to {push.repo_id!r} needs a Hub token with write access: "
                           "set HF_TOKEN or model.hf_token_secret")
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from tasks.stages.evaluate import EvalResult
 from tasks.deploy.export import ExportResult
-from tasks.common.files import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
+from tasks.common.files import atomic_dir, read_jsonl, write_json, write_text_atomic
 from tasks.stages.ingest import SplitCounts
 from tasks.stages.merge import MergeChecks
 from tasks.common.metrics import LOSS_METRICS, QUALITY_METRICS, task_kind
@@ -57,16 +58,16 @@ class RunMetrics(BaseModel):
     config: dict
 
 
-def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], train_log: str | None) -> dict:
-    """Publish the run folder atomically: ``metrics.json``, ``report.md``, ``loss_curve.png``,
-    ``samples.json`` (``sample_generations``), ``tensorboard/`` (``log_test_metrics``, with ``train.report_to:
-    [tensorboard]``) and, for each ``links`` entry (e.g. ``"adapter"`` or
-    ``"eval/base"``), a relative symlink to that stage's output folder.
+def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], loss_curve: str | None) -> dict:
+    """Publish the run folder atomically: ``metrics.json``, ``report.md``, ``loss_curve.png`` (a copy of
+    ``loss_curve``, the train stage's plot, when that file exists), ``samples.json`` (``sample_generations``),
+    ``tensorboard/`` (``log_test_metrics``, with ``train.report_to: [tensorboard]``) and, for each ``links`` entry
+    (e.g. ``"adapter"`` or ``"eval/base"``), a relative symlink to that stage's output folder.
 
     Stage outputs live once, content-addressed, under ``<output.dir>/stages``; run folders link to them.
 
     Returns:
-        ``{"metrics", "report", "loss_curve", "samples"}`` paths (``loss_curve`` is None without a train log).
+        ``{"metrics", "report", "loss_curve", "samples"}`` paths (``loss_curve`` is None without a plot).
     """
     run_dir = Path(run_dir)
     samples = sample_generations(links.get("eval/base"), links["eval/finetuned"])
@@ -76,7 +77,8 @@ def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], trai
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(os.path.relpath(Path(target).resolve(), (run_dir / name).parent.resolve()))
         write_json(tmp / "metrics.json", metrics)
-        curve = plot_loss_curve(read_json(train_log), tmp / "loss_curve.png") if train_log else None
+        has_curve = bool(loss_curve) and Path(loss_curve).is_file()
+        curve = shutil.copyfile(loss_curve, tmp / "loss_curve.png") if has_curve else None
         write_json(tmp / "samples.json", samples)
         if "tensorboard" in metrics["config"]["train"].get("report_to", []):
             log_test_metrics(tmp / "tensorboard", metrics)
@@ -134,40 +136,6 @@ def samples_markdown(samples: list[dict]) -> str:
     return "\n\n".join(f"**Prompt {i}.** {s['prompt']}\n\n- reference:\n\n{quote(s['reference'])}\n\n"
                         f"- base:\n\n{quote(s['base'])}\n\n- fine-tuned:\n\n{quote(s['fine-tuned'])}"
                         for i, s in enumerate(samples, 1))
-
-
-def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
-    """Plot train loss (per logging step) and validation loss (per evaluation) against the step, and on a second
-    axis the generated validation quality metrics the trainer logged (``eval_accuracy``, ...) (matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for key, label in (("loss", "train loss"), ("eval_loss", "validation loss")):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        if points:
-            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    handles, labels = ax.get_legend_handles_labels()
-    quality = [m for m in QUALITY_METRICS if any(f"eval_{m}" in h for h in history)]
-    if quality:
-        right = ax.twinx()
-        for name, style in zip(quality, ("s--", "^:", "v-.")):
-            right.plot(*zip(*[(h["step"], h[f"eval_{name}"]) for h in history if f"eval_{name}" in h]), style,
-                       color=f"C{2 + quality.index(name)}", label=f"validation {name}")
-        right.set_ylabel("validation metric")
-        right.set_ylim(0, 1)
-        more = right.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, fontsize="small")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
 
 
 def update_latest(output_dir: str | Path, run_dir: str | Path, source: dict | None = None) -> str:

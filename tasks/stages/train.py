@@ -387,10 +387,48 @@ def train_result(trainer, output, run: dict, settings: Settings, lora_cfg: LoraC
         sequence_lengths=lengths)
 
 
+def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
+    """Plot train loss (per logging step) and validation loss (per evaluation) against the step, and on a second
+    axis the generated validation quality metrics the trainer logged (``eval_accuracy``, ...), from ``history``
+    (the trainer's ``log_history``), as a PNG at ``path`` (matplotlib, Agg backend). Returns ``path``."""
+    import matplotlib
+
+    from tasks.common.metrics import QUALITY_METRICS
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key, label in (("loss", "train loss"), ("eval_loss", "validation loss")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    handles, labels = ax.get_legend_handles_labels()
+    quality = [m for m in QUALITY_METRICS if any(f"eval_{m}" in h for h in history)]
+    if quality:
+        right = ax.twinx()
+        for name, style in zip(quality, ("s--", "^:", "v-.")):
+            right.plot(*zip(*[(h["step"], h[f"eval_{name}"]) for h in history if f"eval_{name}" in h]), style,
+                       color=f"C{2 + quality.index(name)}", label=f"validation {name}")
+        right.set_ylabel("validation metric")
+        right.set_ylim(0, 1)
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def publish_adapter(trainer, tokenizer, out_dir: str | Path, result: TrainResult) -> None:
     """Publish the adapter (safetensors + tokenizer; the whole model for full fine-tuning), the trainer's log
-    history (``train_log.json``), its TensorBoard events (``tensorboard/``, with ``report_to: [tensorboard]``) and
-    ``train.json`` (``result``) in ``out_dir``, atomically."""
+    history (``train_log.json``) and its plot (``loss_curve.png``, ``plot_loss_curve``: drawn once here, so a
+    cached re-run's report only copies it), its TensorBoard events (``tensorboard/``, with ``report_to:
+    [tensorboard]``) and ``train.json`` (``result``) in ``out_dir``, atomically."""
     with atomic_dir(out_dir) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -402,6 +440,7 @@ def publish_adapter(trainer, tokenizer, out_dir: str | Path, result: TrainResult
                     callback.tb_writer = None
             shutil.copytree(events, tmp / "tensorboard")
         write_json(tmp / "train_log.json", trainer.state.log_history)
+        plot_loss_curve(trainer.state.log_history, tmp / "loss_curve.png")
         write_json(tmp / "train.json", result.model_dump(mode="json"))
     log.info("train: %s", result.model_dump_json())
 
