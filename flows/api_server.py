@@ -100,7 +100,7 @@ def launch(settings: bool = True) -> Launch:
     (``server_environment(settings)``)."""
     port, stderr = free_port(), tempfile.TemporaryFile()
     process = subprocess.Popen(server_command(port), env=server_environment(settings), stdin=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, stderr=stderr)
+                               stdout=subprocess.DEVNULL, stderr=stderr, bufsize=0)  # unbuffered: the word, once
     return Launch(process, port, stderr)
 
 

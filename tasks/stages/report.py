@@ -78,13 +78,14 @@ def write_report(run_dir: str | Path, metrics: dict, links: dict[str, str], loss
             link.symlink_to(os.path.relpath(Path(target).resolve(), (run_dir / name).parent.resolve()))
         write_json(tmp / "metrics.json", metrics)
         has_curve = bool(loss_curve) and Path(loss_curve).is_file()
-        curve = shutil.copyfile(loss_curve, tmp / "loss_curve.png") if has_curve else None
+        if has_curve:
+            shutil.copyfile(loss_curve, tmp / "loss_curve.png")
         write_json(tmp / "samples.json", samples)
         if "tensorboard" in metrics["config"]["train"].get("report_to", []):
             log_test_metrics(tmp / "tensorboard", metrics)
-        write_text_atomic(tmp / "report.md", render_markdown(metrics, samples, has_curve=curve is not None))
+        write_text_atomic(tmp / "report.md", render_markdown(metrics, samples, has_curve=has_curve))
     return {"metrics": str(run_dir / "metrics.json"), "report": str(run_dir / "report.md"),
-            "loss_curve": str(run_dir / "loss_curve.png") if curve else None,
+            "loss_curve": str(run_dir / "loss_curve.png") if has_curve else None,
             "samples": str(run_dir / "samples.json")}
 
 
