@@ -400,6 +400,8 @@ def main(argv: list[str] | None = None, flow_fn=None, prog: str = "python -m flo
         kind = "" if ours(e) else f"{type(e).__name__}: "
         print(f"error: {kind}{e}", file=sys.stderr)
         return 1
+    finally:
+        cancel()  # begin()'s server if nothing took it (a bad config): it has opened no database
     return 0
 
 

@@ -90,3 +90,16 @@ def test_the_run_uses_the_server_begin_started(tmp_path, monkeypatch):
         assert api_server._early is None  # taken: a later run in this process starts its own
     assert early.process.poll() is not None and not api_server.healthy(url)
     assert (tmp_path / "home" / "prefect.db").is_file()  # begin()'s environment reached the server
+
+
+def test_a_run_that_ends_before_its_flow_stops_the_early_server(tmp_path, monkeypatch, capsys):
+    from flows.finetune import main
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    api_server.begin()
+    early = api_server._early.process
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 1  # a bad config: one line, exit 1
+    assert "missing.yaml" in capsys.readouterr().err
+    assert api_server._early is None and early.poll() is not None
+    assert not (tmp_path / "home" / "prefect.db").exists()
