@@ -163,9 +163,8 @@ def stop(process: subprocess.Popen) -> None:
 def begin() -> None:
     """Start the temporary server's process now, before Prefect and the pipeline are imported, unless
     ``PREFECT_API_URL`` is in the environment; ``temporary_server`` decides, from Prefect's settings, whether it
-    serves. Call it first thing in
-    a command-line entry point (``python -m flows.finetune``, ``finetune-flow run``, ...). A process that exits
-    without using it leaves the server waiting on a closed stdin, which ends it."""
+    serves. Call it first thing in a command-line entry point (``python -m flows.finetune``, ``finetune-flow
+    run``, ...). If this process exits without using it, the server reads the end of its stdin and exits."""
     global _early
     if _early is None and not os.environ.get("PREFECT_API_URL"):
         try:
