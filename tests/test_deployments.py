@@ -525,7 +525,8 @@ def test_a_worker_lost_mid_trial_hands_it_to_the_other_and_the_sweep_completes(t
                 assert time.monotonic() < deadline, "the trial on host-b never started training"
                 time.sleep(0.2)
         os.killpg(hosts["host-b"][1].pid, sig)
-        assert sweep.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+        # a bound, not a speed goal: the handover and host-a's retraining took over 300 s on a loaded 2-core box
+        assert sweep.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
     rows = _trials(tmp_path)
     assert all(r["error"] is None for r in rows), rows
     ran_on = {r["trial"]: r["ran_on"].split(":", 1)[1] for r in rows}
