@@ -103,12 +103,11 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path) -> str:
     Returns:
         ``out_dir`` as a string, loadable with ``from_pretrained``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     gguf = Path(gguf)
     log.info("converting %s to %s", gguf, out_dir)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = dequantized_gguf_model(gguf)
     tokenizer = smollm2_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name),
                                   model.config.vocab_size)
     fix_smollm2_special_tokens(tokenizer, model)
@@ -116,6 +115,33 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path) -> str:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return str(out_dir)
+
+
+def dequantized_gguf_model(gguf: Path):
+    """Load a GGUF checkpoint as a plain fp32 model that ``save_pretrained`` accepts.
+
+    transformers < 5.2x de-quantises a GGUF file on load; newer releases load it through a GGUF quantizer (its
+    blocks kept quantized where the ``kernels`` package is installed) and refuse to save the result even when
+    de-quantised. Both give the same fp32 tensors here: loaded with ``GgufConfig(dequantize=True)`` where it exists,
+    then copied (strictly, every tensor) into a model built from the config without its ``quantization_config``.
+
+    Raises:
+        RuntimeError: from ``load_state_dict`` if the loaded tensors do not match the plain model's.
+    """
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    options = {"quantization_config": transformers.GgufConfig(dequantize=True)} \
+        if hasattr(transformers, "GgufConfig") else {}
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **options)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    return model
 
 
 def smollm2_tokenizer(gguf_tokenizer, vocab_size: int) -> PreTrainedTokenizerFast:

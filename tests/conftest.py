@@ -25,6 +25,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server and SQLite database for every in-process flow run of the session: Prefect's
+    ``prefect_test_harness`` in a session-scoped fixture (Prefect's documented pattern for pytest), instead of one
+    per module, each of which spent ~10-20 s on a 2-core CPU creating and migrating its database. Its start-up
+    timeout is the pipeline's own (``flows/__init__.py``: 120 s), not the harness's 30 s, which a busy 2-core CI
+    machine once missed. Tests read back only their own flow runs (filtered by flow-run id)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=int(os.environ.get(
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))):
+        yield
+
+
 def require(present: bool, what: str) -> None:
     """Skip the test where ``what`` is missing (a user's machine); fail it under CI (``CI=true``), where
     ``.ci/run`` provides everything the suite needs."""

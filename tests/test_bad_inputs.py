@@ -3,26 +3,21 @@ naming the file, the row and the field, exits 1, and leaves output.dir and its l
 ``--dry-run`` and through the real flow (a temporary Prefect server). Plus: inputs that look odd but are fine
 (a UTF-8 byte-order mark, exact duplicates), the real CLI process with and without ``--debug``."""
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.finetune import main
 from tasks.common.files import read_jsonl
 from tests.bad_inputs import CASES, CORPUS, build_broken_models, case_argv, seed_output_dir, snapshot
 
+pytestmark = pytest.mark.usefixtures("prefect_server")  # a temporary Prefect server (conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness():
-        yield
 
 
 @pytest.fixture(scope="module")

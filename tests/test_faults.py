@@ -22,15 +22,6 @@ def _published(out, stage: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    """A temporary Prefect server for the in-process runs of this module."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
-@pytest.fixture(scope="module")
 def good_run(prefect_server, tmp_path_factory, tiny_model_dir):
     """A completed run (``run``) through the CLI in-process: ``(config file, output dir)``."""
     from flows.finetune import main

@@ -7,22 +7,14 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.finetune import finetune, main
 from tests.conftest import tiny_config, write_classification_dir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 ALL_STAGES = {"validate", "ingest", "split", "evaluate_base", "evaluate_fewshot", "train", "merge",
               "evaluate_finetuned", "export_genai-int4"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    """A temporary Prefect server and database for this module, stopped cleanly at the end."""
-    with prefect_test_harness():
-        yield
 
 
 def _rename(cfg, run_name, **sections):

@@ -4,23 +4,16 @@ import inspect
 
 import pytest
 from prefect import flow, task
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.caching import stage_key
-from flows.stages import Stage
 from flows.gpu import GPU_SLOT_ENV, holds_gpu_slot
+from flows.stages import Stage
 from tasks.stages import train
 
 
 def add(a: int, b: int = 1) -> int:
     """Add."""
     return a + b
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness():
-        yield
 
 
 def test_without_the_variable_no_slot_is_taken(monkeypatch):

@@ -45,7 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet
         pass
 
-    def _reply(self, status: int, body: dict, error_code: str | None = None):
+    def _reply(self, status: int, body: dict | list, error_code: str | None = None):
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -60,16 +60,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 - http.server's name
         self._record()
-        m = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)(?:/revision/(.+))?", urlparse(self.path).path)
+        m = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?",
+                         urlparse(self.path).path)
         if not m:
             return self._reply(404, {"error": "no such endpoint"})
-        kind, repo_id, revision = m.group(1)[:-1], m.group(2), unquote(m.group(3) or "main")
+        kind, repo_id, revision = m.group(1)[:-1], m.group(2), unquote(m.group(4) or "main")
         repo = self.server.repos.get((kind, repo_id))
         if repo is None:
             return self._reply(404, {"error": "Repository not found"}, "RepoNotFound")
         sha = revision if revision in repo["refs"].values() else repo["refs"].get(revision)
         if sha is None:
             return self._reply(404, {"error": "Invalid rev id"}, "RevisionNotFound")
+        if m.group(3) == "tree":  # huggingface_hub >= 1.2x lists a snapshot's files so (list_repo_tree)
+            return self._reply(200, [{"type": "file", "path": f, "size": 0, "oid": "0" * 40} for f in repo["files"]])
         return self._reply(200, {"id": repo_id, "sha": sha, "private": False,
                                  "siblings": [{"rfilename": f} for f in repo["files"]]})
 
@@ -226,7 +229,9 @@ def test_online_the_snapshot_of_the_resolved_commit_is_what_stages_load(fake_hub
     cfg = hub.resolve_revisions(hub_config(tmp_path, data={"path": str(tmp_path)}))
     assert Path(hub.model_snapshot(cfg.model)) == snapshot  # the cached files of that commit: nothing downloaded
     assert not (snapshot / "pytorch_model.bin").exists()  # pickles are never fetched
-    assert ("GET", f"/api/models/org/tiny/revision/{SHA_1}", f"Bearer {TOKEN}") in fake_hub.requests
+    asked = {("GET", f"/api/models/org/tiny/{endpoint}/{SHA_1}", f"Bearer {TOKEN}")
+             for endpoint in ("revision", "tree")}
+    assert asked & set(fake_hub.requests)  # that commit, with the token (huggingface_hub >= 1.2x lists its tree)
 
 
 def test_push_run_uploads_merged_and_adapter_in_one_private_commit(fake_hub, tmp_path, monkeypatch, caplog):
@@ -277,12 +282,10 @@ def test_push_to_hub_config_reads_well_and_names_a_bad_repo_id():
 
 @pytest.mark.slow
 def test_flow_on_a_hub_model_pins_its_commit_and_pushes_only_a_run_that_passed_its_gates(
-        fake_hub, tmp_path, tiny_model_dir, capsys, caplog):
+        fake_hub, prefect_server, tmp_path, tiny_model_dir, capsys, caplog):
     """The whole flow (export off) with a Hub base model served from the cache at a commit and push_to_hub set:
     the sha is in metrics.json and the pushed model cards, the push is private with merged + adapter, the token
     is nowhere; a run whose merge gate fails pushes nothing and leaves latest.json alone."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.finetune import finetune
     from tests.conftest import tiny_config, write_classification_dir
 
@@ -293,7 +296,7 @@ def test_flow_on_a_hub_model_pins_its_commit_and_pushes_only_a_run_that_passed_i
     cfg = tiny_config(write_classification_dir(tmp_path / "cls"), out, "org/tiny-base",
                       eval={"evaluate_base": False}, export={"enabled": False},
                       output={"push_to_hub": {"repo_id": "org/tuned"}})
-    with prefect_test_harness(), caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO):
         result = finetune(cfg)
         assert result["config"]["model"]["revision"] == SHA_1
         assert result["hub"]["repo_id"] == "org/tuned" and result["hub"]["private"] is True

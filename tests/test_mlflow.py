@@ -50,11 +50,10 @@ def mlflow_server(tmp_path_factory):
     log.close()
 
 
-def test_a_promoted_nightly_run_is_tracked_and_registered_as_champion(mlflow_server, tmp_path, tiny_model_dir,
-                                                                       monkeypatch):
+def test_a_promoted_nightly_run_is_tracked_and_registered_as_champion(mlflow_server, prefect_server, tmp_path,
+                                                                       tiny_model_dir, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.finetune import finetune
     from flows.nightly import nightly_retrain
@@ -66,36 +65,35 @@ def test_a_promoted_nightly_run_is_tracked_and_registered_as_champion(mlflow_ser
                       eval={"baseline_examples": 6, "few_shot": 0, "constrain": "none"},  # as in test_nightly
                       output={"run_name": None})
     client = MlflowClient(mlflow_server)
-    with prefect_test_harness():
-        decision = nightly_retrain(cfg)
-        assert decision["promote"] and decision["mlflow_model_version"] == "1", decision
-        run_dir = Path(decision["run_dir"])
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        experiment = client.get_experiment_by_name("tiny")
-        [run] = client.search_runs([experiment.experiment_id])
-        assert run.info.run_name == run_dir.name and run.info.status == "FINISHED"
-        curve = client.get_metric_history(run.info.run_id, "loss")  # logged by the trainer, live
-        assert len(curve) >= 3 and [m.step for m in curve] == sorted(m.step for m in curve)
-        assert run.data.metrics["test/finetuned/accuracy"] == pytest.approx(metrics["finetuned"]["accuracy"])
-        exported = metrics["onnx"]["genai-int4"]["accuracy"]
-        assert run.data.metrics["export/genai-int4/accuracy"] == pytest.approx(exported)
-        assert run.data.params["lora.r"] == "8" and run.data.params["train.learning_rate"] == "0.01"
-        top = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"metrics.json", "report.md", "config.yaml", "loss_curve.png", "adapter", "merged", "onnx"} <= top
-        assert "merged/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "merged")}
-        onnx = {a.path for a in client.list_artifacts(run.info.run_id, "onnx/genai-int4")}
-        assert "onnx/genai-int4/model.onnx" in onnx
+    decision = nightly_retrain(cfg)
+    assert decision["promote"] and decision["mlflow_model_version"] == "1", decision
+    run_dir = Path(decision["run_dir"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    experiment = client.get_experiment_by_name("tiny")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == run_dir.name and run.info.status == "FINISHED"
+    curve = client.get_metric_history(run.info.run_id, "loss")  # logged by the trainer, live
+    assert len(curve) >= 3 and [m.step for m in curve] == sorted(m.step for m in curve)
+    assert run.data.metrics["test/finetuned/accuracy"] == pytest.approx(metrics["finetuned"]["accuracy"])
+    exported = metrics["onnx"]["genai-int4"]["accuracy"]
+    assert run.data.metrics["export/genai-int4/accuracy"] == pytest.approx(exported)
+    assert run.data.params["lora.r"] == "8" and run.data.params["train.learning_rate"] == "0.01"
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "report.md", "config.yaml", "loss_curve.png", "adapter", "merged", "onnx"} <= top
+    assert "merged/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "merged")}
+    onnx = {a.path for a in client.list_artifacts(run.info.run_id, "onnx/genai-int4")}
+    assert "onnx/genai-int4/model.onnx" in onnx
 
-        champion = client.get_model_version_by_alias("tiny", "champion")
-        assert champion.run_id == run.info.run_id and champion.version == "1"
-        local = Path(mlflow.artifacts.download_artifacts("models:/tiny@champion", dst_path=str(tmp_path / "got")))
-        published = (run_dir / "merged" / "model.safetensors").resolve().read_bytes()
-        assert (local / "model.safetensors").read_bytes() == published  # the model that was measured
+    champion = client.get_model_version_by_alias("tiny", "champion")
+    assert champion.run_id == run.info.run_id and champion.version == "1"
+    local = Path(mlflow.artifacts.download_artifacts("models:/tiny@champion", dst_path=str(tmp_path / "got")))
+    published = (run_dir / "merged" / "model.safetensors").resolve().read_bytes()
+    assert (local / "model.safetensors").read_bytes() == published  # the model that was measured
 
-        assert nightly_retrain(cfg)["skipped"]  # unchanged: no retrain, no new version
-        assert [v.version for v in client.search_model_versions("name='tiny'")] == ["1"]
+    assert nightly_retrain(cfg)["skipped"]  # unchanged: no retrain, no new version
+    assert [v.version for v in client.search_model_versions("name='tiny'")] == ["1"]
 
-        again = finetune(cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_name": "again"})}))
-        assert again["stage_states"]["train"] == "Cached"
-        cached_curve = client.get_metric_history(again["mlflow_run_id"], "loss")  # from train_log.json
-        assert [(m.step, m.value) for m in cached_curve] == [(m.step, m.value) for m in curve]
+    again = finetune(cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_name": "again"})}))
+    assert again["stage_states"]["train"] == "Cached"
+    cached_curve = client.get_metric_history(again["mlflow_run_id"], "loss")  # from train_log.json
+    assert [(m.step, m.value) for m in cached_curve] == [(m.step, m.value) for m in curve]

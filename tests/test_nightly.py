@@ -7,19 +7,12 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.nightly import nightly_retrain
 from tasks.stages.promote import quality_gate
 from tests.conftest import classification_rows, tiny_config, write_classification_dir
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness():
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 
 @pytest.mark.parametrize("candidate, base, incumbent, promote, reason", [

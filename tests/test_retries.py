@@ -3,13 +3,14 @@ import httpx
 import pytest
 import torch
 from prefect import flow, task
-from prefect.testing.utilities import prefect_test_harness
 
 from configs.schema import RetryConfig
 from flows.retries import is_transient, with_retries
 from tasks.deploy.export import ExportCheckError
 from tasks.stages.ingest import DataError
 from tasks.stages.merge import MergeCheckError
+
+pytestmark = pytest.mark.usefixtures("prefect_server")  # a temporary Prefect server (conftest)
 
 
 @pytest.mark.parametrize("exc, transient", [
@@ -30,12 +31,6 @@ from tasks.stages.merge import MergeCheckError
 ])
 def test_is_transient(exc, transient):
     assert is_transient(exc) is transient
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness():
-        yield
 
 
 def _attempts_of(exc: BaseException) -> int:

@@ -21,7 +21,6 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
 from prefect.exceptions import ParameterTypeError
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
-from prefect.testing.utilities import prefect_test_harness
 
 import flows.finetune
 from configs.schema import ConfigError, FinetuneConfig, ModelConfig, load_config
@@ -38,13 +37,6 @@ TOKENS = (ENV_TOKEN, BLOCK_TOKEN)
 
 # What the libraries would send to the Hub, as seen from inside the flow run's ingest task.
 SEEN: dict[str, str | None] = {}
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    """A temporary Prefect server and database for this module."""
-    with prefect_test_harness():
-        yield
 
 
 def _ingest_seeing_the_token(data, out_dir):
