@@ -120,10 +120,13 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path) -> str:
 def dequantized_gguf_model(gguf: Path):
     """Load a GGUF checkpoint as a plain fp32 model that ``save_pretrained`` accepts.
 
-    transformers < 5.2x de-quantises a GGUF file on load; newer releases load it through a GGUF quantizer (its
-    blocks kept quantized where the ``kernels`` package is installed) and refuse to save the result even when
-    de-quantised. Both give the same fp32 tensors here: loaded with ``GgufConfig(dequantize=True)`` where it exists,
-    then copied (strictly, every tensor) into a model built from the config without its ``quantization_config``.
+    transformers 5.5 de-quantises a GGUF file on load; 5.24 loads it through a GGUF quantizer (its blocks kept
+    quantized where the ``kernels`` package is installed) and refuses to save the result even when de-quantised.
+    Both give the same fp32 tensors here: loaded with ``GgufConfig(dequantize=True)`` where that class exists, then
+    copied (strictly, every tensor) into a model built from the config without its ``quantization_config``.
+
+    Returns:
+        The ``AutoModelForCausalLM`` of the file's architecture, every weight fp32, with the file's generation config.
 
     Raises:
         RuntimeError: from ``load_state_dict`` if the loaded tensors do not match the plain model's.
