@@ -28,14 +28,15 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server and SQLite database for every in-process flow run of the session: Prefect's
-    ``prefect_test_harness`` in a session-scoped fixture (Prefect's documented pattern for pytest), instead of one
-    per module, each of which spent ~10-20 s on a 2-core CPU creating and migrating its database. Its start-up
-    timeout is the pipeline's own (``flows/__init__.py``: 120 s), not the harness's 30 s, which a busy 2-core CI
-    machine once missed. Tests read back only their own flow runs (filtered by flow-run id)."""
+    ``prefect_test_harness`` in a session-scoped fixture (Prefect's documented pattern for pytest), so that its
+    database is created and migrated once. Its start-up timeout is the pipeline's own (``flows/__init__.py``), not
+    the harness's 30 s. Tests read back only their own flow runs (filtered by flow-run id)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=int(os.environ.get(
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))):
+    import flows  # noqa: F401 - sets the pipeline's Prefect defaults, the start-up timeout among them
+
+    timeout = int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    with prefect_test_harness(server_startup_timeout=timeout):
         yield
 
 

@@ -125,8 +125,8 @@ def wait_for(env: dict, run_ids: list, timeout: float = 600) -> list:
 @pytest.fixture(scope="module", autouse=True)
 def _events_dropped_at_the_end():
     """At this module's end, stop this process's Prefect event workers with a bounded wait (5 s): events bound
-    for this module's servers, all stopped by then, otherwise keep the next module's ``prefect_test_harness``
-    teardown waiting on them (165 s in test_faults' teardown in CI, 2026-12-06: the next module using it)."""
+    for this module's servers, all stopped by then, otherwise keep the next ``prefect_test_harness`` teardown (now
+    the session's, ``tests/conftest.py``) waiting on them (165 s in test_faults' teardown in CI, 2026-12-06)."""
     yield
     from prefect.events.worker import EventsWorker
 
