@@ -37,4 +37,34 @@ fi
 export PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR="${PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR:-reschedule}"
 # and its runs send a heartbeat every 30 s: if this host dies, zombie-runs.yaml marks them Crashed after 90 s
 export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
-exec prefect worker start --pool "$pool" --type process "$@"
+
+runs_of() {  # the processes $1 started (a process worker's flow runs), from /proc: slim images have no pgrep
+  local stat line fields
+  for stat in /proc/[0-9]*/stat; do
+    read -r line 2> /dev/null < "$stat" || continue
+    read -ra fields <<< "${line##*) }"   # after "pid (comm) ": state, ppid, ...
+    [[ ${fields[1]} == "$1" ]] && { stat=${stat#/proc/}; echo "${stat%/stat}"; }
+  done
+  return 0
+}
+
+# On SIGTERM or SIGINT the worker stops at once and its runs are handed back. Prefect's own drain (the worker
+# sends itself SIGINT and should stop polling) is not reliable: a worker here kept polling after SIGTERM and took
+# back the very run it had just handed back (tests/test_deployments.py, 2026-12-07; on that drain, see
+# PrefectHQ/prefect#22528). The worker only polls and starts runs, each its own process: it is killed, each run
+# gets SIGTERM (and reschedules itself, above; a second SIGTERM, as when the whole process group was signalled,
+# is harmless) and is waited for.
+worker=""
+drain() {
+  local runs pid
+  [[ -n $worker ]] || exit 143
+  runs=$(runs_of "$worker")
+  kill -KILL "$worker" 2> /dev/null || true
+  for pid in $runs; do kill -TERM "$pid" 2> /dev/null || true; done
+  for pid in $runs; do while kill -0 "$pid" 2> /dev/null; do sleep 0.5; done; done
+  exit 143
+}
+trap drain TERM INT
+prefect worker start --pool "$pool" --type process "$@" &
+worker=$!
+wait "$worker"
