@@ -10,6 +10,10 @@ ARGS ?=
 BIN := $(VENV)/bin
 LATEST := .venv-latest
 QUICK ?= -m "not slow and not service"
+# pytest-xdist workers for `make test`, each test module whole on one of them (--dist loadfile: a module's
+# fixtures, such as test_deployments' Prefect service, are set up once). Most of the suite's time is process
+# start-up, Prefect servers and polling waits, which overlap well on two cores. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +40,7 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # The tested set, from pyproject.toml's ranges and [tool.uv] constraint-dependencies (torch is left out: each
 # machine installs its own build). PIP_FIND_LINKS: where this machine keeps its torch wheel.
