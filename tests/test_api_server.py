@@ -3,7 +3,8 @@ Prefect's server; it opens no database before it is told to serve."""
 import subprocess
 import sys
 
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, get_current_settings, temporary_settings
+from prefect.settings import (PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_DATABASE_CONNECTION_URL,
+                              get_current_settings, temporary_settings)
 
 from flows import api_server
 
@@ -22,7 +23,10 @@ def test_the_server_answers_within_the_block_and_is_stopped_after_it(tmp_path, m
     started = []
     popen = subprocess.Popen
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])
-    with temporary_settings({PREFECT_HOME: tmp_path / "home"}, restore_defaults={PREFECT_API_URL}):
+    # the defaults, not the session's Prefect test server (tests/conftest.py), where one runs in this process:
+    # its API URL and database URL would otherwise reach the server started here
+    with temporary_settings({PREFECT_HOME: tmp_path / "home"},
+                            restore_defaults={PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL}):
         with api_server.temporary_server() as url:
             assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
             assert get_current_settings().api.url == url and api_server.healthy(url)
