@@ -18,18 +18,6 @@ TOOLS = ["hammer", "wrench", "saw", "drill", "chisel", "pliers", "ruler", "level
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 
 
-def pytest_collection_modifyitems(items) -> None:
-    """Modules with ``service`` tests first, then those with ``slow`` ones, then the rest, each module's own order
-    kept: on pytest-xdist's workers (``make test``, ``--dist loadfile``) the longest modules start first and the
-    quick ones fill the end, instead of one long module running alone at the end."""
-    rank: dict[str, int] = {}
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        own = 0 if item.get_closest_marker("service") else 1 if item.get_closest_marker("slow") else 2
-        rank[module] = min(rank.get(module, 2), own)
-    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
-
-
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data``: skipped where absent (a user's clone), a failure under CI (``CI=true``)."""
