@@ -12,7 +12,7 @@ LATEST := .venv-latest
 QUICK ?= -m "not slow and not service"
 # pytest-xdist workers for `make test`, each test module whole on one of them (--dist loadfile: a module's
 # fixtures, such as test_deployments' Prefect service, are set up once). Most of the suite's time is process
-# start-up, Prefect servers and polling waits, which overlap well on two cores. TEST_WORKERS=0: one process.
+# start-up, Prefect servers and polling waits, which two workers overlap. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
 $(BIN)/python:
