@@ -15,13 +15,25 @@ and ``results.md`` in the output folder after every step, so that a step that fa
 the figures of the steps before it; every step's output goes to ``log.txt``:
 
 1. ``environment``: GPU, driver, CUDA, Python and library versions;
-2. ``throughput-llama-3.2-1b``: ``benchmarks/train_throughput.py`` baseline vs ours, bf16, banking77 rows;
+2. ``throughput-llama-3.2-1b``: ``benchmarks/train_throughput.py`` baseline vs ours, bf16, banking77 rows
+   (~40 tokens), batch 128;
 3. ``ours-with-liger-llama-3.2-1b``: ours again with Liger's kernels on (``train.use_liger_kernel: auto`` is off
    since the 2026-11-28 check measured Liger slower, so step 2's "ours" runs without them);
-4. ``qlora-llama-3.1-8b``: ours, QLoRA (nf4, double quantization) at 2,048 tokens, batch 1;
-5. ``cuda-oom-retry``: a real CUDA out-of-memory raised inside the train task under a Prefect flow: the task's
+4. ``ours-float32-frozen-llama-3.2-1b``: ours again with the frozen base in float32 (``train.frozen_dtype: auto``
+   is bfloat16 on a GPU, so step 2's "ours" runs with it);
+5. ``packed-llama-3.2-1b``: short rows packed into 2,048-token sequences (``train.packing``), batch 8 sequences,
+   baseline (padded rows) vs ours;
+6. ``lora-llama-3.2-1b-2048``: baseline vs ours, every example 2,048 tokens, batch 1;
+7. ``qlora-llama-3.1-8b``: ours, QLoRA (nf4, double quantization) at 2,048 tokens, batch 1 (goal: <= 7 GiB);
+8. ``lora-llama-3.1-8b-2048`` and 9. ``lora-llama-3.1-8b-4096``: baseline vs ours, LoRA r16 all-linear at 2,048
+   and 4,096 tokens, batch 1 (NeMo AutoModel's shape: 40.6 % MFU, 4N; the goal is 45 %);
+10. ``cuda-oom-retry``: a real CUDA out-of-memory raised inside the train task under a Prefect flow: the task's
    retry policy (``flows.retries``) must retry it, and the retry must resume from the checkpoint;
-6. ``banking77-smollm2``: recorded as not run (the model does not fit the carry limit; see ``STEP6_NOT_RUN``).
+11. ``banking77-smollm2``: recorded as not run (the model does not fit the carry limit; see ``BANKING77_NOT_RUN``).
+
+The GPU time boxes of all steps add up to ~16 minutes, more than one device call (600 s) and a session's device
+time (15 minutes, start-up included): ``run OUT --steps a,b`` runs the named steps only (``benchmark_steps`` for
+the names and boxes), so a session runs the steps its issue needs, in one or two calls.
 
 """
 from __future__ import annotations
@@ -70,7 +82,7 @@ BNB_KEEP = re.compile(r"libbitsandbytes_(cpu|cuda13\d)\.so$")  # the image has C
 
 # each step's time box in the CPU dry run (seconds): roomy, as a busy 2-core machine is slow (see run())
 DRY_RUN_BUDGET = 300
-STEP6_NOT_RUN = ("not run: the embedded SmolLM2-135M-Instruct does not fit the device tool's 64 MiB carry limit "
+BANKING77_NOT_RUN = ("not run: the embedded SmolLM2-135M-Instruct does not fit the device tool's 64 MiB carry limit "
                  "beside the wheels (its GGUF is 93 MB, the converted folder 517 MB in fp32, 270 MB in bf16), and "
                  "the GPU box has no network to fetch it")
 
@@ -301,6 +313,53 @@ def oom_retry(args) -> None:
                                   "device": "cuda" if torch.cuda.is_available() else "cpu"}), flush=True)
 
 
+def benchmark_steps(dry: bool) -> list[tuple[str, float, list[str], str | None]]:
+    """The ``train_throughput.py`` steps: ``(name, time box in seconds, its arguments, note)``, in the order they
+    run. On the GPU the time boxes are sized for an H100/H200 (model build and load included: the first step of a
+    model builds its random-initialised folder); the CPU dry run gives each the same roomy box (``DRY_RUN_BUDGET``:
+    it proves the steps go through on toy widths, not their speed) and mirrors the GPU's ``auto`` settings that
+    differ on a CPU: bf16 autocast on, the frozen base in bf16 (``train.frozen_dtype``)."""
+    box = (lambda gpu_seconds: DRY_RUN_BUDGET) if dry else (lambda gpu_seconds: gpu_seconds)
+    as_on_gpu = (["--set", "train.bf16=true", "--set", "train.frozen_dtype=bfloat16"] if dry
+                 else ["--set", "train.bf16=auto"])
+    steps_1b, batch_1b = ("3", "8") if dry else ("30", "128")
+    common_1b = ["--model", "llama-3.2-1b", "--steps", steps_1b,
+                 "--set", f"train.per_device_train_batch_size={batch_1b}"]
+
+    def long_rows(model: str, tokens: int, steps: int) -> list[str]:
+        """Every example cut to ``tokens`` (the dry run's toy tokenizer: 32 or 64), batch 1 (one sequence a step)."""
+        seq = str(tokens // 64) if dry else str(tokens)
+        room = "256" if dry else seq
+        return ["--model", model, "--steps", "3" if dry else str(steps), "--seq-len", seq,
+                "--set", f"train.max_seq_length={room}", "--set", "train.overlength=truncate",
+                "--set", "train.per_device_train_batch_size=1", "--set", "train.per_device_eval_batch_size=1",
+                "--set", "split.max_validation_examples=16"]
+
+    return [
+        ("throughput-llama-3.2-1b", box(110), common_1b + as_on_gpu + ["--arms", "baseline,ours"], None),
+        ("ours-with-liger-llama-3.2-1b", box(45),
+         # the CPU dry run has no liger-kernel (Triton): the same step with the kernels off
+         common_1b + as_on_gpu + ["--arms", "ours", "--set", f"train.use_liger_kernel={'false' if dry else 'true'}"],
+         "train.use_liger_kernel: auto is off (step 2); this arm measures turning it on"),
+        ("ours-float32-frozen-llama-3.2-1b", box(45),
+         common_1b + as_on_gpu + ["--arms", "ours", "--set", "train.frozen_dtype=float32"],
+         "train.frozen_dtype: auto is bfloat16 on a GPU (step 2); this arm measures the float32 frozen base"),
+        ("packed-llama-3.2-1b", box(90),
+         ["--model", "llama-3.2-1b", "--steps", "3" if dry else "20", "--arms", "baseline,ours", *as_on_gpu,
+          "--set", "train.packing=true", "--set", f"train.max_seq_length={'256' if dry else '2048'}",
+          "--set", f"train.per_device_train_batch_size={'2' if dry else '8'}"],
+         "short rows packed into max_seq_length sequences (a batch of tokens, not rows); the baseline pads"),
+        ("lora-llama-3.2-1b-2048", box(90), long_rows("llama-3.2-1b", 2048, 20) + as_on_gpu
+         + ["--arms", "baseline,ours"], None),
+        ("qlora-llama-3.1-8b", box(200), long_rows("llama-3.1-8b", 2048, 10) + as_on_gpu
+         + ["--arms", "ours", "--set", "lora.method=qlora"], "goal: peak <= 7 GiB"),
+        ("lora-llama-3.1-8b-2048", box(150), long_rows("llama-3.1-8b", 2048, 10) + as_on_gpu
+         + ["--arms", "baseline,ours"], None),
+        ("lora-llama-3.1-8b-4096", box(170), long_rows("llama-3.1-8b", 4096, 10) + as_on_gpu
+         + ["--arms", "baseline,ours"], "NeMo AutoModel's shape (40.6 % MFU, 4N); goal >= 45 % (4N)"),
+    ]
+
+
 def run(args) -> None:
     """Run every step in order (see the module docstring), each time-boxed, appending to the results."""
     kit, out = Path(args.kit), Path(args.out)
@@ -310,6 +369,10 @@ def run(args) -> None:
     cache = Path(args.cache or tempfile.mkdtemp(prefix="gpu-check-models-"))
     header = {"mode": "CPU dry run (toy-width models)" if dry else "GPU", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": "benchmarks/gpu_check.sh " + ("dry-run" if dry else "run")}
+    wanted = set(args.steps.split(",")) if args.steps else set()
+    unknown = wanted - {name for name, *_ in benchmark_steps(dry)} - {"cuda-oom-retry"}
+    if unknown:
+        sys.exit(f"--steps: unknown step(s) {sorted(unknown)}; see benchmarks/gpu_check.py")
     results = Results(out, header)
     start = time.perf_counter()
     results.add({"step": "environment", "status": "ok", "seconds": 0.0, "figures": environment()})
@@ -320,29 +383,9 @@ def run(args) -> None:
              "--tokenizer", tokenizer, "--cache", str(cache), "--rounds", "1"]
     if dry:
         bench += ["--tiny", "--set", "split.max_train_examples=120", "--set", "split.max_validation_examples=16"]
-    steps_1b = "3" if dry else "30"
-    batch_1b = "8" if dry else "128"
-    common_1b = ["--model", "llama-3.2-1b", "--steps", steps_1b, "--set", "train.bf16=auto",
-                 "--set", f"train.per_device_train_batch_size={batch_1b}"]
-    # every example cut to max_seq_length (overlength: truncate); the dry run's toy tokenizer needs more room
-    seq, max_len = ("32", "256") if dry else ("2048", "2048")
-    # the GPU box's time boxes; the CPU dry run proves the steps go through, not their speed, on a machine that may
-    # be busy (a 2-core CI box running the suite took over 30 s for step 3's 3 toy steps): one roomy box for each
-    box = (lambda gpu_seconds: DRY_RUN_BUDGET) if dry else (lambda gpu_seconds: gpu_seconds)
-    benchmarks = [
-        ("throughput-llama-3.2-1b", box(110), common_1b + ["--arms", "baseline,ours"], None),
-        ("ours-with-liger-llama-3.2-1b", box(45),
-         # the CPU dry run has no liger-kernel (Triton): the same step with the kernels off
-         common_1b + ["--arms", "ours", "--set", f"train.use_liger_kernel={'false' if dry else 'true'}"],
-         "train.use_liger_kernel: auto is off (step 2); this arm measures turning it on"),
-        ("qlora-llama-3.1-8b", box(170),
-         ["--model", "llama-3.1-8b", "--arms", "ours", "--steps", "3" if dry else "10", "--seq-len", seq,
-          "--set", "lora.method=qlora", "--set", f"train.max_seq_length={max_len}",
-          "--set", "train.overlength=truncate",
-          "--set", "train.per_device_train_batch_size=1", "--set", "train.per_device_eval_batch_size=1",
-          "--set", "split.max_validation_examples=16", "--set", "train.bf16=auto"], None),
-    ]
-    for name, budget, extra, note in benchmarks:
+    for name, budget, extra, note in benchmark_steps(dry):
+        if wanted and name not in wanted:
+            continue
         json_file = out / f"{name}.json"
         status, seconds = run_command(bench + extra + ["--json", str(json_file)], budget, results.log)
         record = {"step": name, "status": status, "seconds": seconds, "command": " ".join(extra)}
@@ -353,13 +396,19 @@ def run(args) -> None:
             record["note"] = note
         results.add(record)
 
+    if wanted and "cuda-oom-retry" not in wanted:
+        print(f"gpu check done in {time.perf_counter() - start:.0f} s: {out / 'results.md'}")
+        return
     work = Path(tempfile.mkdtemp(prefix="gpu-check-oom-"))
-    base = str(cache / ("random-llama-3.2-1b" + ("-tiny" if dry else "")))
+    from benchmarks.train_throughput import model_folder
+
+    base = model_folder("llama-3.2-1b", cache, tokenizer, tiny=dry)  # built by step 2 unless --steps skipped it
     oom_log = work / "oom.log"
     status, seconds = run_command([py, "benchmarks/gpu_check.py", "oom-retry", "--config", "configs/banking77.yaml",
                                    *data_set, "--set", "split.max_train_examples=120",
                                    "--set", "split.max_validation_examples=16", "--base", base, "--work", str(work)],
-                                  box(60), oom_log, env={"PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+                                  DRY_RUN_BUDGET if dry else 60, oom_log,
+                                  env={"PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     text = oom_log.read_text()
     with open(results.log, "a") as log:
         log.write(text)
@@ -372,7 +421,7 @@ def run(args) -> None:
     results.add({"step": "cuda-oom-retry", "status": status, "seconds": seconds,
                  "figures": {**figures, "prefect_logged_retry": retried},
                  "note": "retried and resumed from the checkpoint" if ok else "the retry path did not complete"})
-    results.add({"step": "banking77-smollm2", "status": "not run", "note": STEP6_NOT_RUN})
+    results.add({"step": "banking77-smollm2", "status": "not run", "note": BANKING77_NOT_RUN})
     print(f"gpu check done in {time.perf_counter() - start:.0f} s: {out / 'results.md'}")
     print((out / "results.md").read_text())
 
@@ -389,6 +438,8 @@ def main() -> None:
     r.add_argument("--data", help="banking77 folder (default: the kit's)")
     r.add_argument("--tokenizer", help="tokenizer folder (default: the kit's)")
     r.add_argument("--cache", help="where the random models are built (default: a new temporary folder)")
+    r.add_argument("--steps", help="comma-separated step names to run (default: all; the GPU boxes of all exceed "
+                                   "one 600-s device call, see the module docstring)")
     o = sub.add_parser("oom-retry", help=argparse.SUPPRESS)
     for name in ("--config", "--base", "--work"):
         o.add_argument(name, required=True)

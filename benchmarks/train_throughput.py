@@ -31,7 +31,8 @@ to 1.5x: the table prints the 6N figure, as asked, and the 4N one.
 ``--model llama-3.2-1b`` / ``llama-3.1-8b`` build random-initialised models from those models' published configs
 (speed and memory do not depend on the weight values; no hub), with the embedded SmolLM2 tokenizer (its ids are
 all below Llama-3's vocabulary size), or the one in ``--tokenizer``; ``--tiny`` shrinks those configs to 2 layers
-of width 64 (the CPU dry run of ``benchmarks/gpu_check.sh``). ``--seq-len N`` makes every example ~N tokens long
+of width 64 (the CPU dry run of ``benchmarks/gpu_check.sh``; no CPU matmul peak is measured, no MFU printed).
+``--seq-len N`` makes every example ~N tokens long
 (each user turn is the config's training queries joined) for the sequence-length memory figures. ``--json FILE``
 also writes every round and the summary as JSON.
 """
@@ -155,7 +156,7 @@ def run_ours(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> 
     return {"tokens": result.train_tokens, "train_seconds": result.wall_seconds - eval_seconds,
             "eval_loss": result.eval_loss, "steps": result.steps,
             "settings": result.model_dump(include={"method", "attn_implementation", "padding_free",
-                                                   "gradient_checkpointing", "liger_kernel", "bf16"})}
+                                                   "gradient_checkpointing", "liger_kernel", "bf16", "frozen_dtype"})}
 
 
 def run_trl_loss(cfg: FinetuneConfig, base: str, splits: SplitResult, out: Path) -> dict:
@@ -265,6 +266,7 @@ def arm(args) -> None:
            "ours": run_ours}[args.arm]
     result = run(cfg, args.base, splits, Path(args.work) / f"{args.arm}-{args.round}")
     result["tokens_per_second"] = result["tokens"] / result["train_seconds"]
+    result["machine"] = machine()  # the libraries are imported here already (the parent process need not)
     if torch.cuda.is_available():
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["gpu"] = torch.cuda.get_device_name()
@@ -362,7 +364,8 @@ def main() -> None:
     summary = report(args, cfg, base, results)
     if args.json:
         write_json(Path(args.json), {"model": args.model, "steps": args.steps, "rounds": args.rounds,
-                                     "overrides": args.set, "machine": machine(), "rounds_results": results,
+                                     "overrides": args.set, "machine": next(iter(results.values()))[0]["machine"],
+                                     "rounds_results": results,
                                      "summary": summary})
 
 
@@ -373,7 +376,8 @@ def report(args, cfg: FinetuneConfig, base: str, results: dict) -> dict:
     n = parameter_count(base)
     gpu = next(iter(results.values()))[0].get("gpu")
     cpu_peak = None
-    if gpu is None:  # measured here, after the arms, with the machine as idle as it was for them
+    where = next(iter(results.values()))[0]["machine"]
+    if gpu is None and not args.tiny:  # measured here, after the arms, with the machine as idle as it was for them
         from tasks.base_model import use_bf16
 
         bf16 = use_bf16(cfg.train.bf16)
@@ -381,7 +385,7 @@ def report(args, cfg: FinetuneConfig, base: str, results: dict) -> dict:
         print(f"CPU matmul peak ({'bf16' if bf16 else 'fp32'}, 2048x2048, all threads): {cpu_peak / 1e9:.1f} GFLOP/s; "
               "MFU below = training FLOP/s (6N and 4N per token) over it")
     print(f"\nmodel {args.model} ({n / 1e6:.1f} M parameters), method {cfg.lora.method}, {args.steps} steps x "
-          f"batch {cfg.train.per_device_train_batch_size}, {args.rounds} rounds; {machine()}")
+          f"batch {cfg.train.per_device_train_batch_size}, {args.rounds} rounds; {where}")
     if "ours" in results:
         print(f"ours: {json.dumps(results['ours'][0].get('settings'))}")
     print("| arm | tokens/s (median) | peak memory GiB (max) | eval loss | MFU |\n|---|---|---|---|---|")

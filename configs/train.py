@@ -40,6 +40,11 @@ class TrainConfig(Section):
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto", description="Recompute activations in the backward pass (less memory, ~30 % more compute); auto = "
         "on for qlora (its purpose is memory), off otherwise.")
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the base weights that LoRA, DoRA and QLoRA leave frozen (QLoRA: those it does "
+        "not quantize: embeddings, norms, LM head); adapters stay float32. auto = bfloat16 on a GPU under bf16 "
+        "autocast (no float32 copy in memory, no cast at every matmul: what TRL's and PEFT's GPU examples load), "
+        "float32 elsewhere (the CPU path the banking77 figures were measured on). Full fine-tuning keeps float32.")
     use_liger_kernel: Literal["auto"] | bool = Field(
         "auto", description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU; TRL >= 1.0 keeps its fused "
         "cross-entropy off) on a GPU where liger-kernel is installed; auto = off (measured slower on an H200: "

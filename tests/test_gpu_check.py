@@ -46,23 +46,46 @@ def test_cpu_dry_run_goes_through_every_step(tmp_path, shared_data, tiny_model_d
                            str(shared_data / "banking77"), "--tokenizer", tiny_model_dir, "--cache",
                            str(tmp_path / "models")], cwd=ROOT, capture_output=True, text=True,
                           env={**__import__("os").environ, "PYTHON": sys.executable},
-                          timeout=4 * gpu_check.DRY_RUN_BUDGET + 120)
+                          timeout=(len(gpu_check.benchmark_steps(True)) + 1) * gpu_check.DRY_RUN_BUDGET + 120)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = {s["step"]: s for s in json.loads((out / "results.json").read_text())["steps"]}
     assert list(steps) == ["environment", "throughput-llama-3.2-1b", "ours-with-liger-llama-3.2-1b",
-                           "qlora-llama-3.1-8b", "cuda-oom-retry", "banking77-smollm2"]
+                           "ours-float32-frozen-llama-3.2-1b", "packed-llama-3.2-1b", "lora-llama-3.2-1b-2048",
+                           "qlora-llama-3.1-8b", "lora-llama-3.1-8b-2048", "lora-llama-3.1-8b-4096",
+                           "cuda-oom-retry", "banking77-smollm2"]
     log = (out / "log.txt").read_text()
-    for name in list(steps)[1:5]:
+    for name in list(steps)[1:-1]:
         assert steps[name]["status"] == "ok", (name, steps[name], log[-3000:])
-    throughput = steps["throughput-llama-3.2-1b"]["figures"]
-    assert "tokens/s" in throughput["baseline"] and "tokens/s" in throughput["ours"]
-    assert throughput["ratio ours/baseline"].endswith("x")
-    assert '"method": "qlora"' in steps["qlora-llama-3.1-8b"]["figures"]["settings (ours)"]
+    for name in ("throughput-llama-3.2-1b", "packed-llama-3.2-1b", "lora-llama-3.2-1b-2048",
+                 "lora-llama-3.1-8b-2048", "lora-llama-3.1-8b-4096"):
+        figures = steps[name]["figures"]
+        assert "tokens/s" in figures["baseline"] and "tokens/s" in figures["ours"], name
+        assert figures["ratio ours/baseline"].endswith("x")
+    settings = {name: json.loads(steps[name]["figures"]["settings (ours)"]) for name in list(steps)[1:-2]}
+    # the dry run mirrors the GPU's auto settings (bf16, a bf16 frozen base) but in the float32-frozen arm
+    assert {name: s["frozen_dtype"] for name, s in settings.items()} == {
+        name: "float32" if "float32" in name else "bfloat16" for name in settings}
+    assert all(s["bf16"] for s in settings.values())
+    assert settings["qlora-llama-3.1-8b"]["method"] == "qlora"
+    assert settings["qlora-llama-3.1-8b"]["gradient_checkpointing"] is True
+    assert "--set train.packing=true" in steps["packed-llama-3.2-1b"]["command"]
+    assert "--seq-len 64" in steps["lora-llama-3.1-8b-4096"]["command"]  # 4,096 tokens at the toy tokenizer's 1/64
     oom = steps["cuda-oom-retry"]["figures"]
     assert oom["attempts"] == 2 and oom["oom_raised"] and oom["resumed_from"].endswith("checkpoint-2")
     assert oom["steps"] == 4
     assert steps["banking77-smollm2"]["status"] == "not run"
     assert "| cuda-oom-retry | ok |" in (out / "results.md").read_text()
+
+
+def test_steps_refuses_an_unknown_step_before_anything_runs(tmp_path):
+    """``run --steps``: one device call cannot hold every step (their GPU boxes add up to more than 600 s), so a
+    session picks; a misspelt name is refused before any step runs (not found out after minutes of device time)."""
+    command = [sys.executable, "benchmarks/gpu_check.py", "run", "--dry-run", "--out", str(tmp_path / "out"),
+               "--data", str(tmp_path / "banking77"), "--tokenizer", str(tmp_path / "tokenizer")]
+    refused = subprocess.run(command + ["--steps", "throughput-llama-3.2-1b,lora-llama-3.1-8b-8192"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "lora-llama-3.1-8b-8192" in refused.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("mode", ["", "nonsense"])

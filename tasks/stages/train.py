@@ -139,6 +139,7 @@ class TrainSummary(BaseModel):
     padding_free: bool
     gradient_checkpointing: bool
     liger_kernel: bool
+    frozen_dtype: str = Field("float32", description="the frozen base weights' dtype (see frozen_dtype)")
     processes: int
     peak_memory_bytes: int = Field(description="see peak_memory_bytes")
     resumed_from: str | None = Field(description="checkpoint folder the run resumed from")
@@ -163,13 +164,15 @@ class Settings:
     attn_implementation: str
     gradient_checkpointing: bool
     liger_kernel: bool
+    frozen_dtype: str  # "float32" or "bfloat16" (frozen_dtype)
     best_model: bool  # publish the checkpoint with the lowest validation loss
     collator: str  # "padding-free" (tasks/common/padding_free.py), "packing" (TRL's), "padded"
 
 
 def resolve_settings(model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainConfig, processes: int) -> Settings:
     """Resolve ``train.bf16``, ``model.attn_implementation``, ``train.gradient_checkpointing`` and
-    ``train.use_liger_kernel`` (``auto``: off, see ``liger_kernel``) for ``tasks.base_model.device``, and choose
+    ``train.use_liger_kernel`` (``auto``: off, see ``liger_kernel``), ``train.frozen_dtype`` (``frozen_dtype``)
+    for ``tasks.base_model.device``, and choose
     the batch layout: padding-free rows (``tasks.common.padding_free``: rows of ``max_seq_length`` with sdpa/eager, the
     whole batch in one row for flash attention's varlen kernel), TRL's packing, or padded batches."""
     bf16 = use_bf16(cfg.bf16)
@@ -178,6 +181,7 @@ def resolve_settings(model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainCon
     return Settings(processes=processes, bf16=bf16, attn_implementation=attn,
                     gradient_checkpointing=gradient_checkpointing(lora_cfg, cfg),
                     liger_kernel=liger_kernel(cfg.use_liger_kernel),
+                    frozen_dtype=frozen_dtype(cfg.frozen_dtype, lora_cfg.method, bf16, device().type),
                     best_model=cfg.load_best_model_at_end or cfg.early_stopping_patience is not None,
                     collator=collator)
 
@@ -202,11 +206,29 @@ def liger_kernel(setting: str | bool) -> bool:
     return setting is True
 
 
+def frozen_dtype(setting: str, method: str, bf16: bool, device_type: str) -> str:
+    """Resolve ``train.frozen_dtype``, the dtype of the frozen base weights: ``"auto"`` is ``"bfloat16"`` on a GPU
+    (``device_type`` "cuda") under bf16 autocast, else ``"float32"``; method ``full`` (every weight trained, float32
+    master weights) is always ``"float32"``.
+
+    Why: with float32 frozen weights, bf16 autocast casts each weight to bf16 at every matmul of the forward and
+    backward passes (autocast caches casts only of weights that require gradients), and the float32 copy doubles
+    the weights' memory; peft's ``prepare_model_for_kbit_training`` upcasts QLoRA's embedding and LM head to
+    float32 (2 × 2.1 GB on Llama-3.1-8B). The CPU keeps float32 by default: the CPU figures (docs/results.md) were
+    measured so, and bf16 weights change the residual stream's precision there too.
+    """
+    if method == "full":
+        return "float32"
+    if setting != "auto":
+        return setting
+    return "bfloat16" if bf16 and device_type == "cuda" else "float32"
+
+
 # TrainConfig fields that are not SFTConfig's, those train resolves (Settings) before handing them on, and those
 # transformers 5 renamed (handed on under the new name); every other TrainConfig field has SFTConfig's name and
 # meaning and passes through unchanged (tests/test_train.py)
 NOT_SFT_CONFIG = {"max_seq_length", "overlength", "num_processes", "early_stopping_patience",
-                  "early_stopping_min_delta"}
+                  "early_stopping_min_delta", "frozen_dtype"}
 RESOLVED = {"bf16", "gradient_checkpointing", "use_liger_kernel", "padding_free", "packing", "load_best_model_at_end",
             "metric_for_best_model"}
 RENAMED = {"warmup_ratio": "warmup_steps", "group_by_length": "train_sampling_strategy"}
@@ -380,7 +402,8 @@ def train_result(trainer, output, run: dict, settings: Settings, lora_cfg: LoraC
                                               "bnb_4bit_compute_dtype"}) if lora_cfg.method == "qlora" else None,
         attn_implementation=settings.attn_implementation, padding_free=settings.collator != "padded",
         gradient_checkpointing=settings.gradient_checkpointing, liger_kernel=settings.liger_kernel,
-        processes=int(os.environ.get("WORLD_SIZE", 1)), peak_memory_bytes=peak_memory_bytes(trainer.model.device),
+        frozen_dtype=settings.frozen_dtype, processes=int(os.environ.get("WORLD_SIZE", 1)),
+        peak_memory_bytes=peak_memory_bytes(trainer.model.device),
         resumed_from=run["resumed_from"], stopped_early=state.global_step < state.max_steps,
         best_checkpoint=Path(state.best_model_checkpoint).name if settings.best_model else None,
         metric_for_best_model=trainer.args.metric_for_best_model,
@@ -483,7 +506,7 @@ def train(base_model: str, splits: SplitResult, model_cfg: ModelConfig, lora_cfg
     tokenizer = load_tokenizer(base_model, model_cfg.trust_remote_code)
     tokenizer.padding_side = "right"
     model = base_for_training(base_model, model_cfg.trust_remote_code, lora_cfg, settings.attn_implementation,
-                              settings.gradient_checkpointing)
+                              settings.gradient_checkpointing, settings.frozen_dtype)
     settings = for_architecture(settings, model.config)
     records, lengths = sequence_lengths(tokenizer, splits.files, cfg)
     trainer = make_trainer(model, tokenizer, records, lora_cfg, cfg, settings, checkpoint_dir, callback_factories)
@@ -553,18 +576,26 @@ def sft_trainer_class():
 
 
 def base_for_training(path: str, trust_remote_code: bool, lora_cfg: LoraConfig, attn: str,
-                      checkpointing: bool):
-    """The base model to put the adapter on (or to train whole, method full): float32 for lora/dora/full (bf16
-    autocast does the matmuls), or 4-bit (``tasks.base_model.load_4bit``) run through peft's
-    ``prepare_model_for_kbit_training`` for qlora (the non-quantized weights in float32, input gradients on,
-    gradient checkpointing as ``checkpointing``)."""
+                      checkpointing: bool, dtype: str = "float32"):
+    """The base model to put the adapter on (or to train whole, method full): its weights in ``dtype``
+    (``frozen_dtype``: "float32" or "bfloat16") for lora/dora/full, or 4-bit (``tasks.base_model.load_4bit``) run
+    through peft's ``prepare_model_for_kbit_training`` for qlora (input gradients on, gradient checkpointing as
+    ``checkpointing``), after which the weights it left unquantized (embeddings, norms, LM head), which it
+    upcasts to float32, are cast to ``dtype``."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
     if lora_cfg.method != "qlora":
-        return load_model(path, trust_remote_code, attn_implementation=attn)
+        return load_model(path, trust_remote_code, dtype=torch_dtype, attn_implementation=attn)
     from peft import prepare_model_for_kbit_training
 
     model = load_4bit(path, lora_cfg, trust_remote_code, attn_implementation=attn)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    for param in model.parameters():  # all frozen here; the 4-bit weights are uint8 (Params4bit)
+        if param.is_floating_point() and param.dtype != torch_dtype:
+            param.data = param.data.to(torch_dtype)
+    return model
 
 
 def peft_config(lora_cfg: LoraConfig):
