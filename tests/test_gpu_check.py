@@ -54,14 +54,16 @@ def test_cpu_dry_run_goes_through_every_step(tmp_path, shared_data, tiny_model_d
                            "qlora-llama-3.1-8b", "lora-llama-3.1-8b-2048", "lora-llama-3.1-8b-4096",
                            "cuda-oom-retry", "banking77-smollm2"]
     log = (out / "log.txt").read_text()
-    for name in list(steps)[1:-1]:
+    assert steps["ours-with-liger-llama-3.2-1b"]["status"] == "not run (dry run)"  # no liger-kernel on a CPU
+    ran = [name for name in list(steps)[1:-1] if name != "ours-with-liger-llama-3.2-1b"]
+    for name in ran:
         assert steps[name]["status"] == "ok", (name, steps[name], log[-3000:])
-    for name in ("throughput-llama-3.2-1b", "packed-llama-3.2-1b", "lora-llama-3.2-1b-2048",
-                 "lora-llama-3.1-8b-2048", "lora-llama-3.1-8b-4096"):
+    for name in ran[:-1]:  # the throughput steps (not the OOM retry)
+        assert "tokens/s" in steps[name]["figures"]["ours"], name
+    for name in ("throughput-llama-3.2-1b", "lora-llama-3.2-1b-2048"):  # the baseline's two code paths
         figures = steps[name]["figures"]
-        assert "tokens/s" in figures["baseline"] and "tokens/s" in figures["ours"], name
-        assert figures["ratio ours/baseline"].endswith("x")
-    settings = {name: json.loads(steps[name]["figures"]["settings (ours)"]) for name in list(steps)[1:-2]}
+        assert "tokens/s" in figures["baseline"] and figures["ratio ours/baseline"].endswith("x"), name
+    settings = {name: json.loads(steps[name]["figures"]["settings (ours)"]) for name in ran[:-1]}
     # the dry run mirrors the GPU's auto settings (bf16, a bf16 frozen base) but in the float32-frozen arm
     assert {name: s["frozen_dtype"] for name, s in settings.items()} == {
         name: "float32" if "float32" in name else "bfloat16" for name in settings}
