@@ -17,6 +17,7 @@ def test_a_configured_api_starts_nothing(monkeypatch):
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:1/api"}), api_server.temporary_server() as url:
         assert url is None
         assert get_current_settings().api.url == "http://127.0.0.1:1/api"
+        assert get_current_settings().flows.heartbeat_frequency is not None  # a lasting server watches them
 
 
 def test_the_server_answers_within_the_block_and_is_stopped_after_it(tmp_path, monkeypatch):
@@ -30,11 +31,14 @@ def test_the_server_answers_within_the_block_and_is_stopped_after_it(tmp_path, m
         with api_server.temporary_server() as url:
             assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
             assert get_current_settings().api.url == url and api_server.healthy(url)
+            # no flow-run heartbeats for a server that lives as long as the run (Prefect's default: every 180 s)
+            assert get_current_settings().flows.heartbeat_frequency is None
             from prefect import get_client
 
             with get_client(sync_client=True) as client:  # Prefect's own client talks to it
                 assert client.api_healthcheck() is None
         assert get_current_settings().api.url is None
+        assert get_current_settings().flows.heartbeat_frequency == 180
     assert len(started) == 1 and started[0].poll() is not None  # stopped, not left running
     assert not api_server.healthy(url)
     assert (tmp_path / "home" / "prefect.db").is_file()  # the run's PREFECT_HOME reached the server
