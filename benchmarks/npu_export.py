@@ -1,9 +1,12 @@
-"""The ``openvino-npu`` export of a finished run, built and gated as the export stage does it: every rung of
-``export.npu_weights`` tried, each measured on the test rows through the NPU's static pipeline (on the CPU where
-there is no NPU: not an NPU figure) against the evaluated model; prints the ladder and the published form's figures.
+"""The ``openvino-npu`` (or ``qnn-npu``) export of a finished run, built and gated as the export stage does it: every
+rung of ``export.npu_weights`` (``export.qnn_weights``) tried, each measured on the test rows through the NPU's
+static pipeline (the QDQ model on ONNX Runtime's CPU provider) on the CPU where there is no NPU — not an NPU figure —
+against the evaluated model; prints the ladder and the published form's figures (for ``qnn-npu`` also the QNN HTP
+emulator's check).
 
     python benchmarks/npu_export.py --run outputs/<run> --out /tmp/npu [--set export.npu_weights=[int8]] ...
     python benchmarks/npu_export.py --run outputs/<run> --out /tmp/npu --adapter-form [--set ...]
+    python benchmarks/npu_export.py --run outputs/<run> --out /tmp/qnn --target qnn-npu [--set ...]
 
 ``--run`` is a run folder of ``python -m flows.finetune`` (its ``merged/``, ``data/test.jsonl``,
 ``eval/finetuned/`` and an ``onnx/<target>/inference.json`` for the prompt format and label set). The export
@@ -36,7 +39,8 @@ from tasks.deploy.export import export  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path, help="where the openvino-npu folder is written")
+    p.add_argument("--out", required=True, type=Path, help="where the export folder is written")
+    p.add_argument("--target", choices=["openvino-npu", "qnn-npu"], default="openvino-npu")
     p.add_argument("--set", action="append", default=[], metavar="export.FIELD=VALUE")
     p.add_argument("--adapter-form", action="store_true", help="openvino-npu-adapter: the adapter on an NPU base")
     args = p.parse_args()
@@ -47,7 +51,7 @@ def main() -> None:
         fields[key.removeprefix("export.")] = yaml.safe_load(value)
     cfg = ExportConfig(**fields)
     inference = json.loads(next((args.run / "onnx").glob("*/inference.json")).read_text())
-    start, form, target = time.perf_counter(), {}, "openvino-npu"
+    start, form, target = time.perf_counter(), {}, args.target
     if args.adapter_form:
         adapter = (args.run / "adapter").resolve()
         base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -5,13 +5,14 @@
     python -m flows.predict --model outputs/<run1>/onnx/genai-int4-adapter \
         --model outputs/<run2>/onnx/genai-int4-adapter --adapter banking77 "I lost my card"
 
-The folder is a ``genai-*`` or ``openvino-npu`` export (``tasks/deploy/export.py``; the latter runs on the NPU's
-static pipeline, on the CPU where there is no NPU, and says which on stderr); answers are greedy, with the prompt
-format of the training data (``inference.json``). Several ``genai-int4-adapter`` exports of one base model are
-served by one process on one int4 base: each under its run's config name (or ``--model NAME=DIR``), chosen with
-``--adapter`` or, in a batch, per row (field ``adapter``). Input files: ``.jsonl`` with a ``text`` field per row,
-or plain text with one input per line. The batch flow writes ``{"text", "prediction"}`` lines atomically (default
-``<input>.predictions.jsonl``).
+The folder is a ``genai-*``, ``openvino-npu`` or ``qnn-npu`` export (``tasks/deploy/export.py``; an
+``openvino-npu`` one runs on the NPU's static pipeline, on the CPU where there is no NPU, a ``qnn-npu`` one on the
+Qualcomm NPU's QNN HTP backend, on ONNX Runtime's CPU provider where there is none; both say which on stderr);
+answers are greedy, with the prompt format of the training data (``inference.json``). Several
+``genai-int4-adapter`` exports of one base model are served by one process on one int4 base: each under its run's
+config name (or ``--model NAME=DIR``), chosen with ``--adapter`` or, in a batch, per row (field ``adapter``).
+Input files: ``.jsonl`` with a ``text`` field per row, or plain text with one input per line. The batch flow writes
+``{"text", "prediction"}`` lines atomically (default ``<input>.predictions.jsonl``).
 """
 from __future__ import annotations
 
@@ -23,19 +24,24 @@ from pathlib import Path
 from prefect import flow, task
 
 from tasks.common.files import write_jsonl
-from tasks.deploy.runtime import openvino, predict
+from tasks.deploy.runtime import openvino, predict, qnn
 
 
 def answer(model: str | list[str], texts: list[str], max_new_tokens: int | None = None,
            adapter: str | list[str | None] | None = None) -> list[str]:
-    """``tasks.deploy.runtime.predict.predict``, or for ``openvino-npu`` exports ``NPUPredictor`` (``load_npu``;
-    the device it runs on is printed to stderr)."""
+    """``tasks.deploy.runtime.predict.predict``, or for ``openvino-npu`` exports ``NPUPredictor`` (``load_npu``),
+    for a ``qnn-npu`` export ``QNNPredictor`` (the device either runs on is printed to stderr)."""
     models = model if isinstance(model, list) else [model]
-    if all(openvino.is_openvino_export(predict.split_model_arg(m)[1]) for m in models):
+    folders = [predict.split_model_arg(m)[1] for m in models]
+    if len(models) == 1 and qnn.is_qnn_export(folders[0]):
+        predictor = qnn.QNNPredictor(folders[0])
+    elif all(map(openvino.is_openvino_export, folders)):
         predictor = openvino.load_npu(models)
-        print(f"{', '.join(models)}: {predictor.device}", file=sys.stderr)
-        return predictor(list(texts), max_new_tokens, adapter)
-    return predict.predict(model, texts, max_new_tokens, adapter)
+    else:
+        return predict.predict(model, texts, max_new_tokens, adapter)
+    print(f"{', '.join(models)}: {predictor.device}", file=sys.stderr)
+    return predictor(list(texts), max_new_tokens, adapter)
+
 
 
 predict_task = task(answer, name="predict")
@@ -64,8 +70,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.predict") -
     """CLI: print one answer per text, or run ``batch_predict`` on ``--input``; exit 1 with one line on error."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, action="append", metavar="[NAME=]DIR",
-                   help="an exported genai-* or openvino-npu folder (outputs/<run>/onnx/genai-int4); repeat it for "
-                        "several genai-int4-adapter exports of one base model, served by one process")
+                   help="an exported genai-*, openvino-npu or qnn-npu folder (outputs/<run>/onnx/genai-int4); "
+                        "repeat it for several genai-int4-adapter exports of one base model, served by one process")
     p.add_argument("--adapter", help="the adapter to answer with (its run's config name, or NAME of --model)")
     p.add_argument("texts", nargs="*", help="input texts, answered one per line")
     p.add_argument("--input", help="a .jsonl (field 'text') or text file (one input per line): batch flow")
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.predict") -
             folder = predict.split_model_arg(spec)[1]
             if openvino.is_openvino_export(folder):
                 openvino.npu_info(folder)  # its files are hashed when it is loaded, as check_model_dir's are
+            elif qnn.is_qnn_export(folder):
+                qnn.check_qnn_folder(folder)
             else:
                 predict.check_model_dir(folder)
         models = args.model if len(args.model) > 1 else args.model[0]

@@ -193,15 +193,17 @@ def test_adapter_export_trains_on_the_int4_base_and_an_accuracy_level_change_ret
     assert {states[s] for s in ("train", "merge", "evaluate_base", "evaluate_finetuned")} == {"Cached"}
 
 
-def test_both_npu_targets_export_through_the_flow_and_a_second_job_reuses_the_npu_base(flow_run):
-    """openvino-npu and openvino-npu-adapter as the flow runs them: the npu-base stage once per base model and
-    weights (another job's export reuses it), both folders gated and linked from the run folder."""
+def test_the_npu_targets_export_through_the_flow_and_a_second_job_reuses_the_npu_base(flow_run):
+    """openvino-npu, openvino-npu-adapter and qnn-npu as the flow runs them: the npu-base stage once per base model
+    and weights (another job's export reuses it), every folder gated and linked from the run folder."""
     cfg, _, out = flow_run
-    npu = {"targets": ["openvino-npu", "openvino-npu-adapter"], "npu_weights": ["int8"]}
+    npu = {"targets": ["openvino-npu", "openvino-npu-adapter", "qnn-npu"], "npu_weights": ["int8"],
+           "qnn_weights": ["w8a16"]}
     first = finetune(_rename(cfg, "npu", export=npu))
     assert first["stage_states"]["npu_base"] == "Completed"
-    for target in npu["targets"]:
-        assert first["onnx"][target]["greedy_agreement"] >= 0.6 and (out / f"npu/onnx/{target}/npu.json").is_file()
+    for target, manifest in zip(npu["targets"], ("npu.json", "npu.json", "qnn.json")):
+        assert first["onnx"][target]["greedy_agreement"] >= 0.6 and (out / f"npu/onnx/{target}/{manifest}").is_file()
+    assert first["onnx"]["qnn-npu"]["emulator"]["rows"] == 2
     base = Path(first["onnx"]["openvino-npu-adapter"]["base"])
     assert (out / "npu/onnx/npu-base").resolve() == base.resolve()
     again = finetune(_rename(cfg, "npu-again", export={**npu, "npu_max_prompt_len": 256}))["stage_states"]

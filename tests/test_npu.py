@@ -85,6 +85,25 @@ def test_a_missing_tokenizer_ir_fails_the_build_loudly(tiny_merged, tmp_path, mo
         builder.build_openvino_folder(tiny_merged["merged"], tmp_path / "ir", "int8")
 
 
+def test_the_data_aware_int4_rung_calibrates_on_train_rows_and_changes_the_weights(tiny_merged, tmp_path):
+    """int4-channel-awq is NNCF's AWQ and scale estimation on the given rows: int4 weights on the same grid as
+    int4-channel, with other values; without calibration rows it is refused."""
+    from tasks.common.files import read_jsonl
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_merged["merged"])
+    rows = read_jsonl(Path(tiny_merged["test"]).with_name("train.jsonl"))[:16]
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    with pytest.raises(builder.OpenVINOBuildError, match="int4-channel-awq weights need calibration rows"):
+        builder.build_openvino_folder(tiny_merged["merged"], tmp_path / "none", "int4-channel-awq")
+    builder.build_openvino_folder(tiny_merged["merged"], tmp_path / "awq", "int4-channel-awq", calibration=texts)
+    builder.build_openvino_folder(tiny_merged["merged"], tmp_path / "rtn", "int4-channel")
+    xml = (tmp_path / "awq" / "openvino_model.xml").read_text()
+    assert 'element_type="i4"' in xml or 'element_type="u4"' in xml
+    awq, rtn = ((tmp_path / f / "openvino_model.bin").read_bytes() for f in ("awq", "rtn"))
+    assert awq != rtn
+
+
 def predict_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.predict", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)

@@ -13,6 +13,7 @@ Targets (``export.targets``):
 | ``genai-fp16`` | model builder ``-p fp16 -e cuda`` | fp16 | ORT GenAI CUDA (needs onnxruntime-genai-cuda) |
 | ``openvino-npu`` | optimum-intel, NNCF (``builders/openvino.py``) | first passing ``npu_weights`` | OV GenAI NPU |
 | ``openvino-npu-adapter`` | the NPU base (``npu-base`` stage) + the PEFT adapter | ``npu_adapter_weights`` | same |
+| ``qnn-npu`` | static QDQ ONNX + EPContext (``builders/qnn.py``) | first passing ``qnn_weights`` | QNN HTP (CPU here) |
 
 The adapter target ships exactly what the pipeline measured when training ran on the int4 base's de-quantized
 weights (``export.match_quantization``): the merged model the evaluation scored is that base plus the adapter.
@@ -25,7 +26,10 @@ optimum-onnx (whose newest release caps transformers below 4.58) was dropped for
 builder's fp32 graph is the same decoder with a KV cache. NPUs: the model builder (0.18) offers no NPU execution
 provider; ``openvino-npu`` is the NPU target: an OpenVINO IR served by ``tasks/deploy/runtime/openvino.py`` on
 the NPU's static-shape pipeline (on the CPU where there is no NPU, as the gate runs it here), its prompt window fixed
-at export (``export.npu_max_prompt_len``).
+at export (``export.npu_max_prompt_len``). ``qnn-npu`` is the Qualcomm NPU target: a static QDQ model that
+``tasks/deploy/runtime/qnn.py`` serves with ONNX Runtime (the QNN HTP provider on a Snapdragon; the CPU provider
+elsewhere, as the gate scores it) and its graph compiled for ``export.qnn_soc_model``; its gate also answers
+``export.qnn_emulator_rows`` test rows on the QNN HTP emulator and compares them with the CPU provider's.
 
 Before publishing, ``check_export`` measures the folder as its runtime loads it; the stage fails (and
 publishes nothing) unless:
@@ -52,14 +56,16 @@ from pydantic import BaseModel, ConfigDict
 from configs.base import ConfigError
 from configs.export import ExportConfig
 from tasks.base_model import load_model, load_tokenizer
-from tasks.common.chat import prompt_ids
+from tasks.common.chat import prompt_ids, tokenize_with_completion_mask
 from tasks.common.files import atomic_dir, read_json, read_jsonl, write_json
 from tasks.common.metrics import extract_answer, normalise_answer, score, task_kind
+from tasks.deploy.builders import BuildError
 from tasks.deploy.builders.genai import build_genai_folder, int4_options, quiet_loggers
-from tasks.deploy.builders.openvino import OpenVINOBuildError, build_openvino_folder, write_npu_adapter
+from tasks.deploy.builders.openvino import DATA_AWARE, build_openvino_folder, write_npu_adapter
 from tasks.deploy.formats.adapter import bake_adapter, convert_adapter
 from tasks.deploy.runtime.openvino import NPU_INFO, NPUPredictor, is_openvino_export, npu_manifest
 from tasks.deploy.runtime.predict import INFERENCE_FILE, Predictor
+from tasks.deploy.runtime.qnn import QNNPredictor, is_qnn_export
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +93,8 @@ class ExportResult(BaseModel):
     export_seconds: float
     base: str | None = None  # genai-int4-adapter, openvino-npu-adapter: the base folder the adapter runs on
     ladder: list[dict] | None = None  # genai-ladder, openvino-npu: what each rung tried measured (rung, passed, ...)
-    device: str | None = None  # openvino-npu: where the gate ran the NPU pipeline
+    device: str | None = None  # openvino-npu, qnn-npu: where the gate ran the model
+    emulator: dict | None = None  # qnn-npu: the QNN HTP emulator check (rows, agreement, device, seconds)
     path: str | None = None  # the published folder
 
 
@@ -114,6 +121,7 @@ TARGETS = {
     "genai-fp16": Target("genai", "fp16", "cuda", "CUDAExecutionProvider"),
     "openvino-npu": Target("openvino", "smallest passing", None, "OpenVINO NPU"),
     "openvino-npu-adapter": Target("npu-adapter", "NPU base + LoRA", None, "OpenVINO NPU"),
+    "qnn-npu": Target("qnn", "smallest passing", None, "QNNExecutionProvider (HTP)"),
 }
 
 
@@ -152,8 +160,9 @@ def export(target: str, merged_model: str, test_file: str, reference_eval: str, 
         raise ValueError("export openvino-npu-adapter needs the adapter folder and the NPU base folder")
     start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        if spec.tool in ("ladder", "openvino"):
-            rungs, build = rung_builder(target, merged_model, test_file, cfg, trust_remote_code)
+        if spec.tool in ("ladder", "openvino", "qnn"):
+            rungs, build = rung_builder(target, merged_model, test_file, cfg, trust_remote_code,
+                                        inference["max_new_tokens"])
             result, ladder = climb_ladder(target, rungs, build, merged_model, tmp, inference, test_file,
                                           reference_eval, cfg, trust_remote_code)
             built, precision = sum(r.get("build_seconds", 0) for r in ladder), ladder[-1]["rung"]
@@ -206,11 +215,16 @@ def folder_mb(folder: Path) -> float:
     return round(sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6, 1)
 
 
-def rung_builder(target: str, merged_model: str, test_file: str, cfg: ExportConfig,
-                 trust_remote_code: bool = False) -> tuple[list[str], Callable[[str, Path], None]]:
+def rung_builder(target: str, merged_model: str, test_file: str, cfg: ExportConfig, trust_remote_code: bool = False,
+                 answer_tokens: int = 0) -> tuple[list[str], Callable[[str, Path], None]]:
     """The rungs a laddered target tries, in order, and what builds one rung into a folder: ``export.ladder``'s
     model-builder precisions (``RUNGS``) for ``genai-ladder``; ``export.npu_weights`` (``NPU_WEIGHTS``) for
-    ``openvino-npu``, each with ``npu.json`` (its prompt window, ``npu_window``, and the files' SHA-256)."""
+    ``openvino-npu``, each with ``npu.json`` (its prompt window, ``npu_window``, and the files' SHA-256);
+    ``export.qnn_weights`` (``QNN_WEIGHTS``) for ``qnn-npu`` (``qnn_rung_builder``; ``answer_tokens``: the
+    prompt format's answer length, which its window must hold)."""
+    if target == "qnn-npu":
+        return list(cfg.qnn_weights), qnn_rung_builder(merged_model, test_file, cfg, answer_tokens,
+                                                       trust_remote_code)
     if target == "genai-ladder":
         def build(rung: str, folder: Path) -> None:
             precision, options = RUNGS[rung]
@@ -219,9 +233,13 @@ def rung_builder(target: str, merged_model: str, test_file: str, cfg: ExportConf
 
         return list(cfg.ladder), build
     window = npu_window(cfg, merged_model, test_file, trust_remote_code)
+    texts = None
+    if any(rung in DATA_AWARE for rung in cfg.npu_weights):  # chat-formatted train rows, prompt and answer
+        tokenizer = load_tokenizer(merged_model, trust_remote_code)
+        texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in calibration_rows(cfg, test_file)]
 
     def build_npu(rung: str, folder: Path) -> None:
-        build_openvino_folder(merged_model, folder, rung, trust_remote_code)
+        build_openvino_folder(merged_model, folder, rung, trust_remote_code, texts)
         write_json(folder / NPU_INFO, npu_manifest(folder, window))
 
     return list(cfg.npu_weights), build_npu
@@ -238,12 +256,56 @@ def npu_window(cfg: ExportConfig, merged_model: str, test_file: str, trust_remot
     return -(-2 * longest // 64) * 64
 
 
+def qnn_rung_builder(merged_model: str, test_file: str, cfg: ExportConfig, answer_tokens: int,
+                     trust_remote_code: bool = False) -> Callable[[str, Path], None]:
+    """What builds one ``qnn-npu`` rung into a folder (``tasks.deploy.builders.qnn.build_qnn_folder``): the static
+    fp32 graph is exported once, on the first call, at ``qnn_window``; calibration on ``calibration_rows``, prompt
+    and answer token ids, cut to the window."""
+    import tempfile
+
+    from tasks.deploy.builders.qnn import build_qnn_folder, export_static
+
+    window = qnn_window(cfg, merged_model, test_file, answer_tokens, trust_remote_code)
+    tokenizer = load_tokenizer(merged_model, trust_remote_code)
+    rows = calibration_rows(cfg, test_file)
+    calibration = [ids[:window] for ids, _ in tokenize_with_completion_mask(tokenizer, rows)]
+    graph = tempfile.TemporaryDirectory(prefix="qnn-fp32-")  # removed with the closure
+
+    def build(rung: str, folder: Path) -> None:
+        fp32 = Path(graph.name) / "model.onnx"
+        if not fp32.is_file():
+            export_static(merged_model, fp32, window, trust_remote_code)
+        build_qnn_folder(merged_model, fp32, folder, rung, calibration, window, cfg.qnn_soc_model,
+                         cfg.qnn_htp_arch, trust_remote_code)
+
+    return build
+
+
+def calibration_rows(cfg: ExportConfig, test_file: str) -> list[dict]:
+    """``export.calibration_rows`` records spread evenly over the train split beside ``test_file`` (``train.jsonl``,
+    as ``tasks.stages.split`` writes the splits): what calibrates a data-aware quantization."""
+    train = read_jsonl(Path(test_file).with_name("train.jsonl"))
+    return train[:: max(1, len(train) // cfg.calibration_rows)][: cfg.calibration_rows]
+
+
+def qnn_window(cfg: ExportConfig, merged_model: str, test_file: str, answer_tokens: int,
+               trust_remote_code: bool = False) -> int:
+    """The ``qnn-npu`` static window in tokens: ``export.qnn_context_len``, or when that is None the longest test
+    prompt (chat template applied) plus the longest answer it must hold (``answer_tokens``, the prompt format's
+    ``max_new_tokens``, or the greedy check's ``export.max_new_tokens``), rounded up to a multiple of 64."""
+    if cfg.qnn_context_len:
+        return cfg.qnn_context_len
+    tokenizer = load_tokenizer(merged_model, trust_remote_code)
+    longest_prompt = max(len(prompt_ids(tokenizer, r)) for r in read_jsonl(test_file))
+    return -(-(longest_prompt + max(answer_tokens, cfg.max_new_tokens)) // 64) * 64
+
+
 def climb_ladder(target: str, rungs: list[str], build: Callable[[str, Path], None], merged_model: str, out: Path,
                  inference: dict, test_file: str, reference_eval: str, cfg: ExportConfig,
                  trust_remote_code: bool = False) -> tuple[dict, list[dict]]:
     """Build (``build(rung, folder)``) and measure the ``rungs`` in order, each in a folder of its own under
     ``out``, until one passes the gate; move that one's files into ``out``. A rung that cannot be built
-    (``OpenVINOBuildError``: e.g. a hidden size the group size does not divide) is recorded as failed.
+    (``BuildError``: e.g. a hidden size the group size does not divide) is recorded as failed.
 
     Returns:
         ``(the passing rung's measure_export figures, [{"rung", "size_mb", "build_seconds", "passed",
@@ -259,7 +321,7 @@ def climb_ladder(target: str, rungs: list[str], build: Callable[[str, Path], Non
         start = time.perf_counter()
         try:
             build(rung, folder)
-        except OpenVINOBuildError as e:
+        except BuildError as e:
             tried.append({"rung": rung, "passed": False, "failures": [str(e)]})
             log.info("export %s: %s", target, tried[-1])
             shutil.rmtree(folder, ignore_errors=True)
@@ -270,7 +332,8 @@ def climb_ladder(target: str, rungs: list[str], build: Callable[[str, Path], Non
                                            trust_remote_code)
         tried.append({"rung": rung, "size_mb": folder_mb(folder), "build_seconds": built, "passed": not failures,
                       primary: figures[primary], "same_answer": figures["same_answer"],
-                      "greedy_agreement": figures["greedy_agreement"], "failures": failures})
+                      "greedy_agreement": figures["greedy_agreement"], "failures": failures}
+                     | ({"emulator_agreement": figures["emulator"]["agreement"]} if "emulator" in figures else {}))
         log.info("export %s: %s", target, tried[-1])
         if not failures:
             for path in folder.iterdir():
@@ -344,6 +407,13 @@ def measure_export(target: str, folder: str | Path, merged_model: str, test_file
               "eval_seconds": round(seconds, 1)} | ({"device": runner.device} if runner.device else {})
 
     failures = []
+    if isinstance(runner.predictor, QNNPredictor):
+        result["emulator"] = emulator = emulator_check(folder, expected[: cfg.qnn_emulator_rows],
+                                                       answers[: cfg.qnn_emulator_rows], reference["max_new_tokens"])
+        if emulator["agreement"] < cfg.min_greedy_agreement:
+            failures.append(f"the QNN HTP emulator answered {emulator['agreement']:.2f} of {emulator['rows']} test "
+                            f"rows as the CPU provider did (rows {emulator['differ']} differ), below "
+                            f"export.min_greedy_agreement={cfg.min_greedy_agreement:g}")
     if mismatched:
         failures.append(f"tokenizer: {len(mismatched)}/{len(records)} test prompts encode to other token ids "
                         f"than the training tokenizer's (first: test row {mismatched[0] + 1})")
@@ -355,6 +425,29 @@ def measure_export(target: str, folder: str | Path, merged_model: str, test_file
         failures.append(f"{primary} {scores[primary]:.4f} on {n} test rows is {drop:.4f} below the merged "
                         f"model's {ref_scores[primary]:.4f} (export.max_quality_drop={cfg.max_quality_drop:g})")
     return result, failures
+
+
+def emulator_check(folder: str | Path, prompts: list[list[int]], cpu_answers: list[str],
+                   max_new_tokens: int) -> dict:
+    """Answer ``prompts`` with the ``qnn-npu`` folder's EPContext model on the QNN HTP backend (its emulator here:
+    ``QNNPredictor(backend="htp")``, CPU fallback disabled, so every node runs on QNN) and compare with
+    ``cpu_answers`` (the CPU provider's, same prompts).
+
+    Returns:
+        ``{"rows", "agreement": fraction of equal answers, "differ": [1-based rows that differ], "device",
+        "seconds"}``.
+
+    Raises:
+        tasks.deploy.runtime.qnn.QNNExportError: the HTP backend cannot load the EPContext model.
+    """
+    start = time.perf_counter()
+    htp = QNNPredictor(folder, backend="htp")
+    answers = [htp.answer(p, max_new_tokens) for p in prompts]
+    differ = [i + 1 for i, (a, b) in enumerate(zip(answers, cpu_answers)) if a != b]
+    result = {"rows": len(prompts), "agreement": 1 - len(differ) / max(len(prompts), 1), "differ": differ,
+              "device": htp.device, "seconds": round(time.perf_counter() - start, 1)}
+    log.info("export qnn-npu: emulator %s", result)
+    return result
 
 
 def greedy_agreement(runner, merged_model: str, prompts: list[list[int]], max_new_tokens: int, eos: int,
@@ -386,10 +479,13 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
 class ExportRunner:
     """An exported folder as its runtime serves it, with its own chat template and tokenizer: a ``genai-*`` folder
     through ``tasks.deploy.runtime.predict.Predictor``, an ``openvino-npu`` one through
-    ``tasks.deploy.runtime.openvino.NPUPredictor``; ``device`` says where the latter runs (None for the former)."""
+    ``tasks.deploy.runtime.openvino.NPUPredictor``, a ``qnn-npu`` one through
+    ``tasks.deploy.runtime.qnn.QNNPredictor`` on the CPU provider; ``device`` says where the last two run (None
+    for the first)."""
 
     def __init__(self, folder: str | Path):
-        self.predictor = NPUPredictor(folder) if is_openvino_export(folder) else Predictor(folder)
+        self.predictor = (NPUPredictor(folder) if is_openvino_export(folder) else
+                          QNNPredictor(folder, backend="cpu") if is_qnn_export(folder) else Predictor(folder))
         self.device = getattr(self.predictor, "device", None)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:

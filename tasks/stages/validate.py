@@ -87,7 +87,9 @@ def validate(cfg: FinetuneConfig, base_model: str) -> ValidateResult:
 NPU_PACKAGES = (("openvino_genai", "openvino_tokenizers", "nncf", "optimum.intel"),
                 "pip install 'finetune-flow[npu]' && pip install --no-deps optimum-intel==2.2.0 "
                 "(make install does both)")
-EXPORT_PACKAGES = {"openvino-npu": NPU_PACKAGES, "openvino-npu-adapter": NPU_PACKAGES}
+QNN_PACKAGES = (("onnxruntime_qnn",), "pip install 'finetune-flow[npu]' (make install does it; onnxruntime-qnn has "
+                "wheels for Linux x86-64 and Windows)")
+EXPORT_PACKAGES = {"openvino-npu": NPU_PACKAGES, "openvino-npu-adapter": NPU_PACKAGES, "qnn-npu": QNN_PACKAGES}
 
 
 def check_export_packages(cfg: FinetuneConfig) -> None:

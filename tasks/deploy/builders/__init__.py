@@ -1,2 +1,6 @@
-"""What builds an ONNX model from a transformers folder: the ONNX Runtime GenAI model builder, run offline and read
-back (``genai``), and the int4 base with LoRA slots and its de-quantized twin (``int4_base``)."""
+"""What builds an export target's files: the GenAI model builder, the int4 base, OpenVINO IRs, QNN QDQ models."""
+
+
+class BuildError(RuntimeError):
+    """An export target cannot be built with these settings (a rung of a ladder: ``tasks.deploy.export.climb_ladder``
+    records it as failed, with this message, and tries the next)."""

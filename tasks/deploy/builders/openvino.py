@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from tasks.common.files import atomic_dir, file_sha256, read_json, write_json
+from tasks.deploy.builders import BuildError
 from tasks.deploy.formats.tokenizer import portable_tokenizer
 from tasks.deploy.runtime.openvino import NPU_ADAPTER_FILE, NPU_INFO, npu_manifest
 
@@ -19,37 +20,50 @@ from tasks.deploy.runtime.openvino import NPU_ADAPTER_FILE, NPU_INFO, npu_manife
 # weights only symmetric, per group of 128 or per output channel (OpenVINO's NPU guide for LLMs:
 # docs.openvino.ai, "NPU with OpenVINO GenAI"); ratio 1.0 puts every weight of the decoder layers in int4 (NNCF keeps
 # the embeddings and LM head at its 8-bit backup precision).
+# int4-channel-awq: the same grid, data-aware — AWQ (activation-aware scaling, Lin et al. 2023) and NNCF's scale
+# estimation on calibration rows of the train split (DATA_AWARE: build_openvino_folder needs them).
 NPU_WEIGHTS = {"int4-g128": {"bits": 4, "sym": True, "group_size": 128, "ratio": 1.0},
                "int4-channel": {"bits": 4, "sym": True, "group_size": -1, "ratio": 1.0},
+               "int4-channel-awq": {"bits": 4, "sym": True, "group_size": -1, "ratio": 1.0, "quant_method": "awq",
+                                    "scale_estimation": True},
                "int8": {"bits": 8, "sym": True}}
+DATA_AWARE = ("int4-channel-awq",)
 IR_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
 
 
-class OpenVINOBuildError(RuntimeError):
+class OpenVINOBuildError(BuildError):
     """The OpenVINO export cannot be built with these weights (e.g. NNCF's ``InvalidGroupSizeError``: a hidden size
     not divisible by the group size), or it came out without a file the pipeline needs."""
 
 
-def build_openvino_folder(model: str, out: Path, weights: str, trust_remote_code: bool = False) -> None:
+def build_openvino_folder(model: str, out: Path, weights: str, trust_remote_code: bool = False,
+                          calibration: list[str] | None = None) -> None:
     """Export the transformers folder ``model`` to ``out`` as an OpenVINO IR with ``NPU_WEIGHTS[weights]``
     (optimum-intel's ``OVModelForCausalLM.from_pretrained(export=True, quantization_config=...)``, stateful: KV
-    cache inside the model), beside the tokenizer files with the chat template and the tokenizer and detokenizer
-    IRs (``openvino_tokenizers.convert_tokenizer``; a SentencePiece-style decoder on a byte-level BPE, as the
-    embedded SmolLM2 carries, is first rewritten to the plain byte-level form it encodes identically with:
+    cache inside the model; a ``DATA_AWARE`` rung calibrates on ``calibration``, chat-formatted texts), beside the
+    tokenizer files with the chat template and the tokenizer and detokenizer IRs
+    (``openvino_tokenizers.convert_tokenizer``; a SentencePiece-style decoder on a byte-level BPE, as the embedded
+    SmolLM2 carries, is first rewritten to the plain byte-level form it encodes identically with:
     ``tasks.deploy.formats.tokenizer.portable_tokenizer``).
 
     Raises:
-        OpenVINOBuildError: NNCF refused the weights (naming why), or a file of ``IR_FILES`` is missing.
+        OpenVINOBuildError: NNCF refused the weights (naming why), a file of ``IR_FILES`` is missing, or a
+            ``DATA_AWARE`` rung without calibration texts.
     """
     from nncf.errors import InvalidGroupSizeError
     from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
     from transformers import AutoTokenizer
 
+    data = {}
+    if weights in DATA_AWARE:
+        if not calibration:
+            raise OpenVINOBuildError(f"export openvino-npu: {weights} weights need calibration rows")
+        data = {"dataset": list(calibration), "tokenizer": model, "num_samples": len(calibration)}
     out.mkdir(parents=True, exist_ok=True)
     try:
         ov_model = OVModelForCausalLM.from_pretrained(
             model, export=True, compile=False, trust_remote_code=trust_remote_code,
-            quantization_config=OVWeightQuantizationConfig(**NPU_WEIGHTS[weights]))
+            quantization_config=OVWeightQuantizationConfig(**NPU_WEIGHTS[weights], **data))
     except InvalidGroupSizeError as e:
         raise OpenVINOBuildError(f"export openvino-npu: {weights} weights: {str(e).splitlines()[0]}") from None
     ov_model.save_pretrained(out)
