@@ -86,6 +86,20 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def changed_file(folder: str | Path, recorded: dict[str, str | None], manifest: str) -> str | None:
+    """None when every file of ``recorded`` (``{name: SHA-256}``, in ``folder``) has that SHA-256, else one line
+    naming the first that is missing, unreadable or changed (``manifest``: the file that records the digests)."""
+    for name, digest in recorded.items():
+        path = Path(folder) / name
+        try:
+            actual = file_sha256(path)
+        except OSError as e:
+            return f"{path}: unreadable ({e.strerror})"
+        if actual != digest:
+            return f"{path}: corrupted (SHA-256 {actual[:12]}…, {manifest} records {str(digest)[:12]}…)"
+    return None
+
+
 def _walk(folder: Path) -> Iterator[tuple[str, Path]]:
     """``(relative POSIX path, path)`` of every file and symlink under ``folder`` (symlinks are not followed), the
     manifest excluded, sorted."""

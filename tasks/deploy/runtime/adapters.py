@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.common.files import file_sha256
+from tasks.common.files import changed_file, file_sha256
 
 ADAPTER_FILE = "adapter.onnx_adapter"
 ADAPTER_INFO = "adapter.json"
@@ -93,12 +93,9 @@ def check_baked(folder: str | Path) -> Path:
     """
     folder = Path(folder)
     recorded = json.loads((folder / ADAPTER_INFO).read_text(encoding="utf-8")).get("baked", {}).get("sha256", {})
-    for name in BAKED_FILES:
-        try:
-            actual = file_sha256(folder / name)
-        except OSError as e:
-            raise AdapterError(f"{folder / name}: unreadable ({e.strerror})") from None
-        _check_sha256(folder / name, actual, recorded.get(name))
+    changed = changed_file(folder, {name: recorded.get(name) for name in BAKED_FILES}, ADAPTER_INFO)
+    if changed:
+        raise AdapterError(changed)
     return folder
 
 

@@ -21,7 +21,7 @@ import json
 import re
 from pathlib import Path
 
-from tasks.common.files import file_sha256
+from tasks.common.files import changed_file, file_sha256
 from tasks.common.metrics import strip_reasoning
 from tasks.deploy.runtime.predict import INFERENCE_FILE, InputError, Predictor, adapter_name, split_model_arg
 
@@ -76,14 +76,9 @@ def check_npu_folder(folder: str | Path, base: bool = False) -> dict:
     """
     folder = Path(folder)
     info = npu_info(folder, base)
-    for name, recorded in info["sha256"].items():
-        try:
-            actual = file_sha256(folder / name)
-        except OSError as e:
-            raise NPUExportError(f"{folder / name}: unreadable ({e.strerror})") from None
-        if actual != recorded:
-            raise NPUExportError(f"{folder / name}: corrupted (SHA-256 {actual[:12]}…, npu.json records "
-                                 f"{recorded[:12]}…)")
+    changed = changed_file(folder, info["sha256"], NPU_INFO)
+    if changed:
+        raise NPUExportError(changed)
     if "base" in info:
         base_info = Path(info["base"]) / NPU_INFO
         npu_info(base_info.parent, base=True)

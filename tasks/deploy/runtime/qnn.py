@@ -23,7 +23,7 @@ import json
 import os
 from pathlib import Path
 
-from tasks.common.files import file_sha256
+from tasks.common.files import changed_file, file_sha256
 from tasks.common.labels import constrained_greedy
 from tasks.common.metrics import strip_reasoning
 from tasks.deploy.runtime.openvino import PromptTooLongError
@@ -65,14 +65,9 @@ def check_qnn_folder(folder: str | Path) -> dict:
         if not (folder / name).is_file():
             raise QNNExportError(f"{folder}: no {name}; expected a folder exported with the qnn-npu target")
     info = json.loads((folder / QNN_INFO).read_text(encoding="utf-8"))
-    for name, recorded in info["sha256"].items():
-        try:
-            actual = file_sha256(folder / name)
-        except OSError as e:
-            raise QNNExportError(f"{folder / name}: unreadable ({e.strerror})") from None
-        if actual != recorded:
-            raise QNNExportError(f"{folder / name}: corrupted (SHA-256 {actual[:12]}…, qnn.json records "
-                                 f"{recorded[:12]}…)")
+    changed = changed_file(folder, info["sha256"], QNN_INFO)
+    if changed:
+        raise QNNExportError(changed)
     return info
 
 
