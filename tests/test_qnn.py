@@ -57,12 +57,19 @@ def test_the_static_graph_gives_pytorchs_logits_with_one_fused_node_per_rms_norm
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_a_model_family_without_a_static_graph_is_refused(tmp_path):
-    from tests.conftest import build_tiny_model
+def test_a_model_family_without_a_static_graph_is_refused_by_the_builder_and_before_training(tmp_path):
+    from configs.schema import ConfigError
+    from tasks.stages import validate
+    from tests.conftest import build_tiny_model, tiny_config, write_classification_dir
 
     model = build_tiny_model(tmp_path / "phi3", "phi3")
     with pytest.raises(builder.QNNBuildError, match="model type 'phi3' has no static QNN graph"):
         builder.export_static(model, tmp_path / "static.onnx", 32)
+    cfg = tiny_config(write_classification_dir(tmp_path / "cls"), tmp_path / "out", model,
+                      export={"targets": ["qnn-npu"]})
+    with pytest.raises(ConfigError, match="qnn-npu has no static graph for model type 'phi3'"):
+        validate.validate(cfg, model)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_qnn_export_passes_its_gate_on_the_cpu_provider_and_agrees_on_the_emulator(qnn_export):
@@ -109,6 +116,27 @@ def test_every_node_runs_on_the_qnn_htp_backend_and_answers_as_the_cpu_provider(
     assert htp.device.startswith("QNN HTP emulator") and htp.session.get_providers()[0] == "QNNExecutionProvider"
     prompt = cpu.prompt_ids(cpu.messages("I want the pear number 5"))
     assert htp.generate_ids(prompt, 4, min_new_tokens=4) == cpu.generate_ids(prompt, 4, min_new_tokens=4)
+
+
+@pytest.mark.parametrize("weights", ["w4a16", "w16a16"])
+def test_the_other_weight_rungs_compile_for_the_htp_and_answer_as_their_qdq_model(weights, tiny_merged, tmp_path):
+    """The rungs after w8a16 (which the gate above publishes) build, compile for the SoC with CPU fallback disabled,
+    and decode on the emulator as on the CPU provider."""
+    from transformers import AutoTokenizer
+
+    from tasks.common.chat import tokenize_with_completion_mask
+    from tasks.common.files import read_jsonl, write_json
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_merged["merged"])
+    rows = read_jsonl(Path(tiny_merged["test"]).with_name("train.jsonl"))[:8]
+    calibration = [ids for ids, _ in tokenize_with_completion_mask(tokenizer, rows)]
+    builder.export_static(tiny_merged["merged"], tmp_path / "fp32.onnx", 64)
+    folder = tmp_path / weights
+    builder.build_qnn_folder(tiny_merged["merged"], tmp_path / "fp32.onnx", folder, weights, calibration, 64, 60, 73)
+    write_json(folder / "inference.json", tiny_merged["inference"])
+    htp, cpu = QNNPredictor(folder, backend="htp"), QNNPredictor(folder, backend="cpu")
+    prompt = cpu.prompt_ids(cpu.messages("I want the pear number 5"))
+    assert htp.generate_ids(prompt, 3, min_new_tokens=3) == cpu.generate_ids(prompt, 3, min_new_tokens=3)
 
 
 def test_no_rung_passing_the_gate_refuses_the_target_with_each_rungs_figures(tiny_merged, tmp_path):

@@ -62,7 +62,8 @@ def validate(cfg: FinetuneConfig, base_model: str) -> ValidateResult:
             split lacks, or over-long examples (``train.overlength: error``, or none left to train on).
         ModelError: the base model folder is missing, has no safetensors weights (pickle files are never
             loaded), has a truncated/corrupt weight file, or its tokenizer cannot be loaded.
-        ConfigError: an export target needs packages this environment lacks (``check_export_packages``).
+        ConfigError: an export target needs packages this environment lacks (``check_export_packages``), or
+            ``qnn-npu`` for a model family it does not take (``check_export_architecture``).
     """
     check_export_packages(cfg)
     splits, fmt = read_records(cfg.data)
@@ -75,6 +76,7 @@ def validate(cfg: FinetuneConfig, base_model: str) -> ValidateResult:
         if data.task == "classification":
             check_split_labels(parts.files, cfg.data.path)
     tokenizer = check_base_model(base_model, cfg.model.trust_remote_code)
+    check_export_architecture(cfg, base_model)
     lengths = {name: check_lengths(tokenizer, s, fmt, cfg.train.max_seq_length, cfg.train.overlength)
                for name, s in splits.items() if name in ("train", "validation")}
     summary = ValidateResult(format=fmt, task=data.task, labels=len(data.labels), counts=data.counts,
@@ -107,6 +109,25 @@ def check_export_packages(cfg: FinetuneConfig) -> None:
         if missing:
             raise ConfigError(f"export.targets: {target} needs {', '.join(missing)}, which this environment lacks: "
                               f"{install}")
+
+
+def check_export_architecture(cfg: FinetuneConfig, base_model: str) -> None:
+    """Refuse, before anything is trained, ``qnn-npu`` for a model family its static graph does not cover
+    (``tasks.deploy.builders.qnn.STATIC_FAMILIES``; the base model's ``config.json`` ``model_type``).
+
+    Raises:
+        ConfigError: naming the target, the model type and the families it takes.
+    """
+    if not (cfg.export.enabled and "qnn-npu" in cfg.export.targets):
+        return
+    from transformers import AutoConfig
+
+    from tasks.deploy.builders.qnn import STATIC_FAMILIES
+
+    model_type = AutoConfig.from_pretrained(base_model, trust_remote_code=cfg.model.trust_remote_code).model_type
+    if model_type not in STATIC_FAMILIES:
+        raise ConfigError(f"export.targets: qnn-npu has no static graph for model type {model_type!r} "
+                          f"({base_model}); it takes {', '.join(STATIC_FAMILIES)}")
 
 
 def check_split_labels(files: dict[str, str], data_path: str) -> None:
