@@ -188,6 +188,26 @@ def build_tiny_model(out: Path, family: str = "smollm2", init_range: float = 0.2
     return str(out)
 
 
+def predict_cli(*args: str):
+    """``python -m flows.predict *args`` from the repository root, as a user runs it (a CompletedProcess, text)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "flows.predict", *args], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+
+
+def tampered_copy(folder: str | Path, dest: Path, name: str) -> Path:
+    """A copy of ``folder`` at ``dest`` with one bit pattern flipped in the middle byte of its file ``name``."""
+    import shutil
+
+    copy = Path(shutil.copytree(folder, dest))
+    data = bytearray((copy / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / name).write_bytes(bytes(data))
+    return copy
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

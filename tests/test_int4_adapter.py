@@ -224,12 +224,9 @@ def test_cli_batch_chooses_the_adapter_per_row_without_torch(jobs, tmp_path):
 
 
 def test_a_corrupted_adapter_file_is_refused_naming_it(jobs, base, tmp_path):
-    import shutil
+    from tests.conftest import tampered_copy
 
-    folder = Path(shutil.copytree(jobs["lower"]["export"].path, tmp_path / "copy"))
-    data = bytearray((folder / ADAPTER_FILE).read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (folder / ADAPTER_FILE).write_bytes(bytes(data))
+    folder = tampered_copy(jobs["lower"]["export"].path, tmp_path / "copy", ADAPTER_FILE)
     with pytest.raises(AdapterError, match=f"{folder / ADAPTER_FILE}: corrupted"):
         Predictor(base.onnx, adapters={"lower": folder})
     with pytest.raises(AdapterError, match=f"{folder / ADAPTER_FILE}: corrupted"):

@@ -1,15 +1,13 @@
 """Classification answers constrained to the label set: the prefix tree, the decoding along it (only its branch
 points call the model), and the same answer from the PyTorch evaluation, the ONNX runtime and ``flows.predict``."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tasks.common.labels import LabelTree, LabelTreeError, constrained_greedy, forced
+from tests.conftest import predict_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_tree_forces_single_continuations_and_ends_at_the_labels():
@@ -100,8 +98,7 @@ def test_pytorch_the_onnx_runtime_and_flows_predict_give_the_same_labels(tiny_me
     assert sorted(settings["label_token_ids"]) == labels and result.same_answer == 1.0
     texts = [r["prompt"][-1]["content"] for r in rows]
     assert Predictor(result.path)(texts) == torch_answers
-    done = subprocess.run([sys.executable, "-m", "flows.predict", "--model", result.path, *texts], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = predict_cli("--model", result.path, *texts)
     assert done.returncode == 0 and done.stdout.split() == torch_answers, done.stderr[-2000:]
 
 

@@ -3,8 +3,6 @@ static pipeline (on the CPU here: ``NPUW_DEVICES=CPU``), the prompt window, the 
 tampered folder, and serving it with ``flows.predict``."""
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,8 @@ from tasks.common.chat import chat_ids
 from tasks.deploy import export
 from tasks.deploy.builders import openvino as builder
 from tasks.deploy.runtime.openvino import NPUExportError, NPUPredictor, PromptTooLongError, npu_manifest
+from tests.conftest import predict_cli, tampered_copy
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = ExportConfig(n_check_prompts=3, max_new_tokens=6, targets=["openvino-npu"])
 
 
@@ -104,18 +102,8 @@ def test_the_data_aware_int4_rung_calibrates_on_train_rows_and_changes_the_weigh
     assert awq != rtn
 
 
-def predict_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.predict", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_a_tampered_npu_folder_is_refused_by_the_runtime_and_the_cli(npu_export, tmp_path):
-    folder = tmp_path / "tampered"
-    shutil.copytree(npu_export.path, folder)
-    weights = folder / "openvino_model.bin"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    folder = tampered_copy(npu_export.path, tmp_path / "tampered", "openvino_model.bin")
     with pytest.raises(NPUExportError, match=r"openvino_model.bin: corrupted \(SHA-256"):
         NPUPredictor(folder)
     done = predict_cli("--model", str(folder), "I want the apple number 3")

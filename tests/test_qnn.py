@@ -2,9 +2,6 @@
 and gate on ONNX Runtime's CPU provider, the EPContext model on the QNN HTP emulator with CPU fallback disabled,
 the window, refusal of a tampered folder, and serving it with ``flows.predict``."""
 import json
-import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,8 +14,8 @@ from tasks.deploy import export
 from tasks.deploy.builders import qnn as builder
 from tasks.deploy.runtime.openvino import PromptTooLongError
 from tasks.deploy.runtime.qnn import CONTEXT_MODEL, QDQ_MODEL, QNNExportError, QNNPredictor
+from tests.conftest import predict_cli, tampered_copy
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = ExportConfig(n_check_prompts=3, max_new_tokens=6, targets=["qnn-npu"], qnn_emulator_rows=3)
 
 
@@ -147,18 +144,8 @@ def test_no_rung_passing_the_gate_refuses_the_target_with_each_rungs_figures(tin
     assert not (tmp_path / "qnn").exists()
 
 
-def predict_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.predict", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_a_tampered_qnn_folder_is_refused_by_the_runtime_and_the_cli(qnn_export, tmp_path):
-    folder = tmp_path / "tampered"
-    shutil.copytree(qnn_export.path, folder)
-    weights = folder / "model_ctx_qnn.bin"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    folder = tampered_copy(qnn_export.path, tmp_path / "tampered", "model_ctx_qnn.bin")
     with pytest.raises(QNNExportError, match=r"model_ctx_qnn.bin: corrupted \(SHA-256"):
         QNNPredictor(folder)
     done = predict_cli("--model", str(folder), "I want the apple number 3")
