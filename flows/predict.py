@@ -43,7 +43,6 @@ def answer(model: str | list[str], texts: list[str], max_new_tokens: int | None 
     return predictor(list(texts), max_new_tokens, adapter)
 
 
-
 predict_task = task(answer, name="predict")
 
 

@@ -265,8 +265,8 @@ def qnn_rung_builder(merged_model: str, test_file: str, cfg: ExportConfig, answe
 
     from tasks.deploy.builders.qnn import build_qnn_folder, export_static
 
-    window = qnn_window(cfg, merged_model, test_file, answer_tokens, trust_remote_code)
     tokenizer = load_tokenizer(merged_model, trust_remote_code)
+    window = qnn_window(cfg, tokenizer, test_file, answer_tokens)
     rows = calibration_rows(cfg, test_file)
     calibration = [ids[:window] for ids, _ in tokenize_with_completion_mask(tokenizer, rows)]
     graph = tempfile.TemporaryDirectory(prefix="qnn-fp32-")  # removed with the closure
@@ -288,14 +288,13 @@ def calibration_rows(cfg: ExportConfig, test_file: str) -> list[dict]:
     return train[:: max(1, len(train) // cfg.calibration_rows)][: cfg.calibration_rows]
 
 
-def qnn_window(cfg: ExportConfig, merged_model: str, test_file: str, answer_tokens: int,
-               trust_remote_code: bool = False) -> int:
+def qnn_window(cfg: ExportConfig, tokenizer, test_file: str, answer_tokens: int) -> int:
     """The ``qnn-npu`` static window in tokens: ``export.qnn_context_len``, or when that is None the longest test
-    prompt (chat template applied) plus the longest answer it must hold (``answer_tokens``, the prompt format's
-    ``max_new_tokens``, or the greedy check's ``export.max_new_tokens``), rounded up to a multiple of 64."""
+    prompt (chat template applied by ``tokenizer``, the training one) plus the longest answer it must hold
+    (``answer_tokens``, the prompt format's ``max_new_tokens``, or the greedy check's ``export.max_new_tokens``),
+    rounded up to a multiple of 64."""
     if cfg.qnn_context_len:
         return cfg.qnn_context_len
-    tokenizer = load_tokenizer(merged_model, trust_remote_code)
     longest_prompt = max(len(prompt_ids(tokenizer, r)) for r in read_jsonl(test_file))
     return -(-(longest_prompt + max(answer_tokens, cfg.max_new_tokens)) // 64) * 64
 
