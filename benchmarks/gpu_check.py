@@ -35,6 +35,9 @@ The GPU time boxes of all steps add up to ~16 minutes, more than one device call
 time (15 minutes, start-up included): ``run OUT --steps a,b`` runs the named steps only (``benchmark_steps`` for
 the names and boxes), so a session runs the steps its issue needs, in one or two calls.
 
+Each ours arm also records its largest micro-batch (tokens, targets) and its training peak (from the first
+training step: model loading excluded); back on a CPU machine, ``python benchmarks/memory_model.py --check
+OUT/results.json --out OUT/memory-check.md`` sets the memory model's prediction beside every measured peak.
 """
 from __future__ import annotations
 
@@ -260,6 +263,10 @@ def throughput_figures(path: Path) -> dict:
     for arm, row in summary["arms"].items():
         figures[arm] = (f"{row['tokens_per_second']:.0f} tokens/s, peak {row['peak_memory_gib']:.2f} GiB, "
                         f"eval loss {row['eval_loss']:.4f}, MFU {row['mfu']}")
+        if "max_batch_tokens" in row:  # what benchmarks/memory_model.py --check predicts the peak for
+            figures[f"largest batch ({arm})"] = f"{row['max_batch_tokens']} tokens, {row['max_batch_targets']} targets"
+        if "training_peak_gib" in row:  # the peak above includes model loading
+            figures[f"training peak ({arm})"] = f"{row['training_peak_gib']:.2f} GiB"
     if "speed_ratio" in summary:
         figures["ratio ours/baseline"] = f"{summary['speed_ratio']:.2f}x"
     figures["settings (ours)"] = json.dumps(next(iter(data["rounds_results"].get("ours", [{}])), {}).get("settings"))

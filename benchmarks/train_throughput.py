@@ -264,17 +264,47 @@ def arm(args) -> None:
     splits = SplitResult.model_validate(read_json(Path(args.work) / "splits.json"))
     run = {"baseline": run_baseline, "trl-loss": run_trl_loss, "trl-padding-free": run_trl_padding_free,
            "ours": run_ours}[args.arm]
+    shapes, loading_peak = watch_training()
     result = run(cfg, args.base, splits, Path(args.work) / f"{args.arm}-{args.round}")
+    if shapes:  # the arms that train through tasks/common/loss.py (benchmarks/memory_model.py --check reads them)
+        result["max_batch_tokens"] = max(t for t, _ in shapes)
+        result["max_batch_targets"] = max(k for _, k in shapes)
     result["tokens_per_second"] = result["tokens"] / result["train_seconds"]
     result["machine"] = machine()  # the libraries are imported here already (the parent process need not)
     if torch.cuda.is_available():
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if loading_peak:  # the peak since the first training step, and the process's (model loading included)
+            result["training_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_memory_gib"] = max([torch.cuda.max_memory_allocated(), *loading_peak]) / 2**30
         result["gpu"] = torch.cuda.get_device_name()
     else:
         import resource
 
         result["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def watch_training() -> tuple[list[tuple[int, int]], list[int]]:
+    """Watch the training micro-batches that go through ``tasks.common.loss.completion_logits`` with gradients on:
+    their ``(tokens, targets)`` (tokens: ``input_ids``' elements, pads included; targets: completion target tokens)
+    are appended to the first list as training runs; on a GPU, at the first one, the CUDA peak so far (model
+    loading) goes into the second list and the peak counter is reset, so that ``max_memory_allocated`` is then the
+    training's own peak."""
+    import torch
+
+    import tasks.common.loss
+
+    shapes, loading_peak, plain = [], [], tasks.common.loss.completion_logits
+
+    def watching(model, inputs, labels, unwrapped=None):
+        if torch.is_grad_enabled():
+            if not shapes and torch.cuda.is_available():
+                loading_peak.append(torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
+            shapes.append((inputs["input_ids"].numel(), int((labels != tasks.common.loss.IGNORE_INDEX).sum())))
+        return plain(model, inputs, labels, unwrapped)
+
+    tasks.common.loss.completion_logits = watching
+    return shapes, loading_peak
 
 
 def mfu(tokens_per_second: float, parameters: int, gpu: str | None, cpu_peak: float | None = None) -> str:
@@ -394,6 +424,9 @@ def report(args, cfg: FinetuneConfig, base: str, results: dict) -> dict:
         speed = statistics.median(r["tokens_per_second"] for r in runs)
         row = {"tokens_per_second": speed, "peak_memory_gib": max(r["peak_memory_gib"] for r in runs),
                "eval_loss": statistics.median(r["eval_loss"] for r in runs), "mfu": mfu(speed, n, gpu, cpu_peak)}
+        for key in ("max_batch_tokens", "max_batch_targets", "training_peak_gib"):
+            if key in runs[0]:
+                row[key] = max(r[key] for r in runs)
         summary["arms"][name] = row
         print(f"| {name} | {speed:.1f} | {row['peak_memory_gib']:.2f} | {row['eval_loss']:.4f} | {row['mfu']} |")
     if {"ours", "baseline"} <= results.keys():

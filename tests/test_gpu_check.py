@@ -60,6 +60,9 @@ def test_cpu_dry_run_goes_through_every_step(tmp_path, shared_data, tiny_model_d
         assert steps[name]["status"] == "ok", (name, steps[name], log[-3000:])
     for name in ran[:-1]:  # the throughput steps (not the OOM retry)
         assert "tokens/s" in steps[name]["figures"]["ours"], name
+        # the ours arm's largest micro-batch, which benchmarks/memory_model.py --check predicts the peak for
+        tokens, targets = (int(n) for n in steps[name]["figures"]["largest batch (ours)"].split()[::2])
+        assert tokens > targets > 0, name
     for name in ("throughput-llama-3.2-1b", "lora-llama-3.2-1b-2048"):  # the baseline's two code paths
         figures = steps[name]["figures"]
         assert "tokens/s" in figures["baseline"] and figures["ratio ours/baseline"].endswith("x"), name
