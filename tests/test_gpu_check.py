@@ -78,7 +78,9 @@ def test_cpu_dry_run_goes_through_every_step(tmp_path, shared_data, tiny_model_d
     oom = steps["cuda-oom-retry"]["figures"]
     assert oom["attempts"] == 2 and oom["oom_raised"] and oom["resumed_from"].endswith("checkpoint-2")
     assert oom["steps"] == 4
-    assert steps["banking77-smollm2"]["status"] == "not run"
+    banking77 = steps["banking77-smollm2"]  # the dry run: the flow on the tiny model, 50 test rows, no staging
+    assert banking77["status"] == "ok", (banking77, log[-3000:])
+    assert banking77["figures"]["test rows"] == 50 and banking77["figures"]["accuracy"].endswith(")")
     assert "| cuda-oom-retry | ok |" in (out / "results.md").read_text()
 
 
@@ -97,3 +99,51 @@ def test_steps_refuses_an_unknown_step_before_anything_runs(tmp_path):
 def test_usage_errors(mode):
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh", mode], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+def test_the_model_travels_in_parts_and_is_joined_only_when_whole(tmp_path, monkeypatch):
+    """prepare cuts the model's wheel into parts (one device call each); stage keeps each outside the tree on the
+    box; assemble joins them only when every part of this machine's boot is there and the whole matches."""
+    whole = tmp_path / "model.whl"
+    whole.write_bytes(bytes(range(256)) * 1001)  # 256,256 bytes: parts of 128,128
+    parts = gpu_check.split_file(whole, tmp_path / "kit" / "model", 2)
+    assert [sorted(f.name for f in d.iterdir()) for d in parts] == [
+        ["manifest.json", "model.whl.part-1"], ["manifest.json", "model.whl.part-2"]]
+    box = tmp_path / "stage"
+    assert "no model staged" in gpu_check.assemble(box, tmp_path / "out")
+    assert gpu_check.stage(parts[0], box) == "staged model.whl.part-1 (1 of 2 parts here)"
+    lost = gpu_check.assemble(box, tmp_path / "out")  # the second call landed on this machine without part 2
+    assert "['model.whl.part-2'] not staged" in lost and not (tmp_path / "out" / "model.whl").exists()
+    assert gpu_check.stage(parts[1], box) == "staged model.whl.part-2 (2 of 2 parts here)"
+    joined = gpu_check.assemble(box, tmp_path / "out")
+    assert joined == tmp_path / "out" / "model.whl" and joined.read_bytes() == whole.read_bytes()
+
+    monkeypatch.setattr(gpu_check, "boot_id", lambda: "another-boot")  # a fresh machine between the calls
+    assert "another boot: the machine was lost" in gpu_check.assemble(box, tmp_path / "again")
+    said = gpu_check.stage(parts[1], box)  # staging there starts over, and says so
+    assert said.startswith("the stage held parts from another machine") and said.endswith("(1 of 2 parts here)")
+    assert "['model.whl.part-1'] not staged" in gpu_check.assemble(box, tmp_path / "again")
+
+
+def test_a_damaged_part_is_refused_and_a_damaged_whole_never_joined(tmp_path):
+    whole = tmp_path / "model.whl"
+    whole.write_bytes(b"x" * 1000 + b"y" * 1000)
+    parts = gpu_check.split_file(whole, tmp_path / "kit", 2)
+    part = parts[1] / "model.whl.part-2"
+    good = part.read_bytes()
+    part.write_bytes(b"z" + good[1:])
+    with pytest.raises(SystemExit, match="not the part its manifest names"):
+        gpu_check.stage(parts[1], tmp_path / "stage")
+    part.write_bytes(good)
+    for d in parts:
+        gpu_check.stage(d, tmp_path / "stage")
+    (tmp_path / "stage" / "model.whl.part-1").write_bytes(b"w" * 1000)  # damaged on the box after staging
+    assert "do not match" in gpu_check.assemble(tmp_path / "stage", tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())  # no partial or damaged file left
+
+
+def test_banking77_without_a_staged_model_is_recorded_as_not_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "STAGE", tmp_path / "nothing-staged")
+    record = gpu_check.banking77_step(False, tmp_path, "tok", tmp_path / "work", tmp_path / "log.txt")
+    assert record["status"] == "not run (model not staged)" and "figures" not in record
+    assert "no model staged on this machine" in record["note"]
