@@ -21,7 +21,9 @@ same validation rows:
   built from the position ids.
 
 Each arm runs in a fresh process (peak memory is per process: RSS on CPU, ``torch.cuda.max_memory_allocated`` on a
-GPU), arms alternate order round by round (baseline first in even rounds). Tokens/s = non-pad tokens trained /
+GPU; the arms that train through ``tasks/common/loss.py`` also record their largest micro-batch and, on a GPU,
+their peak from the first training step on, model loading excluded: ``watch_training``), arms alternate order
+round by round (baseline first in even rounds). Tokens/s = non-pad tokens trained /
 training wall time (model loading and the validation pass excluded). MFU (GPU only) = 6·N·tokens/s over the GPU's
 dense bf16 peak (N = all parameters; the 6N FLOPs per token of Kaplan et al. 2020 / PaLM's MFU; peaks from NVIDIA's
 H100/H200 datasheets: 989.4 TFLOPS dense bf16 for SXM parts, 756 for H100 PCIe). With a frozen base, LoRA does
