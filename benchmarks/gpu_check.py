@@ -67,6 +67,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tasks.common.files import file_sha256  # noqa: E402 - stdlib only: runs on the bare GPU box
+
 CARRY_LIMIT = 64 * 2**20  # the device tool carries tree + wheels up to 64 MiB
 # What the GPU image holds (the device tool's KINDS.md, read 2026-11-17): not carried, unless listed below.
 BOX_HAS = set("""absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs build certifi
@@ -153,17 +155,6 @@ def slim_bitsandbytes(wheel: Path) -> None:
                 data = ("\n".join(keep) + "\n").encode()
             dst.writestr(item, data)
     tmp.replace(wheel)
-
-
-def file_sha256(path: Path) -> str:
-    """The file's SHA-256 as 64 hex digits, read in 1 MiB blocks."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def split_file(path: Path, folder: Path, parts: int) -> list[Path]:

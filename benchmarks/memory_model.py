@@ -269,15 +269,15 @@ class LiveBytes:
         self._mode.__exit__(*exc)
 
 
-def architecture(name: str, tiny: bool = False):
-    """The transformers config of ``train_throughput.py``'s ``--model`` (a published Llama config, at toy width
-    with ``tiny``) or of a model folder."""
+def architecture(name: str):
+    """The transformers config of ``train_throughput.py``'s ``--model``: a published Llama config, or a model
+    folder's."""
     from transformers import AutoConfig, LlamaConfig
 
-    from benchmarks.train_throughput import LLAMA_CONFIGS, TINY
+    from benchmarks.train_throughput import LLAMA_CONFIGS
 
     if name in LLAMA_CONFIGS:
-        return LlamaConfig(**{**LLAMA_CONFIGS[name], **(TINY if tiny else {})})
+        return LlamaConfig(**LLAMA_CONFIGS[name])
     return AutoConfig.from_pretrained(name)
 
 
@@ -285,13 +285,12 @@ def training_shape(cfg, settings: dict | None = None) -> dict:
     """The memory-relevant settings of a training run: ``cfg``'s LoRA fields, and frozen dtype and gradient
     checkpointing as the run resolved them (``settings``, a ``train.json``-like record) or as they resolve on a GPU.
     A record without ``frozen_dtype`` predates it: the base was float32 then."""
+    from tasks.stages.train import frozen_dtype, gradient_checkpointing
+
     settings = settings or {}
-    ckpt = settings.get("gradient_checkpointing", cfg.train.gradient_checkpointing)
-    if ckpt == "auto":
-        ckpt = cfg.lora.method == "qlora"
-    frozen = settings.get("frozen_dtype") or ("float32" if settings else cfg.train.frozen_dtype)
-    if frozen == "auto":
-        frozen = "float32" if cfg.lora.method == "full" else "bfloat16"
+    ckpt = settings.get("gradient_checkpointing", gradient_checkpointing(cfg.lora, cfg.train))
+    frozen = settings.get("frozen_dtype") or ("float32" if settings else
+                                              frozen_dtype(cfg.train.frozen_dtype, cfg.lora.method, True, "cuda"))
     return {"method": settings.get("method", cfg.lora.method), "r": cfg.lora.r, "lora_alpha": cfg.lora.lora_alpha,
             "lora_dropout": cfg.lora.lora_dropout, "target_modules": cfg.lora.target_modules, "frozen": frozen,
             "checkpointing": bool(ckpt)}
@@ -347,10 +346,10 @@ def check(results: Path) -> list[dict]:
             rows.append({"step": step["step"], "not checked": case})
             continue
         key = (case["model"], json.dumps(case["shape"], sort_keys=True))
+        config = architecture(case["model"])
         if key not in profiles:
-            profiles[key] = profile(architecture(case["model"]), **case["shape"])
-        got = predict(architecture(case["model"]), **case["shape"], tokens=case["tokens"], targets=case["targets"],
-                      measured=profiles[key])
+            profiles[key] = profile(config, **case["shape"])
+        got = predict(config, **case["shape"], tokens=case["tokens"], targets=case["targets"], measured=profiles[key])
         rows.append({"step": step["step"], "shape": case["shape"], "tokens": case["tokens"],
                      "targets": case["targets"], "assumed": case["assumed"], "measured_gib": case["measured_gib"],
                      "measured": case["measured"],
