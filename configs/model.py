@@ -20,7 +20,8 @@ class ModelConfig(Section):
         "HF_TOKEN environment variable, if set. The token itself never goes in a config.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel for training: auto = flash_attention_2 on a GPU where the flash-attn "
-        "package is installed, else PyTorch SDPA.")
+        "package is installed, else PyTorch SDPA; on a CPU eager for rows of train.max_seq_length <= 512 tokens "
+        "(faster than SDPA's CPU kernel under the padding-free rows' mask), else SDPA.")
     revision: str | None = Field(
         None, min_length=1, description="A Hub model's branch, tag or commit sha (None = main). The flow resolves it "
         "to the commit sha once per run (offline: the locally cached snapshot's sha of that branch or tag), "

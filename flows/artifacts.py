@@ -14,7 +14,7 @@ from tasks.stages.report import metrics_rows, model_card
 
 def training_progress():
     """A ``transformers.TrainerCallback`` that keeps a ``training-progress`` artifact (percent of optimizer
-    steps done, the latest train loss and generated validation metrics) up to date at every logging step and
+    steps done, the latest train loss and validation metrics) up to date at every logging step and
     puts the trainer's log lines (loss, learning rate, eval loss, validation accuracy) in the Prefect run logs.
     Built on call, so importing this module does not import transformers."""
     from transformers import TrainerCallback

@@ -150,7 +150,8 @@ def test_one_shared_prefill_gives_the_answers_and_loss_of_the_two_separate_passe
     from tasks.common.chat import generate, prompt_ids
     from tasks.common.chat import answer_ids
     from tasks.common.labels import LabelTree
-    from tasks.stages.evaluate import completion_loss, generate_constrained, generate_with_loss
+    from tasks.common.chat import generate_constrained
+    from tasks.stages.evaluate import completion_loss, generate_with_loss
 
     records = read_jsonl(tiny_merged["test"])
     tok, model = load_tokenizer(tiny_merged["merged"]), load_model(tiny_merged["merged"])

@@ -193,11 +193,12 @@ def test_early_stopping_stops_and_publishes_the_best_checkpoint(tmp_path, tiny_t
     assert all((published[k] - best[k]).abs().max() == 0 for k in best)
 
 
-def test_validation_accuracy_is_generated_at_every_evaluation_and_can_choose_the_checkpoint(tmp_path, tiny_trained):
+def test_validation_accuracy_is_answered_at_every_evaluation_and_can_choose_the_checkpoint(tmp_path, tiny_trained):
     from peft import PeftModel
 
     from tasks.base_model import load_model, load_tokenizer
-    from tasks.common.chat import default_max_new_tokens, generate, prompt_ids
+    from tasks.common.chat import answer_ids, generate_constrained, prompt_ids
+    from tasks.common.labels import LabelTree, label_set
     from tasks.common.metrics import classification_metrics
 
     cfg = tiny_trained["cfg"]
@@ -214,15 +215,18 @@ def test_validation_accuracy_is_generated_at_every_evaluation_and_can_choose_the
     assert result.validation == {"accuracy": evals[best_step]["eval_accuracy"],
                                  "macro_f1": evals[best_step]["eval_macro_f1"]}
     assert result.eval_loss == evals[best_step]["eval_loss"]
-    # it is the evaluation's accuracy of the published adapter: the same greedy answers on the validation rows
+    # it is the evaluation's accuracy of the published adapter: the same greedy answers on the validation rows,
+    # along the train split's label tree (every answer a label), as the evaluation answers by default
     records = read_jsonl(tiny_trained["splits"].files["validation"])
     tok = load_tokenizer(tiny_trained["base"])
-    model = PeftModel.from_pretrained(load_model(tiny_trained["base"], attn_implementation="sdpa"),
+    model = PeftModel.from_pretrained(load_model(tiny_trained["base"], attn_implementation=result.attn_implementation),
                                       tmp_path / "adapter").eval()
-    labels = [r["messages"][-1]["content"] for r in records]
-    answers = generate(model, tok, [prompt_ids(tok, r) for r in records],
-                       default_max_new_tokens(tok, labels, "classification"), best.per_device_eval_batch_size)
-    assert classification_metrics(answers, labels)["accuracy"] == result.validation["accuracy"]
+    labels = label_set(read_jsonl(tiny_trained["splits"].files["train"]))
+    references = [r["messages"][-1]["content"] for r in records]
+    answers = generate_constrained(model, tok, [prompt_ids(tok, r) for r in records],
+                                   LabelTree.build(answer_ids(tok, labels)), best.per_device_eval_batch_size)
+    assert set(answers) <= set(labels)
+    assert classification_metrics(answers, references)["accuracy"] == result.validation["accuracy"]
 
 
 def test_the_published_adapter_is_evaluated_at_the_last_step(tmp_path, tiny_trained):
@@ -275,6 +279,33 @@ def test_train_config_fields_named_as_sft_config_pass_through(tmp_path):
     padded = training_arguments(cfg, Settings(**{**settings.__dict__, "collator": "padded"}), tmp_path)
     assert padded.train_sampling_strategy == "group_by_length"
     assert not args.padding_free  # our padding-free collator, not TRL's
+
+
+def test_training_attention_is_eager_on_a_cpu_for_short_rows_and_flash_or_sdpa_elsewhere(monkeypatch):
+    """``model.attn_implementation: auto`` for training: eager on a CPU for padding-free rows of at most 512 tokens
+    (faster there than SDPA's CPU kernel under the rows' mask, docs/benchmarks.md), SDPA for longer rows (eager
+    keeps each layer's (rows, heads, width, width) weights), flash attention on a GPU that has it; a named
+    implementation is kept."""
+    import importlib.util
+
+    import torch
+
+    from configs.schema import LoraConfig, ModelConfig
+    from tasks.base_model import attention_implementation
+    from tasks.stages.train import resolve_settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [attention_implementation("auto", True, n) for n in (128, 512, 513, None)] == [
+        "eager", "eager", "sdpa", "sdpa"]
+    assert attention_implementation("sdpa", False, 128) == "sdpa"
+    assert resolve_settings(ModelConfig(), LoraConfig(), TrainConfig(max_seq_length=128), 1).attn_implementation \
+        == "eager"
+    assert resolve_settings(ModelConfig(), LoraConfig(), TrainConfig(max_seq_length=1024), 1).attn_implementation \
+        == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else None)
+    assert attention_implementation("auto", True, 128) == "flash_attention_2"
+    assert attention_implementation("auto", False, 128) == "sdpa"
 
 
 def test_liger_kernels_are_off_unless_asked_for():

@@ -78,6 +78,23 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     return out
 
 
+def generate_constrained(model, tokenizer, prompts: list[list[int]], tree, batch_size: int,
+                         desc: str = "constrained answers") -> list[str]:
+    """``constrained_decode`` over ``prompts`` in left-padded batches (longest first); the labels in input order.
+    ``tree``: a ``tasks.common.labels.LabelTree``."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for idx in tqdm(list(batches(order, batch_size)), desc=desc):
+        batch = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt",
+                              padding_side="left").to(model.device)
+        for i, label in zip(idx, constrained_decode(model, batch["input_ids"], batch["attention_mask"], tree,
+                                                    tokenizer.pad_token_id)):
+            out[i] = label
+    return out
+
+
 def answer_ids(tokenizer, labels: list[str]) -> dict[str, list[int]]:
     """The token ids the model writes as each label's answer: the completion tokens of a one-turn chat with the
     label as the assistant turn (``tokenize_with_completion_mask``: what training taught), up to and including

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from configs.schema import ConfigError, EvalConfig
 from tasks.base_model import autocast, inference_attention, load_model, load_tokenizer, use_bf16
-from tasks.common.chat import (answer_ids, batches, constrained_decode, default_max_new_tokens, generate, prompt_ids,
-                               tokenize_with_completion_mask)
+from tasks.common.chat import (answer_ids, batches, constrained_decode, default_max_new_tokens, generate,
+                               generate_constrained, prompt_ids, tokenize_with_completion_mask)
 from tasks.common.labels import LabelTree, label_set
 from tasks.common.files import atomic_dir, read_jsonl, write_json, write_jsonl
 from tasks.common.metrics import score, task_kind, wilson_interval
@@ -309,21 +309,6 @@ def _prefix_cache(model, prefix: list[int]):
         return model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True).past_key_values
 
 
-def generate_constrained(model, tokenizer, prompts: list[list[int]], tree: LabelTree, batch_size: int) -> list[str]:
-    """``constrained_decode`` over ``prompts`` in left-padded batches (longest first); the labels in input order."""
-    from tqdm.auto import tqdm
-
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    for idx in tqdm(list(batches(order, batch_size)), desc="constrained answers"):
-        batch = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt",
-                              padding_side="left").to(model.device)
-        for i, label in zip(idx, constrained_decode(model, batch["input_ids"], batch["attention_mask"], tree,
-                                                    tokenizer.pad_token_id)):
-            out[i] = label
-    return out
-
-
 def _croppable(model) -> bool:
     """The model's default cache (transformers' ``DynamicCache``) can be cut back to the prompt: attention layers
     only (``tasks.base_model.attention_only``; a convolution's or SSM's state would keep the answer), no sliding
@@ -379,7 +364,8 @@ def _generate_with_loss_batch(model, tokenizer, prompts: list[list[int]], answer
         free = None
         if tree is None or free_running:
             free = _free_running(model, tokenizer, ids[:, :width], mask[:, :width], first_logits,
-                                 copy.deepcopy(cache) if tree is not None else cache, max_new_tokens)
+                                 copy.deepcopy(cache) if tree is not None else cache, max_new_tokens,
+                                 list(tree.sequences) if tree is not None else None)
         if tree is None:
             return free, nll, targets.numel(), None
         chosen = constrained_decode(model, ids[:, :width], mask[:, :width], tree, tokenizer.pad_token_id, cache,
@@ -387,18 +373,43 @@ def _generate_with_loss_batch(model, tokenizer, prompts: list[list[int]], answer
     return chosen, nll, targets.numel(), free
 
 
-def _free_running(model, tokenizer, ids, mask, first_logits, cache, max_new_tokens: int) -> list[str]:
+def _free_running(model, tokenizer, ids, mask, first_logits, cache, max_new_tokens: int,
+                  labels: list[str] | None = None) -> list[str]:
     """Greedy free-running answers after the prompts ``ids`` (left-padded, ``mask``) from their KV cache and the
-    logits of the first answer token (``model.generate`` with ``past_key_values``)."""
+    logits of the first answer token (``model.generate`` with ``past_key_values``). With ``labels`` (the comparison
+    beside constrained answers) a row stops as soon as ``tasks.common.metrics.answer_decided`` says more tokens
+    cannot change whether it is a label or which: its text is then cut there (an answer that left the label set
+    is kept up to the token where it left), its accuracy and off-label share are the whole answer's."""
     import torch
 
     new = first_logits.argmax(-1)[:, None]
     if max_new_tokens > 1:
+        stop = [LabelsDecided(tokenizer, labels, ids.shape[1])] if labels else None
         generated = model.generate(input_ids=torch.cat([ids, new], 1),
                                    attention_mask=torch.cat([mask, torch.ones_like(new)], 1),
                                    past_key_values=cache, max_new_tokens=max_new_tokens - 1, do_sample=False,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   stopping_criteria=stop)
         new = generated[:, ids.shape[1]:]
     eos = tokenizer.eos_token_id
     cut = [row[: row.index(eos)] if eos in row else row for row in new.tolist()]  # a row that ended stays ended
     return [text.strip() for text in tokenizer.batch_decode(cut, skip_special_tokens=True)]
+
+
+class LabelsDecided:
+    """A ``transformers`` stopping criterion: True for each row whose answer so far (the tokens from column
+    ``start``) is decided (``tasks.common.metrics.answer_decided`` against ``labels``, normalised here)."""
+
+    def __init__(self, tokenizer, labels: list[str], start: int):
+        from tasks.common.metrics import normalise_answer
+
+        self.tokenizer, self.start = tokenizer, start
+        self.labels = sorted({normalise_answer(label) for label in labels})
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        from tasks.common.metrics import answer_decided
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([answer_decided(text, self.labels) for text in texts], device=input_ids.device)

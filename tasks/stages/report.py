@@ -311,7 +311,7 @@ Base model: {at_revision(cfg['model'], 'name_or_path')} · data: {at_revision(cf
 ({train['tokens_per_second']:.1f} tokens/s), bf16 autocast: {train['bf16']}, padding-free: \
 {train.get('padding_free')}, attention: {train.get('attn_implementation')}
 - final train loss {_fmt(train['train_loss'])}, validation loss {_fmt(train['eval_loss'])}\
-{"".join(f", validation {k} {v:.4f} (generated)" for k, v in (train.get('validation') or {}).items())}
+{"".join(f", validation {k} {v:.4f} (answered)" for k, v in (train.get('validation') or {}).items())}
 {"".join(f"- {line}{chr(10)}" for line in length_lines(train))}{"![loss curve](loss_curve.png)" if has_curve else ""}
 
 ## Checks

@@ -22,6 +22,7 @@ from tasks.base_model import (attention_implementation, attention_only, device, 
                                      load_tokenizer, use_bf16)
 from tasks.common.chat import to_prompt_completion, tokenize_with_completion_mask
 from tasks.common.files import atomic_dir, read_json, read_jsonl, verify_folder, write_json, write_manifest
+from tasks.common.labels import label_set
 from tasks.stages.split import SplitResult
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def resolve_settings(model_cfg: ModelConfig, lora_cfg: LoraConfig, cfg: TrainCon
     the batch layout: padding-free rows (``tasks.common.padding_free``: rows of ``max_seq_length`` with sdpa/eager, the
     whole batch in one row for flash attention's varlen kernel), TRL's packing, or padded batches."""
     bf16 = use_bf16(cfg.bf16)
-    attn = attention_implementation(model_cfg.attn_implementation, bf16)
+    attn = attention_implementation(model_cfg.attn_implementation, bf16, cfg.max_seq_length)
     collator = "packing" if cfg.packing else "padding-free" if cfg.padding_free else "padded"
     return Settings(processes=processes, bf16=bf16, attn_implementation=attn,
                     gradient_checkpointing=gradient_checkpointing(lora_cfg, cfg),
@@ -325,32 +326,46 @@ def make_trainer(model, tokenizer, records: dict[str, list[dict]], lora_cfg: Lor
             train_dataset=to_prompt_completion(records["train"]),
             eval_dataset=to_prompt_completion(records["validation"]), processing_class=tokenizer,
             peft_config=peft_config(lora_cfg), callbacks=callbacks, data_collator=collator)
-    trainer.validation_scorer = validation_scorer(tokenizer, records["validation"], cfg, settings.bf16)
+    trainer.validation_scorer = validation_scorer(tokenizer, records["validation"], cfg, settings.bf16,
+                                                  label_set(records["train"]))
     return trainer
 
 
-def validation_scorer(tokenizer, records: list[dict], cfg: TrainConfig, bf16: bool):
-    """The task's quality metrics on the validation rows, generated greedily as ``tasks.stages.evaluate`` does (same
+def validation_scorer(tokenizer, records: list[dict], cfg: TrainConfig, bf16: bool, labels: list[str] | None = None):
+    """The task's quality metrics on the validation rows, answered greedily as ``tasks.stages.evaluate`` does (same
     prompts, ``max_new_tokens`` and scoring), as a function of the model: ``scorer(model) -> {"accuracy": ...}``.
-    None for generation data unless ``cfg.metric_for_best_model`` names one of its metrics (long generations)."""
+    Classification rows are answered along the prefix tree of ``labels`` (the train split's label set:
+    ``tasks.common.chat.generate_constrained``, the evaluation's and every deployed form's default,
+    ``eval.constrain: labels``), so every answer is a label and only the tree's branch points call the model;
+    without ``labels`` they are generated free-running. None for generation data unless
+    ``cfg.metric_for_best_model`` names one of its metrics (long generations).
+
+    Raises:
+        tasks.common.labels.LabelTreeError: the labels' answer tokens cannot be told apart.
+    """
     from tasks.common.metrics import score
 
     task = "classification" if all(r.get("label") is not None for r in records) else "generation"
     if task == "generation" and cfg.metric_for_best_model == "eval_loss":
         return None
     from tasks.base_model import autocast
-    from tasks.common.chat import default_max_new_tokens, generate, prompt_ids
+    from tasks.common.chat import (answer_ids, default_max_new_tokens, generate, generate_constrained,
+                                   prompt_ids)
+    from tasks.common.labels import LabelTree
 
     prompts = [prompt_ids(tokenizer, r) for r in records]
     references = [r["messages"][-1]["content"] for r in records]
     max_new = default_max_new_tokens(tokenizer, references, task)
+    tree = LabelTree.build(answer_ids(tokenizer, labels)) if task == "classification" and labels else None
 
     def scorer(model) -> dict[str, float]:
         training = model.training
         model.eval()
+        batch = cfg.per_device_eval_batch_size
         with autocast(bf16):
-            predictions = generate(model, tokenizer, prompts, max_new, cfg.per_device_eval_batch_size,
-                                   desc="validation generate")
+            predictions = (generate_constrained(model, tokenizer, prompts, tree, batch, desc="validation answers")
+                           if tree is not None else
+                           generate(model, tokenizer, prompts, max_new, batch, desc="validation generate"))
         model.train(training)
         return score(task, predictions, references)
 
@@ -412,7 +427,7 @@ def train_result(trainer, output, run: dict, settings: Settings, lora_cfg: LoraC
 
 def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
     """Plot train loss (per logging step) and validation loss (per evaluation) against the step, and on a second
-    axis the generated validation quality metrics the trainer logged (``eval_accuracy``, ...), from ``history``
+    axis the validation quality metrics the trainer logged (``eval_accuracy``, ...), from ``history``
     (the trainer's ``log_history``), as a PNG at ``path`` (matplotlib, Agg backend). Returns ``path``."""
     import matplotlib
 
