@@ -142,3 +142,53 @@ def test_the_batched_decoder_answers_as_one_row_at_a_time(tiny_merged):
         return constrained_greedy(tree, first, logits_after)[0]
 
     assert batched == [alone(p) for p in prompts] and set(batched) <= set(labels)
+
+
+def test_a_free_answer_is_decided_once_its_first_line_is_complete_or_no_label_starts_with_it():
+    from tasks.common.metrics import answer_decided
+
+    labels = ["card arrival", "card_linking", "cash"]  # normalised
+    assert not any(answer_decided(t, labels) for t in ("", "  ", "Card", "card ar", "CARD_link", "cash", "cash  ",
+                                                        "<think>\nhmm", "<think></think>\nca"))
+    assert all(answer_decided(t, labels) for t in ("cat", "card_arrival", "cash flow", "cashier", "cash\nmore",
+                                                   "<think></think>\nnope"))
+    # the rule never stops an answer that could still end as a label: every label, read token by token
+    assert not any(answer_decided(label[:n], labels) for label in labels for n in range(len(label) + 1))
+
+
+def test_free_running_rows_stop_once_decided_and_score_as_the_whole_answers(tiny_trained, tmp_path, monkeypatch):
+    """The free-running comparison stops a row once more tokens cannot change whether it is a label or which
+    (``LabelsDecided`` on the decoded tokens after the prompt), and the evaluation's unconstrained accuracy and
+    off-label share are those of rows run to their end."""
+    import torch
+
+    from configs.schema import EvalConfig
+    from tasks.base_model import load_tokenizer
+    from tasks.common.files import read_jsonl
+    from tasks.stages import evaluate as stage
+
+    tok = load_tokenizer(tiny_trained["base"])
+    prompt = [tok.eos_token_id] * 3
+    rows = [prompt + tok.encode(text, add_special_tokens=False) for text in ("fru", "fruit", "zz top", "tool\nx")]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [tok.eos_token_id] * (width - len(row)) for row in rows])  # special: not decoded
+    decided = stage.LabelsDecided(tok, ["Fruit", "tool"], start=len(prompt))(ids, None)
+    assert decided.tolist() == [False, False, True, True]
+
+    calls = []
+
+    def run(name):
+        metrics = stage.evaluate(tiny_trained["base"], tiny_trained["splits"].files["test"], "classification",
+                                 EvalConfig(batch_size=5, bf16=False, max_new_tokens=12), tmp_path / name)
+        return metrics, [p["unconstrained"] for p in read_jsonl(tmp_path / name / "predictions.jsonl")]
+
+    real = stage.LabelsDecided.__call__
+    monkeypatch.setattr(stage.LabelsDecided, "__call__", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    stopped, stopped_answers = run("stopped")
+    assert calls  # the comparison consulted the rule
+    monkeypatch.setattr(stage.LabelsDecided, "__call__",
+                        lambda self, input_ids, scores, **kw: input_ids.new_zeros(input_ids.shape[0], dtype=bool))
+    whole, whole_answers = run("whole")
+    assert (stopped.unconstrained_accuracy, stopped.off_label_share, stopped.accuracy) == (
+        whole.unconstrained_accuracy, whole.off_label_share, whole.accuracy)
+    assert all(w.startswith(s) for s, w in zip(stopped_answers, whole_answers))

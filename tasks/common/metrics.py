@@ -8,6 +8,7 @@ function, called by ``score``.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 
@@ -83,6 +84,21 @@ def normalise_answer(text: str) -> str:
     text = strip_reasoning(text)
     first = text.split("\n", 1)[0] if text else ""
     return re.sub(r"\s+", " ", first).strip().lower()
+
+
+def answer_decided(text: str, labels: Collection[str]) -> bool:
+    """Whether more text after ``text`` can no longer change what ``normalise_answer`` makes of it, as far as
+    ``labels`` (already normalised) go: its first line is complete (a line break follows it), or no label starts
+    with what it says so far (it can then only end as no label). A leading reasoning block still open is never
+    decided. Free-running classification answers stop there: their accuracy and off-label share are those of
+    the whole answer."""
+    if "<think>" in text and "</think>" not in text:
+        return False
+    body = strip_reasoning(text)
+    if "\n" in body:
+        return True
+    said = re.sub(r"\s+", " ", body).lower()
+    return not any(label.startswith(said) for label in labels)
 
 
 def classification_metrics(predictions: list[str], references: list[str]) -> dict:
