@@ -92,7 +92,7 @@ def test_shipped_configs_ingest_their_real_data(name, shared_data, tmp_path):
 ])
 def test_new_training_and_eval_settings_are_validated(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        load_config(None, ["train.eval_steps=null", override])  # banking77.yaml sets eval_steps
+        load_config(None, ["train.eval_steps=null", override])
 
 
 def _sweep(tmp_path: Path, text: str) -> Path:
