@@ -229,6 +229,25 @@ def test_validation_accuracy_is_answered_at_every_evaluation_and_can_choose_the_
     assert classification_metrics(answers, references)["accuracy"] == result.validation["accuracy"]
 
 
+def test_validation_falls_back_to_free_answers_when_labels_cannot_be_told_apart(tiny_trained, monkeypatch, caplog):
+    """A chat template that ends no answer with the end-of-sequence token makes one label's answer tokens a prefix
+    of another's (``LabelTreeError``): validation then generates free-running answers, with a warning, instead of
+    failing the training run."""
+    import tasks.common.chat as chat
+    from tasks.base_model import load_model
+    from tasks.stages.train import validation_scorer
+
+    cfg = tiny_trained["cfg"]
+    records = read_jsonl(tiny_trained["splits"].files["validation"])
+    tok = load_tokenizer(tiny_trained["base"])
+    monkeypatch.setattr(chat, "answer_ids", lambda tokenizer, labels: {label: [5, 6][: i + 1]
+                                                                        for i, label in enumerate(labels[:2])})
+    scorer = validation_scorer(tok, records, cfg.train, False, ["fruit", "fruit_salad"])
+    assert "generated free-running" in caplog.text
+    scores = scorer(load_model(tiny_trained["base"]).eval())
+    assert set(scores) == {"accuracy", "macro_f1"} and 0 <= scores["accuracy"] <= 1
+
+
 def test_the_published_adapter_is_evaluated_at_the_last_step(tmp_path, tiny_trained):
     cfg = tiny_trained["cfg"]
     result = train(tiny_trained["base"], tiny_trained["splits"], cfg.model, cfg.lora,

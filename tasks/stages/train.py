@@ -337,11 +337,9 @@ def validation_scorer(tokenizer, records: list[dict], cfg: TrainConfig, bf16: bo
     Classification rows are answered along the prefix tree of ``labels`` (the train split's label set:
     ``tasks.common.chat.generate_constrained``, the evaluation's and every deployed form's default,
     ``eval.constrain: labels``), so every answer is a label and only the tree's branch points call the model;
-    without ``labels`` they are generated free-running. None for generation data unless
-    ``cfg.metric_for_best_model`` names one of its metrics (long generations).
-
-    Raises:
-        tasks.common.labels.LabelTreeError: the labels' answer tokens cannot be told apart.
+    without ``labels``, or when their answer tokens cannot be told apart (``LabelTreeError``: a chat template
+    that ends no answer with the end-of-sequence token; a warning says so), they are generated free-running. None
+    for generation data unless ``cfg.metric_for_best_model`` names one of its metrics (long generations).
     """
     from tasks.common.metrics import score
 
@@ -351,12 +349,17 @@ def validation_scorer(tokenizer, records: list[dict], cfg: TrainConfig, bf16: bo
     from tasks.base_model import autocast
     from tasks.common.chat import (answer_ids, default_max_new_tokens, generate, generate_constrained,
                                    prompt_ids)
-    from tasks.common.labels import LabelTree
+    from tasks.common.labels import LabelTree, LabelTreeError
 
     prompts = [prompt_ids(tokenizer, r) for r in records]
     references = [r["messages"][-1]["content"] for r in records]
     max_new = default_max_new_tokens(tokenizer, references, task)
-    tree = LabelTree.build(answer_ids(tokenizer, labels)) if task == "classification" and labels else None
+    tree = None
+    if task == "classification" and labels:
+        try:
+            tree = LabelTree.build(answer_ids(tokenizer, labels))
+        except LabelTreeError as e:
+            log.warning("train: validation answers generated free-running: %s", e)
 
     def scorer(model) -> dict[str, float]:
         training = model.training
