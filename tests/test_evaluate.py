@@ -147,10 +147,8 @@ def test_one_shared_prefill_gives_the_answers_and_loss_of_the_two_separate_passe
     """generate_with_loss (one prefill per prompt, its KV cache cropped and reused for decoding) returns exactly
     generate's greedy answers and completion_loss's loss (float32), rows ending at different steps included."""
     from tasks.base_model import load_model, load_tokenizer
-    from tasks.common.chat import generate, prompt_ids
-    from tasks.common.chat import answer_ids
+    from tasks.common.chat import answer_ids, generate, generate_constrained, prompt_ids
     from tasks.common.labels import LabelTree
-    from tasks.common.chat import generate_constrained
     from tasks.stages.evaluate import completion_loss, generate_with_loss
 
     records = read_jsonl(tiny_merged["test"])
