@@ -37,6 +37,7 @@ def test_genai_int4_export_is_self_contained_int4_and_passes_the_gate(tiny_int4,
         assert (folder / name).is_file(), name
     ops = collections.Counter(n.op_type for n in onnx.load(folder / "model.onnx", load_external_data=False).graph.node)
     assert ops["MatMulNBits"] > 0 and ops["MatMul"] == 0  # every linear layer quantized
+    assert genai.logits_positions(folder / "model.onnx") == 1  # the LM head runs on the last position only
     assert json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"] == 2
     assert tiny_int4.tokenizer_mismatches == 0 and tiny_int4.greedy_agreement == 1.0
     assert tiny_int4.accuracy >= tiny_int4.reference_accuracy - CFG.max_quality_drop

@@ -246,8 +246,9 @@ def test_a_corrupted_baked_model_is_refused_naming_the_file(jobs, tmp_path):
 
 
 def prefill_logits(folder: Path, prompt: list[int], feeds: dict | None = None):
-    """float32 [len(prompt), vocab]: the logits of one prefill pass of the GenAI graph in ``folder`` (plain
-    onnxruntime, empty KV cache), with extra graph inputs ``feeds`` (LoRA weights)."""
+    """float32 [1, vocab]: the last position's logits (the builder prunes the LM head to it) of one prefill pass of
+    the GenAI graph in ``folder`` (plain onnxruntime, empty KV cache), with extra graph inputs ``feeds`` (LoRA
+    weights)."""
     import onnxruntime as ort
 
     config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]

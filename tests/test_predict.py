@@ -3,6 +3,7 @@ interpreter in which torch and transformers cannot be imported."""
 import json
 import re
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tasks.common.files import read_jsonl
-from tasks.deploy.runtime.predict import InputError, Predictor, predict, read_inputs
+from tasks.deploy.runtime.predict import (ROWS_PER_PROCESS, InputError, Predictor, answer_in_processes, predict,
+                                          read_inputs)
 
 ROOT = Path(__file__).resolve().parents[1]
 # run a module as `python -m` would, with torch and transformers made unimportable
@@ -41,6 +43,32 @@ def test_predictor_rebuilds_the_training_prompt(exported):
     predictor = Predictor(exported["folder"])
     assert predictor.messages("hello") == [{"role": "user", "content": "hello"}]  # tiny config: no system turn
     assert predictor(exported["texts"][0]) == exported["merged_answers"][0]
+
+
+def test_answers_share_the_prompt_prefix_and_workers_answer_alike(exported, monkeypatch):
+    """``answers`` (one generator: the prompts' common prefix run once, the KV cache rewound to its end for each
+    prompt) and ``answer_in_processes`` (two single-threaded worker processes) give ``answer``'s labels, in order."""
+    predictor = Predictor(exported["folder"])
+    prompts = [predictor.prompt_ids(predictor.messages(t)) for t in exported["texts"]]
+    assert predictor.label_tree() is not None and len(os.path.commonprefix(prompts)) >= 2
+    one_by_one = [predictor.answer(p, 8) for p in prompts]
+    assert one_by_one == exported["merged_answers"] and predictor.answers(prompts, 8) == one_by_one
+
+    started = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a) or popen(*a, **k))
+    repeat = 2 * ROWS_PER_PROCESS // len(prompts) + 1  # enough rows for two workers, in another order
+    assert answer_in_processes(predictor, (prompts * repeat)[::-1], 8, processes=2) == (one_by_one * repeat)[::-1]
+    assert len(started) == 2
+
+
+def test_a_failed_worker_is_an_error_naming_it(exported, tmp_path):
+    folder = Path(shutil.copytree(exported["folder"], tmp_path / "copy"))
+    predictor = Predictor(folder)
+    (folder / "model.onnx").unlink()  # the workers load the folder after this
+    prompt = predictor.prompt_ids(predictor.messages(exported["texts"][0]))
+    with pytest.raises(RuntimeError, match=r"answering worker 1/2 exited with 1: .*model\.onnx"):
+        answer_in_processes(predictor, [prompt] * 2 * ROWS_PER_PROCESS, 8, processes=2)
 
 
 def test_cli_answers_texts_without_torch(exported, tmp_path):

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,7 +63,7 @@ from tasks.deploy.builders.genai import build_genai_folder, int4_options, quiet_
 from tasks.deploy.builders.openvino import DATA_AWARE, build_openvino_folder, write_npu_adapter
 from tasks.deploy.formats.adapter import bake_adapter, convert_adapter
 from tasks.deploy.runtime.openvino import NPU_INFO, NPUPredictor, is_openvino_export, npu_manifest
-from tasks.deploy.runtime.predict import INFERENCE_FILE, Predictor
+from tasks.deploy.runtime.predict import INFERENCE_FILE, Predictor, answer_in_processes
 from tasks.deploy.runtime.qnn import QNNPredictor, is_qnn_export
 
 log = logging.getLogger(__name__)
@@ -495,9 +494,7 @@ class ExportRunner:
 
     def answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         """The folder's answers as it serves them (``Predictor.answer``: constrained to its labels when its
-        ``inference.json`` has them), one sequence at a time: right-padded batches were slower on the CPU provider
-        (docs/benchmarks.md)."""
-        from tqdm.auto import tqdm
-
-        return [self.predictor.answer(p, max_new_tokens)
-                for p in tqdm(prompts, desc="export gate: test rows", unit="row", file=sys.stderr)]
+        ``inference.json`` has them), in order: a GenAI folder's over the CPUs' single-threaded worker processes,
+        each sharing the prompts' common prefix (``tasks.deploy.runtime.predict.answer_in_processes``; right-padded
+        batches were slower on the CPU provider, docs/benchmarks.md), an NPU folder's one at a time."""
+        return answer_in_processes(self.predictor, prompts, max_new_tokens, desc="export gate: test rows")

@@ -1,6 +1,10 @@
 """The ONNX Runtime GenAI model builder, run offline on a transformers folder and checked: its options as 0.18 names
 them (``int4_options``), its progress as a bar, its output read back from the graph (``check_quantization``: 0.18
 ignores unknown option names without a word), and the refusal of an architecture it has no builder for.
+
+Every graph is built with the builder's ``prune_lm_head``: the LM head runs on the last position only, so a prefill
+of S prompt tokens computes one row of logits instead of S (the runtime reads only the last; ~13 % of a 26-token
+banking77 prefill on SmolLM2-135M, docs/benchmarks.md). The logits output is ``[batch, 1, vocab]``.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def build_genai_folder(model: str, out: Path, precision: str, execution_provider
     """
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-    options = {"hf_token": "false", "hf_remote": trust_remote_code, **options}
+    options = {"hf_token": "false", "hf_remote": trust_remote_code, "prune_lm_head": "true", **options}
     pairs = [f"{key}={','.join(value) if isinstance(value, list) else value}" for key, value in options.items()]
     noise = io.StringIO()  # the builder's per-tensor bar and warnings: kept out of the run's output
     with tempfile.TemporaryDirectory() as cache, BuilderProgress(model, precision) as progress, \
@@ -51,6 +55,9 @@ def build_genai_folder(model: str, out: Path, precision: str, execution_provider
                 f"{', '.join(_architectures(model))} ({e}); genai-* targets cannot export this model (README.md, "
                 "Model families)") from e
     check_quantization(out / "model.onnx", precision, options)
+    if options["prune_lm_head"] == "true" and logits_positions(out / "model.onnx") != 1:
+        raise BuilderOptionsError(f"export: the model builder ({_genai_version()}) ignored prune_lm_head: the "
+                                  f"logits of {out / 'model.onnx'} are not [batch, 1, vocab]")
     portable_tokenizer(out / "tokenizer.json")
 
 
@@ -88,6 +95,16 @@ def quantized_matmuls(model_onnx: str | Path) -> dict[str, dict]:
     return {node.name: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
                         if a.name in ("bits", "block_size", "accuracy_level")}
             for node in graph.node if node.op_type == "MatMulNBits"}
+
+
+def logits_positions(model_onnx: str | Path) -> int | str:
+    """Dimension 1 of a built graph's ``logits`` output (read without its external data): 1 when the LM head is
+    pruned to the last position, else the symbolic sequence length (a str)."""
+    import onnx
+
+    graph = onnx.load(str(model_onnx), load_external_data=False).graph
+    dim = next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim[1]
+    return dim.dim_value if dim.HasField("dim_value") else dim.dim_param
 
 
 def check_quantization(model_onnx: Path, precision: str, options: dict) -> None:

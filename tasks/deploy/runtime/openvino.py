@@ -150,6 +150,8 @@ class NPUPredictor(Predictor):
         tasks.deploy.runtime.predict.InputError: the adapters run on different NPU bases.
     """
 
+    genai = False
+
     def __init__(self, model_dir: str | Path, adapters: dict[str, str | Path] | None = None):
         import openvino_genai as ov_genai
 

@@ -152,6 +152,8 @@ class QNNPredictor(Predictor):
         QNNExportError: not such a folder, a file changed since the export, or the backend cannot load it.
     """
 
+    genai = False
+
     def __init__(self, model_dir: str | Path, backend: str = "auto"):
         from tokenizers import Tokenizer
 
