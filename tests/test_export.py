@@ -70,6 +70,9 @@ def test_the_builders_int4_options_are_read_back_from_the_graph(tiny_merged, tmp
     genai.build_genai_folder(tiny_merged["merged"], tmp_path / "old", "int4", "cpu", False, old_names)
     with pytest.raises(genai.BuilderOptionsError, match="LM head is 4-bit"):
         genai.check_quantization(tmp_path / "old" / "model.onnx", "int4", options)
+    genai.build_genai_folder(tiny_merged["merged"], tmp_path / "full", "fp32", "cpu", False, {"prune_lm_head": "false"})
+    with pytest.raises(genai.BuilderOptionsError, match=r"prune_lm_head=true but the logits are \[batch, \w+, vocab"):
+        genai.check_quantization(tmp_path / "full" / "model.onnx", "fp32", {"prune_lm_head": "true"})
 
 
 def _corrupt_copy(exported: dict, tmp_path: Path) -> Path:

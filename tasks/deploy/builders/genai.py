@@ -55,9 +55,6 @@ def build_genai_folder(model: str, out: Path, precision: str, execution_provider
                 f"{', '.join(_architectures(model))} ({e}); genai-* targets cannot export this model (README.md, "
                 "Model families)") from e
     check_quantization(out / "model.onnx", precision, options)
-    if options["prune_lm_head"] == "true" and logits_positions(out / "model.onnx") != 1:
-        raise BuilderOptionsError(f"export: the model builder ({_genai_version()}) ignored prune_lm_head: the "
-                                  f"logits of {out / 'model.onnx'} are not [batch, 1, vocab]")
     portable_tokenizer(out / "tokenizer.json")
 
 
@@ -108,14 +105,16 @@ def logits_positions(model_onnx: str | Path) -> int | str:
 
 
 def check_quantization(model_onnx: Path, precision: str, options: dict) -> None:
-    """Check the built graph against the options that shape it: at fp32/fp16 no MatMulNBits; at int4 every 4-bit
-    MatMul has ``block_size`` and ``accuracy_level``, every node of ``nodes_to_exclude`` stayed a float MatMul, and
-    an ``algo_config`` that keeps the LM head in int8 did so.
+    """Check the built graph against the options that shape it: with ``prune_lm_head`` logits of one position; at
+    fp32/fp16 no MatMulNBits; at int4 every 4-bit MatMul has ``block_size`` and ``accuracy_level``, every node of
+    ``nodes_to_exclude`` stayed a float MatMul, and an ``algo_config`` that keeps the LM head in int8 did so.
 
     Raises:
         BuilderOptionsError: naming the first options the graph does not follow.
     """
     nodes, problems = quantized_matmuls(model_onnx), []
+    if str(options.get("prune_lm_head")).lower() == "true" and (positions := logits_positions(model_onnx)) != 1:
+        problems.append(f"prune_lm_head={options['prune_lm_head']} but the logits are [batch, {positions}, vocab]")
     if precision != "int4":
         problems += [f"{len(nodes)} MatMulNBits nodes in an {precision} model"] if nodes else []
     else:

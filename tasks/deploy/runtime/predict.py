@@ -275,7 +275,7 @@ class Predictor:
         texts = [texts] if single else list(texts)
         chosen = adapter if isinstance(adapter, list) else [adapter] * len(texts)
         if not single and len({self._choose(name) for name in chosen}) == 1:  # one prompt format: the batch path
-            name = chosen[0] if chosen else None
+            name = chosen[0]
             max_new = max_new_tokens or self.prompt_formats[self._choose(name)]["max_new_tokens"]
             return answer_in_processes(self, [self.prompt_ids(self.messages(t, name)) for t in texts], max_new,
                                        name, desc="predict")
