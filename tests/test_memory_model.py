@@ -57,7 +57,8 @@ def test_live_bytes_counts_storages_until_they_are_freed():
 
 def results_file(tmp_path: Path, model: str, mode: str = "GPU") -> Path:
     """A results.json as benchmarks/gpu_check.py writes it: one measured step with its largest batch, one step from
-    before batches were recorded, one that timed out."""
+    before batches were recorded, one that timed out, and two batch-1 steps that recorded only the process's peak
+    (model loading included), one of them below any training peak."""
     ours = "900 tokens/s, peak {peak} GiB, eval loss 3.1000, MFU n/a"
     steps = [
         {"step": "environment", "status": "ok", "figures": {}},
@@ -70,6 +71,9 @@ def results_file(tmp_path: Path, model: str, mode: str = "GPU") -> Path:
          "figures": {"ours": ours.format(peak="1.00"), "settings (ours)": json.dumps({"method": "lora"})}},
         {"step": "slow", "status": "timed out", "command": f"--model {model}"},
     ]
+    batch_1 = f"--model {model} --arms ours --seq-len 256 --set train.per_device_train_batch_size=1"
+    for name, peak in (("process-peak", "1.00"), ("process-peak-too-low", "0.0001")):  # GPU checks before 2026-12-07
+        steps.append({"step": name, "status": "ok", "command": batch_1, "figures": {"ours": ours.format(peak=peak)}})
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"mode": mode, "started": "2026-12-07 12:00:00", "command": "x", "steps": steps}))
     return path
@@ -78,7 +82,7 @@ def results_file(tmp_path: Path, model: str, mode: str = "GPU") -> Path:
 def test_check_predicts_each_measured_peak_and_says_why_others_are_not_checked(tmp_path, tiny_model_dir):
     config = LlamaConfig.from_pretrained(tiny_model_dir)
     rows = {r["step"]: r for r in check(results_file(tmp_path, tiny_model_dir))}
-    assert set(rows) == {"lora-toy-512", "before-batches", "slow"}
+    assert set(rows) == {"lora-toy-512", "before-batches", "slow", "process-peak", "process-peak-too-low"}
     row = rows["lora-toy-512"]
     assert (row["tokens"], row["targets"], row["measured_gib"]) == (512, 12, 0.0123)  # training, not loading
     assert row["shape"]["frozen"] == "bfloat16" and row["shape"]["checkpointing"] is False
@@ -87,7 +91,13 @@ def test_check_predicts_each_measured_peak_and_says_why_others_are_not_checked(t
     assert row["error_pct"] == round(100 * (expected.total / 2**30 / 0.0123 - 1), 1)
     assert "not recorded" in rows["before-batches"]["not checked"]
     assert rows["slow"]["not checked"] == "no ours arm measured"
+    bound, low = rows["process-peak"], rows["process-peak-too-low"]
+    assert (bound["measured"], bound["tokens"], bound["targets"]) == ("process", 256, 8)  # --seq-len, 8 assumed
+    assert "error_pct" not in bound and "error_pct" not in low  # loading may set a process's peak: no error
+    assert bound["within_bound"] is True and low["within_bound"] is False
     table = check_table(list(rows.values()), Path("results.json"))
+    assert "| 1.00 (model loading included) |" in table and "| within the bound (the process's peak" in table
+    assert "| above the process's peak: a miss |" in table
     assert "| lora-toy-512 | lora r16, frozen bfloat16, gradient checkpointing off | 512 tokens, 12 targets | 0.01 |" \
         in table
     assert "| before-batches | | | | not checked: its largest batch was not recorded" in table
