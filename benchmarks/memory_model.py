@@ -31,7 +31,7 @@ keep different tensors on a GPU than on the CPU (Liger's; bitsandbytes' 4-bit ma
 ``frozen_dtype`` weights standing in: on CUDA, past 1,536 rows, bitsandbytes 0.50 dequantizes one weight at a time
 to a transient bf16 copy, at most 0.11 GiB for Llama-3.1-8B's MLP), padded batches (the baseline arm of
 ``train_throughput.py``: full logits), and model loading: transformers' loader first allocates one block to warm
-CUDA's caching allocator (``caching_allocator_warmup``; since 5.0 the size of the loaded weights, below the training
+CUDA's caching allocator (``caching_allocator_warmup``; in 5.5 the size of the loaded weights, below the training
 peak; in 4.x ¼ of the empty model's float32 bytes as float16, which alone set the process peak of the 2026-11-28 8B
 QLoRA step, reproduced to the byte by ``docs/gpu-check/2026-11-28-h200/loading_warmup.py``).
 tests/test_memory_model.py checks the prediction against full-depth measurements at toy widths on the CPU;

@@ -13,8 +13,8 @@ instead of made (no GPU needed). Run on a CPU machine, with transformers 4.57.6 
 Prints (2026-12-07): ``transformers 4.57.6: warm-up allocation 15,009,849,344 B = 13.979 GiB`` — the step's
 measured peak (13.98 GiB). 4.57 counts every parameter of the empty model at float32 (the 4-bit layers too, not yet
 quantized) but the LM head (``_tied_weights_keys``, skipped even when untied), divides by its quantizer's factor 4
-and allocates that many float16 values: 7,504,924,672 × 4 B / 4 × 2 B. transformers 5 counts the loaded size (4-bit
-weights at 0.5 B), below the training peak.
+and allocates that many float16 values: 7,504,924,672 × 4 B / 4 × 2 B. transformers 5.5 counts the loaded size (4-bit
+weights at 0.5 B; 5.5.4 read), below the training peak.
 """
 import sys
 from pathlib import Path
