@@ -251,7 +251,8 @@ class Predictor:
                 generator.rewind_to(head)
                 generator.append_tokens([prompt[head:]])
                 answers.append(_along_tree(generator, tree))
-            on_answer and on_answer(answers[-1])
+            if on_answer is not None:
+                on_answer(answers[-1])
         return answers
 
     @staticmethod
@@ -347,7 +348,8 @@ def answer_in_processes(predictor: Predictor, prompts: list[list[int]], max_new_
                 bar.update(sum(_lines(Path(tmp) / f"{i}.out") for i in range(processes)) - bar.n)
         finally:  # interrupted (or cancelled): no worker outlives the call
             for worker in workers:
-                worker.kill() if worker.poll() is None else None
+                if worker.poll() is None:
+                    worker.kill()
         for i, worker in enumerate(workers):
             if worker.returncode:
                 last = (Path(tmp) / f"{i}.err").read_text(encoding="utf-8", errors="replace").strip().splitlines()
